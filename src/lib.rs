@@ -1,0 +1,7 @@
+//! reservoir: a remote dataset (an NFS export or a directory) served through a persistent,
+//! node-local cache by a FUSE file system, and the CSI driver that gives it to pods.
+//!
+//! The flow of a read and the parts' rooms are described in `docs/architecture.md`.
+
+pub mod source;
+pub mod units;

@@ -1,0 +1,408 @@
+//! A directory as a source (a mounted PVC, a hostPath).
+//!
+//! Every name is resolved beneath the root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`,
+//! so neither `..` nor a symlink (even one swapped in by someone writing to the source) can lead
+//! outside the root, and the daemon never follows a symlink: symlinks are reported as symlinks.
+//! The directory may itself be a network mount that can hang, so every call runs on the blocking
+//! pool under the source timeout.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, readlinkat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+
+use super::{Attr, DirEntry, Handle, Kind, Result, Source, SourceError, SourceOptions, Timestamp};
+
+pub struct LocalSource {
+    inner: Arc<Inner>,
+    timeout: Duration,
+}
+
+struct Inner {
+    id: String,
+    root: OwnedFd,
+}
+
+impl LocalSource {
+    /// Opens `path` as a source root. It must be an existing directory.
+    pub async fn open(path: &Path, options: &SourceOptions) -> Result<Self> {
+        let owned: PathBuf = path.to_path_buf();
+        let opened = tokio::time::timeout(
+            options.timeout,
+            tokio::task::spawn_blocking(move || open_root(&owned)),
+        )
+        .await;
+        let root = match opened {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => return Err(SourceError::Invalid(join.to_string())),
+            Err(_) => {
+                return Err(SourceError::Timeout {
+                    op: "open source directory",
+                    source_name: path.display().to_string(),
+                    after: options.timeout,
+                });
+            }
+        };
+        Ok(LocalSource {
+            inner: Arc::new(Inner {
+                id: path.display().to_string(),
+                root,
+            }),
+            timeout: options.timeout,
+        })
+    }
+
+    /// Runs a blocking operation on the blocking pool, bounded by the source timeout.
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(move || f(&inner)))
+            .await
+        {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(SourceError::status(op, libc::EIO, join.to_string())),
+            Err(_) => Err(SourceError::Timeout {
+                op,
+                source_name: self.inner.id.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+}
+
+fn open_root(path: &Path) -> Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| {
+        let why = match errno {
+            Errno::ENOENT => "does not exist".to_string(),
+            Errno::ENOTDIR => "is not a directory".to_string(),
+            Errno::EACCES => "is not accessible (permission denied)".to_string(),
+            other => other.desc().to_string(),
+        };
+        SourceError::Invalid(format!("source directory {} {why}", path.display()))
+    })?;
+    Ok(fd)
+}
+
+impl Inner {
+    fn error(&self, op: &'static str, path: &[u8], errno: Errno) -> SourceError {
+        let shown = if path.is_empty() { b"." as &[u8] } else { path };
+        SourceError::status(
+            op,
+            errno as i32,
+            format!(
+                "{}/{}: {}",
+                self.id,
+                String::from_utf8_lossy(shown),
+                errno.desc()
+            ),
+        )
+    }
+
+    /// Opens a path relative to the root without leaving it and without following symlinks.
+    fn open_beneath(&self, rel: &[u8], flags: OFlag) -> nix::Result<OwnedFd> {
+        let path: &OsStr = if rel.is_empty() {
+            OsStr::new(".")
+        } else {
+            OsStr::from_bytes(rel)
+        };
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        openat2(self.root.as_fd(), path, how)
+    }
+
+    /// Opens the parent directory of a non-root node and returns it with the node's name.
+    fn open_parent<'a>(&self, rel: &'a [u8]) -> nix::Result<(OwnedFd, &'a [u8])> {
+        let (parent, name) = split_parent(rel);
+        let dir = self.open_beneath(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        Ok((dir, name))
+    }
+
+    fn stat(&self, rel: &[u8]) -> nix::Result<FileStat> {
+        if rel.is_empty() {
+            return fstat(self.root.as_fd());
+        }
+        let (dir, name) = self.open_parent(rel)?;
+        fstatat(dir.as_fd(), OsStr::from_bytes(name), AtFlags::AT_SYMLINK_NOFOLLOW)
+    }
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`) and `c` into (``, `c`).
+fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(slash) => (&rel[..slash], &rel[slash + 1..]),
+        None => (&[], rel),
+    }
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Handle {
+    let mut path = Vec::with_capacity(dir.len() + 1 + name.len());
+    if !dir.is_empty() {
+        path.extend_from_slice(dir);
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+    Handle(path.into_boxed_slice())
+}
+
+/// A name the kernel hands us is a single component, but the source API is public: refuse
+/// anything that could walk somewhere else.
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(SourceError::status(
+            "lookup",
+            libc::EINVAL,
+            format!("invalid file name {:?}", String::from_utf8_lossy(name)),
+        ));
+    }
+    if name.len() > 255 {
+        return Err(SourceError::status("lookup", libc::ENAMETOOLONG, "name too long"));
+    }
+    Ok(())
+}
+
+fn timestamp(secs: i64, nanos: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nanos: nanos.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn attr_from_stat(st: &FileStat) -> Attr {
+    let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFDIR => Kind::Directory,
+        SFlag::S_IFLNK => Kind::Symlink,
+        SFlag::S_IFIFO => Kind::Fifo,
+        SFlag::S_IFSOCK => Kind::Socket,
+        SFlag::S_IFCHR => Kind::CharDevice,
+        SFlag::S_IFBLK => Kind::BlockDevice,
+        _ => Kind::File,
+    };
+    Attr {
+        kind,
+        size: st.st_size.max(0) as u64,
+        perm: (st.st_mode & 0o7777) as u16,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        nlink: st.st_nlink.min(u64::from(u32::MAX)) as u32,
+        rdev: st.st_rdev as u32,
+        fileid: st.st_ino,
+        atime: timestamp(st.st_atime, st.st_atime_nsec),
+        mtime: timestamp(st.st_mtime, st.st_mtime_nsec),
+        ctime: timestamp(st.st_ctime, st.st_ctime_nsec),
+    }
+}
+
+#[async_trait]
+impl Source for LocalSource {
+    fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    async fn root(&self) -> Result<(Handle, Attr)> {
+        self.run("getattr", |inner| {
+            let st = inner.stat(b"").map_err(|e| inner.error("getattr", b"", e))?;
+            Ok((Handle(Box::default()), attr_from_stat(&st)))
+        })
+        .await
+    }
+
+    async fn lookup(&self, dir: &Handle, name: &[u8]) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let handle = join(dir.as_bytes(), name);
+        self.run("lookup", move |inner| {
+            let st = inner
+                .stat(handle.as_bytes())
+                .map_err(|e| inner.error("lookup", handle.as_bytes(), e))?;
+            Ok((handle, attr_from_stat(&st)))
+        })
+        .await
+    }
+
+    async fn getattr(&self, node: &Handle) -> Result<Attr> {
+        let node = node.clone();
+        self.run("getattr", move |inner| {
+            let st = inner
+                .stat(node.as_bytes())
+                .map_err(|e| inner.error("getattr", node.as_bytes(), e))?;
+            Ok(attr_from_stat(&st))
+        })
+        .await
+    }
+
+    async fn read_dir(&self, dir: &Handle) -> Result<Vec<DirEntry>> {
+        let dir = dir.clone();
+        self.run("readdir", move |inner| {
+            let rel = dir.as_bytes();
+            let fail = |e| inner.error("readdir", rel, e);
+            let fd = inner
+                .open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+                .map_err(fail)?;
+            let stat_fd = fd.try_clone().map_err(|e| {
+                SourceError::status("readdir", e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+            })?;
+            let mut listing = nix::dir::Dir::from_fd(fd).map_err(fail)?;
+            let mut entries = Vec::new();
+            for entry in listing.iter() {
+                let entry = entry.map_err(fail)?;
+                let name = entry.file_name().to_bytes();
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                match fstatat(stat_fd.as_fd(), entry.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) => entries.push(DirEntry {
+                        name: name.to_vec(),
+                        handle: join(rel, name),
+                        attr: attr_from_stat(&st),
+                    }),
+                    // Removed between the listing and the stat: it is simply not there.
+                    Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(inner.error("readdir", &join(rel, name).0, e)),
+                }
+            }
+            Ok(entries)
+        })
+        .await
+    }
+
+    async fn read(&self, file: &Handle, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let file = file.clone();
+        self.run("read", move |inner| {
+            let rel = file.as_bytes();
+            let fd = inner
+                .open_beneath(rel, OFlag::O_RDONLY)
+                .map_err(|e| inner.error("read", rel, e))?;
+            let mut buf = vec![0u8; len as usize];
+            let mut filled = 0usize;
+            while filled < buf.len() {
+                let at = offset + filled as u64;
+                match nix::sys::uio::pread(fd.as_fd(), &mut buf[filled..], at as libc::off_t) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(inner.error("read", rel, e)),
+                }
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn read_link(&self, link: &Handle) -> Result<Vec<u8>> {
+        let link = link.clone();
+        self.run("readlink", move |inner| {
+            let rel = link.as_bytes();
+            let fail = |e| inner.error("readlink", rel, e);
+            let (dir, name) = inner.open_parent(rel).map_err(fail)?;
+            let target = readlinkat(dir.as_fd(), OsStr::from_bytes(name)).map_err(fail)?;
+            Ok(target.into_vec())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn options() -> SourceOptions {
+        SourceOptions {
+            timeout: Duration::from_secs(5),
+            ..SourceOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_a_tree_and_never_leaves_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        std::fs::write(root.path().join("sub/data.bin"), b"0123456789").unwrap();
+        symlink(outside.path().join("secret"), root.path().join("escape")).unwrap();
+        symlink(outside.path(), root.path().join("sub/dir-escape")).unwrap();
+
+        let source = LocalSource::open(root.path(), &options()).await.unwrap();
+        let (root_handle, root_attr) = source.root().await.unwrap();
+        assert_eq!(root_attr.kind, Kind::Directory);
+
+        let mut names: Vec<_> = source
+            .read_dir(&root_handle)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (String::from_utf8(e.name).unwrap(), e.attr.kind))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            names,
+            [("escape".into(), Kind::Symlink), ("sub".into(), Kind::Directory)]
+        );
+
+        let (sub, _) = source.lookup(&root_handle, b"sub").await.unwrap();
+        let (data, attr) = source.lookup(&sub, b"data.bin").await.unwrap();
+        assert_eq!(attr.size, 10);
+        assert_eq!(source.read(&data, 2, 4).await.unwrap(), b"2345");
+        assert_eq!(source.read(&data, 8, 100).await.unwrap(), b"89");
+
+        // A symlink is reported, never followed, even when reading through it is attempted.
+        let (escape, attr) = source.lookup(&root_handle, b"escape").await.unwrap();
+        assert_eq!(attr.kind, Kind::Symlink);
+        assert_eq!(
+            source.read_link(&escape).await.unwrap(),
+            outside.path().join("secret").as_os_str().as_bytes()
+        );
+        let err = source.read(&escape, 0, 6).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ELOOP, "{err}");
+        let through_dir = Handle(b"sub/dir-escape/secret".to_vec().into_boxed_slice());
+        assert!(source.read(&through_dir, 0, 6).await.is_err());
+        assert!(source.getattr(&through_dir).await.is_err());
+
+        for bad in [&b".."[..], b"a/b", b"", b"."] {
+            assert_eq!(
+                source.lookup(&root_handle, bad).await.unwrap_err().errno(),
+                libc::EINVAL
+            );
+        }
+        let dotdot = Handle(b"../etc/passwd".to_vec().into_boxed_slice());
+        assert!(source.read(&dotdot, 0, 10).await.is_err());
+        assert_eq!(
+            source.lookup(&root_handle, b"missing").await.unwrap_err().errno(),
+            libc::ENOENT
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_non_directory_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = LocalSource::open(&missing, &options()).await.err().unwrap();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = LocalSource::open(&file, &options()).await.err().unwrap();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+}

@@ -1,0 +1,192 @@
+//! Where bytes come from: a remote dataset behind the [`Source`] trait.
+//!
+//! Two kinds exist: [`nfs`] (a userspace NFSv3 client, because nodes and serverless sandboxes
+//! often have no kernel NFS client) and [`local`] (a directory, e.g. where another PVC is
+//! mounted). Both address nodes by an opaque, restart-stable [`Handle`] so that the metadata the
+//! cache persists stays valid across restarts, and both bound every call by the source timeout so
+//! that a dead source turns into an error instead of a hang.
+
+pub mod local;
+pub mod nfs;
+mod spec;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use spec::{NfsUrl, SourceSpec, SpecError};
+
+/// An opaque, restart-stable address of a node inside a source: the NFS file handle, or the
+/// path relative to the root of a directory source.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Handle(pub Box<[u8]>);
+
+impl Handle {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Handle({})", String::from_utf8_lossy(&self.0).escape_debug())
+    }
+}
+
+/// The kind of a node, as the source reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// A point in time as seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// Attributes of a node, as the source reports them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits (including setuid, setgid and sticky), without the file type.
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    /// The source's own inode number (NFS `fileid`, `st_ino` for a directory).
+    pub fileid: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub handle: Handle,
+    pub attr: Attr,
+}
+
+/// Errors a source reports. The errno a FUSE caller sees comes from [`SourceError::errno`].
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source answered, with an error about the object (no such file, permission denied...).
+    #[error("{op}: {message}")]
+    Status {
+        op: &'static str,
+        errno: i32,
+        message: String,
+    },
+    /// The source did not answer within the source timeout.
+    #[error("{op}: no answer from {source_name} within {after:?}")]
+    Timeout {
+        op: &'static str,
+        source_name: String,
+        after: Duration,
+    },
+    /// The source could not be reached (connection refused or reset, host down...).
+    #[error("cannot reach {source_name}: {message}")]
+    Unavailable {
+        source_name: String,
+        message: String,
+    },
+    /// The source is misconfigured: a bad URL, a missing export or path, a path that is not a
+    /// directory. Only returned when a source is opened.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SourceError {
+    /// The errno to give a FUSE caller for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            SourceError::Status { errno, .. } => *errno,
+            SourceError::Timeout { .. } | SourceError::Unavailable { .. } => libc::EIO,
+            SourceError::Invalid(_) => libc::EINVAL,
+        }
+    }
+
+    /// True when the source could not answer at all (as opposed to answering with an error):
+    /// cached metadata and data may still be served in that case.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Timeout { .. } | SourceError::Unavailable { .. }
+        )
+    }
+
+    pub fn status(op: &'static str, errno: i32, message: impl Into<String>) -> Self {
+        SourceError::Status {
+            op,
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T, E = SourceError> = std::result::Result<T, E>;
+
+/// Read access to a remote dataset. Every call is bounded by the source timeout given when the
+/// source was opened; implementations retry transient transport errors themselves.
+#[async_trait]
+pub trait Source: Send + Sync + 'static {
+    /// A stable identity of the dataset (normalised URL or canonical path). Cached bytes and
+    /// metadata are keyed by it, so two mounts of the same dataset share them.
+    fn id(&self) -> &str;
+
+    /// The root of the volume (the export path plus any path inside it).
+    async fn root(&self) -> Result<(Handle, Attr)>;
+
+    /// Looks `name` up in directory `dir`. `name` is a single path component.
+    async fn lookup(&self, dir: &Handle, name: &[u8]) -> Result<(Handle, Attr)>;
+
+    async fn getattr(&self, node: &Handle) -> Result<Attr>;
+
+    /// Lists a whole directory, with attributes; `.` and `..` are not included.
+    async fn read_dir(&self, dir: &Handle) -> Result<Vec<DirEntry>>;
+
+    /// Reads `len` bytes at `offset`; fewer only at end of file.
+    async fn read(&self, file: &Handle, offset: u64, len: u32) -> Result<Vec<u8>>;
+
+    async fn read_link(&self, link: &Handle) -> Result<Vec<u8>>;
+}
+
+/// Settings shared by all source kinds.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Upper bound for any single call to the source.
+    pub timeout: Duration,
+    /// Connections kept to an NFS server (each carries one call at a time).
+    pub connections: usize,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            timeout: Duration::from_secs(30),
+            connections: 16,
+        }
+    }
+}
+
+/// Opens the source a spec names, checking that it is reachable and that its root exists.
+pub async fn open(spec: &SourceSpec, options: &SourceOptions) -> Result<Arc<dyn Source>> {
+    match spec {
+        SourceSpec::Nfs(url) => Ok(Arc::new(nfs::NfsSource::connect(url, options).await?)),
+        SourceSpec::Local(path) => Ok(Arc::new(local::LocalSource::open(path, options).await?)),
+    }
+}
