@@ -3,5 +3,7 @@
 //!
 //! The flow of a read and the parts' rooms are described in `docs/architecture.md`.
 
+pub mod cache;
+pub mod journal;
 pub mod source;
 pub mod units;

@@ -1,0 +1,247 @@
+use super::*;
+
+const BLOCK: u32 = 64 << 10;
+
+fn config(dir: &Path, capacity: u64) -> CacheConfig {
+    CacheConfig {
+        dir: dir.to_path_buf(),
+        capacity,
+        high_watermark: 0.95,
+        low_watermark: 0.85,
+        block_size: BLOCK,
+    }
+}
+
+fn key(n: u64) -> ContentKey {
+    let low = u128::from(xxh3_64(&n.to_le_bytes()));
+    let high = u128::from(xxh3_64(&(!n).to_le_bytes()));
+    ContentKey(high << 64 | low)
+}
+
+fn content(n: u64, size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i as u64 * 31 + n * 7) as u8).collect()
+}
+
+/// Stores every block of a file through a lease, as the fs layer does after fetching.
+fn fill(cache: &Cache, lease: &Lease, data: &[u8]) {
+    for block in 0..lease.block_count() {
+        let (start, len) = lease.block_range(block);
+        cache
+            .store_block(lease, block, &data[start as usize..start as usize + len])
+            .unwrap();
+    }
+}
+
+fn du(dir: &Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn blocks_persist_across_reopen_and_are_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(1, 3 * BLOCK as usize + 1000);
+    {
+        let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+        let lease = cache
+            .lease(key(1), data.len() as u64, Priority::Access)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cache.read(&lease, 0, 10).unwrap(), None);
+        cache.store_block(&lease, 0, &data[..BLOCK as usize]).unwrap();
+        assert_eq!(cache.read(&lease, 5, 10).unwrap().unwrap(), &data[5..15]);
+        assert_eq!(cache.missing_blocks(&lease, 0, 3), [1, 2, 3]);
+        fill(&cache, &lease, &data);
+        assert!(cache.is_complete(&lease));
+        assert!(cache.prepare_passthrough(&lease).unwrap());
+        cache.flush(true).unwrap();
+    }
+    let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    assert!(cache.contains_complete(key(1), data.len() as u64));
+    let lease = cache
+        .lease(key(1), data.len() as u64, Priority::Access)
+        .unwrap()
+        .unwrap();
+    assert!(cache.needs_verification(&lease));
+    let tail = cache.read(&lease, 3 * u64::from(BLOCK), 5000).unwrap().unwrap();
+    assert_eq!(tail, &data[3 * BLOCK as usize..]);
+    assert!(cache.prepare_passthrough(&lease).unwrap());
+    assert!(!cache.needs_verification(&lease));
+    let whole = cache.read(&lease, 0, data.len()).unwrap().unwrap();
+    assert_eq!(whole, data);
+}
+
+#[test]
+fn a_corrupted_block_is_dropped_and_never_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(2, 2 * BLOCK as usize);
+    {
+        let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+        let lease = cache
+            .lease(key(2), data.len() as u64, Priority::Access)
+            .unwrap()
+            .unwrap();
+        fill(&cache, &lease, &data);
+        cache.flush(true).unwrap();
+    }
+    // Flip one byte in the second block of the data file, behind the cache's back.
+    let files = layout::list_data_files(&dir.path().join(layout::DATA_DIR)).unwrap();
+    assert_eq!(files.len(), 1);
+    let path = &files[0].0;
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[BLOCK as usize + 17] ^= 0xff;
+    std::fs::write(path, &bytes).unwrap();
+
+    let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let lease = cache
+        .lease(key(2), data.len() as u64, Priority::Access)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cache.read(&lease, 0, 100).unwrap().unwrap(), &data[..100]);
+    assert_eq!(cache.read(&lease, u64::from(BLOCK), 100).unwrap(), None);
+    assert!(!cache.prepare_passthrough(&lease).unwrap());
+    assert_eq!(cache.missing_blocks(&lease, 0, 1), [1]);
+    assert_eq!(cache.usage().verify_failures, 1);
+    // Fetched again, it is served correctly.
+    cache
+        .store_block(&lease, 1, &data[BLOCK as usize..])
+        .unwrap();
+    assert_eq!(
+        cache.read(&lease, u64::from(BLOCK) + 10, 10).unwrap().unwrap(),
+        &data[BLOCK as usize + 10..BLOCK as usize + 20]
+    );
+}
+
+#[test]
+fn files_the_index_does_not_know_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let lease = cache.lease(key(3), 100, Priority::Access).unwrap().unwrap();
+    fill(&cache, &lease, &content(3, 100));
+    cache.flush(true).unwrap();
+    drop(lease);
+    drop(cache);
+    let stray = dir.path().join(layout::DATA_DIR).join("ab").join("stray");
+    std::fs::write(&stray, b"x").unwrap();
+    let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    assert!(!stray.exists());
+    assert!(cache.contains_complete(key(3), 100));
+}
+
+#[test]
+fn the_quota_holds_on_disk_and_eviction_frees_down_to_the_low_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 8 << 20;
+    let cache = Cache::open(config(dir.path(), capacity)).unwrap();
+    let size = 300_000usize;
+    let mut admitted = 0;
+    for n in 0..200u64 {
+        // Each file is read more often than the one before: later files out-rank earlier ones.
+        for _ in 0..n + 2 {
+            cache.record_access(key(n));
+        }
+        if let Some(lease) = cache.lease(key(n), size as u64, Priority::Access).unwrap() {
+            fill(&cache, &lease, &content(n, size));
+            admitted += 1;
+        }
+        cache.flush(false).unwrap();
+        let usage = cache.usage();
+        assert!(usage.used <= capacity, "accounted {} > {capacity}", usage.used);
+        let on_disk = du(dir.path());
+        assert!(on_disk <= capacity, "du says {on_disk} > {capacity}");
+    }
+    let usage = cache.usage();
+    assert!(admitted > 30, "only {admitted} files admitted");
+    assert!(usage.evicted_files > 0);
+    assert!(usage.used as f64 <= capacity as f64 * 0.95);
+}
+
+#[test]
+fn shuffled_epochs_over_twice_the_cache_keep_hitting() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 16u64 << 20;
+    let cache = Cache::open(config(dir.path(), capacity)).unwrap();
+    let file_size = 64 << 10;
+    let files = (2 * capacity / file_size) as u64;
+    let mut order: Vec<u64> = (0..files).collect();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let (mut read, mut fetched) = (0u64, 0u64);
+    for epoch in 0..5 {
+        rng.shuffle(&mut order);
+        for &n in &order {
+            let k = key(n);
+            cache.record_access(k);
+            read += file_size;
+            if cache.contains_complete(k, file_size) {
+                continue;
+            }
+            fetched += file_size;
+            if let Some(lease) = cache.lease(k, file_size, Priority::Access).unwrap() {
+                fill(&cache, &lease, &content(n, file_size as usize));
+            }
+        }
+        if epoch == 0 {
+            (read, fetched) = (0, 0);
+        }
+    }
+    let hit_ratio = 1.0 - fetched as f64 / read as f64;
+    assert!(
+        hit_ratio >= 0.40,
+        "hit ratio over warm epochs {hit_ratio:.3} (cache is half the dataset)"
+    );
+}
+
+#[test]
+fn preload_does_not_displace_files_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 4 << 20;
+    let cache = Cache::open(config(dir.path(), capacity)).unwrap();
+    let size = 256 << 10;
+    let mut resident = Vec::new();
+    for n in 0..100u64 {
+        for _ in 0..3 {
+            cache.record_access(key(n));
+        }
+        match cache.lease(key(n), size, Priority::Access).unwrap() {
+            Some(lease) => {
+                fill(&cache, &lease, &content(n, size as usize));
+                resident.push(n);
+            }
+            None => break,
+        }
+    }
+    assert!(cache.lease(key(1000), size, Priority::Preload).unwrap().is_none());
+    for n in resident {
+        assert!(cache.contains_complete(key(n), size));
+    }
+}
+
+#[test]
+fn bad_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (high, low, block, capacity) in [
+        (0.8, 0.9, BLOCK, 64 << 20),
+        (1.2, 0.5, BLOCK, 64 << 20),
+        (0.9, 0.0, BLOCK, 64 << 20),
+        (0.9, 0.8, 1000, 64 << 20),
+        (0.9, 0.8, BLOCK, 1 << 20),
+    ] {
+        let config = CacheConfig {
+            high_watermark: high,
+            low_watermark: low,
+            block_size: block,
+            ..config(dir.path(), capacity)
+        };
+        assert!(matches!(Cache::open(config), Err(CacheError::Config(_))));
+    }
+}
