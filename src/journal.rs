@@ -28,16 +28,16 @@ const MIN_COMPACT_BYTES: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("journal {path}: {what}: {source}")]
+    #[error("journal {path}: {what}: {cause}")]
     Io {
         path: PathBuf,
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("journal {path}: cannot encode a record: {source}")]
+    #[error("journal {path}: cannot encode a record: {cause}")]
     Encode {
         path: PathBuf,
-        source: postcard::Error,
+        cause: postcard::Error,
     },
 }
 
@@ -59,10 +59,10 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// Opens the log at `path` (creating it if absent) and returns it with the records it holds.
     pub fn open(path: &Path) -> Result<(Self, Vec<R>), JournalError> {
         let io = |what: &'static str| {
-            move |source| JournalError::Io {
+            move |cause| JournalError::Io {
                 path: path.to_path_buf(),
                 what,
-                source,
+                cause,
             }
         };
         let mut file = OpenOptions::new()
@@ -103,14 +103,14 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     pub fn append(&self, record: &R) -> Result<(), JournalError> {
         let mut writer = self.lock();
         let Writer { file, scratch, .. } = &mut *writer;
-        encode_frame(record, scratch).map_err(|source| JournalError::Encode {
+        encode_frame(record, scratch).map_err(|cause| JournalError::Encode {
             path: self.path.clone(),
-            source,
+            cause,
         })?;
-        file.write_all(scratch).map_err(|source| JournalError::Io {
+        file.write_all(scratch).map_err(|cause| JournalError::Io {
             path: self.path.clone(),
             what: "append",
-            source,
+            cause,
         })?;
         self.bytes.fetch_add(scratch.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -120,10 +120,10 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     pub fn flush(&self, sync: bool) -> Result<(), JournalError> {
         let mut writer = self.lock();
         let io = |what| {
-            move |source| JournalError::Io {
+            move |cause| JournalError::Io {
                 path: self.path.clone(),
                 what,
-                source,
+                cause,
             }
         };
         writer.file.flush().map_err(io("flush"))?;
@@ -156,10 +156,10 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     pub fn rewrite(&self, records: impl IntoIterator<Item = R>) -> Result<(), JournalError> {
         let mut writer = self.lock();
         let io = |what| {
-            move |source| JournalError::Io {
+            move |cause| JournalError::Io {
                 path: self.path.clone(),
                 what,
-                source,
+                cause,
             }
         };
         let tmp = self.path.with_extension("rewrite");
@@ -167,9 +167,9 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         let mut frame = Vec::new();
         let mut written = 0u64;
         for record in records {
-            encode_frame(&record, &mut frame).map_err(|source| JournalError::Encode {
+            encode_frame(&record, &mut frame).map_err(|cause| JournalError::Encode {
                 path: self.path.clone(),
-                source,
+                cause,
             })?;
             out.write_all(&frame).map_err(io("write snapshot"))?;
             written += frame.len() as u64;

@@ -41,7 +41,7 @@ pub fn fixed_overhead() -> u64 {
 fn io_error(dir: &Path, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError {
     let dir = dir.to_path_buf();
     let what = what.into();
-    move |source| CacheError::Io { dir, what, source }
+    move |cause| CacheError::Io { dir, what, cause }
 }
 
 /// Creates the directory structure, takes the lock and sets aside contents of another format.

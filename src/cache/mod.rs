@@ -41,11 +41,11 @@ pub enum CacheError {
         "cache directory {dir} is in use by another reservoir process ({holder}); give each process its own --cache-dir"
     )]
     Locked { dir: PathBuf, holder: String },
-    #[error("cache directory {dir}: {what}: {source}")]
+    #[error("cache directory {dir}: {what}: {cause}")]
     Io {
         dir: PathBuf,
         what: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "cache directory {dir}: its file system has only {free} bytes free; at least {needed} are needed"
@@ -408,12 +408,12 @@ impl Cache {
             .and_then(|file| file.set_len(size).map(|()| file));
         let file = match created {
             Ok(file) => file,
-            Err(source) => {
+            Err(cause) => {
                 let _ = std::fs::remove_file(&path);
                 return Err(CacheError::Io {
                     dir: self.config.dir.clone(),
                     what: format!("create {}", path.display()),
-                    source,
+                    cause,
                 });
             }
         };
@@ -442,10 +442,10 @@ impl Cache {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| CacheError::Io {
+            .map_err(|cause| CacheError::Io {
                 dir: self.config.dir.clone(),
                 what: format!("open {}", path.display()),
-                source,
+                cause,
             })?;
         Ok(Lease {
             key,
@@ -569,10 +569,10 @@ impl Cache {
         lease
             .file
             .read_exact_at(buf, offset)
-            .map_err(|source| CacheError::Io {
+            .map_err(|cause| CacheError::Io {
                 dir: self.config.dir.clone(),
                 what: format!("read cached file {}", lease.key),
-                source,
+                cause,
             })
     }
 
@@ -584,11 +584,11 @@ impl Cache {
         let intact = match lease.file.read_exact_at(&mut buf, start) {
             Ok(()) => xxh3_64(&buf) == checksum,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
-            Err(source) => {
+            Err(cause) => {
                 return Err(CacheError::Io {
                     dir: self.config.dir.clone(),
                     what: format!("read cached file {}", lease.key),
-                    source,
+                    cause,
                 });
             }
         };
@@ -646,7 +646,7 @@ impl Cache {
                     lease.key,
                     data.len()
                 ),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                cause: std::io::Error::from(std::io::ErrorKind::InvalidData),
             });
         }
         if !self.is_missing(lease, block) {
@@ -655,10 +655,10 @@ impl Cache {
         lease
             .file
             .write_all_at(data, start)
-            .map_err(|source| CacheError::Io {
+            .map_err(|cause| CacheError::Io {
                 dir: self.config.dir.clone(),
                 what: format!("write cached file {}", lease.key),
-                source,
+                cause,
             })?;
         let checksum = xxh3_64(data);
         let mut state = self.lock_state();

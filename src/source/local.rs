@@ -87,6 +87,16 @@ fn open_root(path: &Path) -> Result<OwnedFd> {
         Mode::empty(),
     )
     .map_err(|errno| {
+        // A dead network mount (a PVC whose server is gone) is unreachable, not misconfigured.
+        if matches!(
+            errno,
+            Errno::ENOTCONN | Errno::EIO | Errno::EHOSTDOWN | Errno::ESTALE | Errno::ETIMEDOUT
+        ) {
+            return SourceError::Unavailable {
+                source_name: path.display().to_string(),
+                message: errno.desc().to_string(),
+            };
+        }
         let why = match errno {
             Errno::ENOENT => "does not exist".to_string(),
             Errno::ENOTDIR => "is not a directory".to_string(),

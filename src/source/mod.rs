@@ -82,7 +82,7 @@ pub struct DirEntry {
 }
 
 /// Errors a source reports. The errno a FUSE caller sees comes from [`SourceError::errno`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SourceError {
     /// The source answered, with an error about the object (no such file, permission denied...).
     #[error("{op}: {message}")]

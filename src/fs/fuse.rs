@@ -1,0 +1,744 @@
+//! The FUSE face of a [`Volume`]: a thin adapter from kernel requests to the core.
+//!
+//! Each request is first tried synchronously on the FUSE thread (`Volume::try_*`: fresh
+//! metadata, cached blocks); only what needs the source goes to the async runtime, which
+//! replies when the source answers. The adapter also owns what is FUSE-specific: file and
+//! directory handles, and the kernel's per-inode passthrough rules: while an inode is open
+//! through passthrough, every further open of it must use the same backing file, and an inode
+//! open through the page cache cannot also be opened through passthrough.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
+};
+
+use super::meta::{Ino, ListedEntry, ROOT};
+use super::{Entry, FsError, OpenFile, Volume};
+use crate::source::{Attr, Kind, Timestamp};
+use crate::units::Ttl;
+
+/// Preferred I/O size reported in `st_blksize`.
+const IO_BLOCK: u32 = 128 << 10;
+const MAX_BACKGROUND: u16 = 256;
+
+/// How a FUSE session is set up.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Shown as the mount's source in /proc/mounts.
+    pub fs_name: String,
+    pub threads: usize,
+    /// Hand fully cached files to the kernel (FUSE passthrough).
+    pub passthrough: bool,
+}
+
+/// Mounts `volume` at `mountpoint` (read-only, allow_other, default_permissions). The kernel
+/// handshake is done when this returns; the caller runs the session.
+pub fn mount(
+    volume: Arc<Volume>,
+    mountpoint: &Path,
+    config: &MountConfig,
+) -> std::io::Result<fuser::Session<FuseAdapter>> {
+    let mut options = Config::default();
+    options.mount_options = vec![
+        MountOption::FSName(sanitize_fs_name(&config.fs_name)),
+        MountOption::Subtype("reservoir".into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    options.acl = SessionACL::All;
+    options.n_threads = Some(config.threads.max(1));
+    options.clone_fd = true;
+    let adapter = FuseAdapter {
+        shared: Arc::new(Shared {
+            volume,
+            files: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            passthrough: AtomicBool::new(config.passthrough),
+        }),
+    };
+    fuser::Session::new(adapter, mountpoint, &options)
+}
+
+/// Mount option values are comma-separated: keep the name from breaking them.
+fn sanitize_fs_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c == ',' || c.is_whitespace() || c == '\\' { '_' } else { c })
+        .collect()
+}
+
+pub struct FuseAdapter {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    volume: Arc<Volume>,
+    files: RwLock<HashMap<u64, OpenHandle>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<ListedEntry>>>>,
+    inodes: Mutex<HashMap<Ino, InodeIo>>,
+    next_handle: AtomicU64,
+    passthrough: AtomicBool,
+}
+
+#[derive(Clone)]
+struct OpenHandle {
+    file: Arc<OpenFile>,
+    passthrough: bool,
+}
+
+/// How an inode is open right now, as far as the kernel's io modes go.
+#[derive(Default)]
+struct InodeIo {
+    /// Opens served by the daemon (through the page cache).
+    daemon_opens: u32,
+    /// The backing file shared by the inode's passthrough opens, and how many there are.
+    backing: Option<(Arc<BackingId>, u32)>,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn log_error(op: &'static str, ino: Ino, e: &FsError) {
+    if e.is_notable() {
+        tracing::warn!(op, ino, error = %e, "request failed");
+    } else {
+        tracing::debug!(op, ino, error = %e, "request failed");
+    }
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(u64::from(t.nanos))
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Directory => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(ino: Ino, attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: system_time(attr.atime),
+        mtime: system_time(attr.mtime),
+        ctime: system_time(attr.ctime),
+        crtime: system_time(attr.mtime),
+        kind: file_type(attr.kind),
+        perm: attr.perm,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: IO_BLOCK,
+        flags: 0,
+    }
+}
+
+impl Shared {
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.volume.runtime().spawn(task);
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => reply.entry(&entry.ttl, &file_attr(entry.ino, &entry.attr), Generation(0)),
+            // A negative entry: the kernel remembers the name is absent for the metadata TTL.
+            Err(e) if e.errno() == libc::ENOENT => {
+                let mut absent = file_attr(0, &placeholder_attr());
+                absent.ino = INodeNo(0);
+                reply.entry(&self.volume.kernel_ttl(), &absent, Generation(0));
+            }
+            Err(e) => {
+                log_error("lookup", parent, &e);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn reply_attr(reply: ReplyAttr, ino: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => reply.attr(&entry.ttl, &file_attr(entry.ino, &entry.attr)),
+            Err(e) => {
+                log_error("getattr", ino, &e);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    /// Chooses how the kernel reads an opened file and replies.
+    fn reply_open(&self, reply: ReplyOpen, ino: Ino, result: Result<Arc<OpenFile>, FsError>) {
+        let file = match result {
+            Ok(file) => file,
+            Err(e) => {
+                log_error("open", ino, &e);
+                return reply.error(errno(&e));
+            }
+        };
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        let io = inodes.entry(ino).or_default();
+        let backing = match &mut io.backing {
+            // The kernel requires every open of an inode in passthrough mode to use it.
+            Some((backing, count)) => {
+                *count += 1;
+                Some(backing.clone())
+            }
+            None if file.passthrough_ready
+                && io.daemon_opens == 0
+                && self.passthrough.load(Ordering::Relaxed) =>
+            {
+                let opened = file.lease.as_ref().map(|lease| reply.open_backing(lease.data_file()));
+                match opened {
+                    Some(Ok(id)) => {
+                        let id = Arc::new(id);
+                        io.backing = Some((id.clone(), 1));
+                        Some(id)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        None
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        if backing.is_none() {
+            io.daemon_opens += 1;
+        }
+        drop(inodes);
+        let passthrough = backing.is_some();
+        if passthrough {
+            self.volume.note_passthrough(&file);
+        }
+        let keep_cache = file.keep_cache;
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle, OpenHandle { file, passthrough });
+        match backing {
+            Some(id) => reply.opened_passthrough(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH, &id),
+            None => {
+                let mut flags = FopenFlags::FOPEN_NOFLUSH;
+                if keep_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(handle), flags);
+            }
+        }
+    }
+
+    fn release_file(&self, handle: u64) {
+        let Some(open) = self
+            .files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle)
+        else {
+            return;
+        };
+        let ino = open.file.ino;
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(io) = inodes.get_mut(&ino) else {
+            return;
+        };
+        if open.passthrough {
+            if let Some((_, count)) = &mut io.backing {
+                *count -= 1;
+                if *count == 0 {
+                    io.backing = None;
+                }
+            }
+        } else {
+            io.daemon_opens = io.daemon_opens.saturating_sub(1);
+        }
+        if io.backing.is_none() && io.daemon_opens == 0 {
+            inodes.remove(&ino);
+        }
+    }
+
+    fn open_dir(&self, reply: ReplyOpen, ino: Ino, result: Result<Vec<ListedEntry>, FsError>) {
+        match result {
+            Ok(entries) => {
+                let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(handle, Arc::new(entries));
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if self.volume.metadata_ttl() == Ttl::Forever {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(handle), flags);
+            }
+            Err(e) => {
+                log_error("opendir", ino, &e);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn listing(&self, handle: FileHandle) -> Option<Arc<Vec<ListedEntry>>> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&handle.0)
+            .cloned()
+    }
+
+    /// The parent of a directory, for `..`.
+    fn parent_of(&self, ino: Ino) -> Ino {
+        if ino == ROOT {
+            return ROOT;
+        }
+        self.volume.parent_of(ino).unwrap_or(ROOT)
+    }
+}
+
+/// Attributes for a negative entry, which the kernel ignores.
+fn placeholder_attr() -> Attr {
+    Attr {
+        kind: Kind::File,
+        size: 0,
+        perm: 0,
+        uid: 0,
+        gid: 0,
+        nlink: 0,
+        rdev: 0,
+        fileid: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_ASYNC_READ;
+        if self.shared.volume.metadata_ttl() != Ttl::Forever {
+            wanted |= InitFlags::FUSE_AUTO_INVAL_DATA;
+        }
+        for flag in wanted.iter() {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!(?flag, "kernel does not offer this FUSE capability");
+            }
+        }
+        if self.shared.passthrough.load(Ordering::Relaxed) {
+            let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !enabled {
+                tracing::info!("kernel offers no FUSE passthrough; cached files are served by the daemon");
+                self.shared.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let shared = &self.shared;
+        match shared.volume.try_lookup(parent.0, name.as_bytes()) {
+            Some(result) => shared.reply_entry(reply, parent.0, result),
+            None => {
+                let (shared, name) = (shared.clone(), name.as_bytes().to_vec());
+                self.shared.spawn(async move {
+                    let result = shared.volume.lookup(parent.0, &name).await;
+                    shared.reply_entry(reply, parent.0, result);
+                });
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.shared.volume.try_getattr(ino.0) {
+            Some(result) => Shared::reply_attr(reply, ino.0, result),
+            None => {
+                let shared = self.shared.clone();
+                self.shared.spawn(async move {
+                    Shared::reply_attr(reply, ino.0, shared.volume.getattr(ino.0).await);
+                });
+            }
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = INodeNo(ino.0);
+        let finish = move |reply: ReplyData, result: Result<Vec<u8>, FsError>| match result {
+            Ok(target) => reply.data(&target),
+            Err(e) => {
+                log_error("readlink", ino.0, &e);
+                reply.error(errno(&e));
+            }
+        };
+        match self.shared.volume.try_read_link(ino.0) {
+            Some(result) => finish(reply, result),
+            None => {
+                let shared = self.shared.clone();
+                self.shared.spawn(async move {
+                    finish(reply, shared.volume.read_link(ino.0).await);
+                });
+            }
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.shared.volume.try_open_file(ino.0) {
+            Some(result) => self.shared.reply_open(reply, ino.0, result),
+            None => {
+                let shared = self.shared.clone();
+                self.shared.spawn(async move {
+                    let result = shared.volume.open_file(ino.0).await;
+                    shared.reply_open(reply, ino.0, result);
+                });
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(open) = self
+            .shared
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+        else {
+            return reply.error(Errno::EBADF);
+        };
+        let volume = &self.shared.volume;
+        if let Some(data) = volume.try_read(&open.file, offset, size) {
+            return reply.data(&data);
+        }
+        let volume = volume.clone();
+        self.shared.spawn(async move {
+            match volume.read(&open.file, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    log_error("read", ino.0, &e);
+                    reply.error(errno(&e));
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.shared.release_file(fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.shared.volume.try_list(ino.0) {
+            Some(result) => self.shared.open_dir(reply, ino.0, result),
+            None => {
+                let shared = self.shared.clone();
+                self.shared.spawn(async move {
+                    let result = shared.volume.list(ino.0).await;
+                    shared.open_dir(reply, ino.0, result);
+                });
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.shared.listing(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let parent = self.shared.parent_of(ino.0);
+        let dots = [
+            (ino.0, FileType::Directory, &b"."[..]),
+            (parent, FileType::Directory, &b".."[..]),
+        ];
+        let listed = entries
+            .iter()
+            .map(|e| (e.ino, file_type(e.kind), &e.name[..]));
+        for (index, (child, kind, name)) in dots.into_iter().chain(listed).enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), index as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.shared.listing(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let volume = &self.shared.volume;
+        let parent = self.shared.parent_of(ino.0);
+        let dots = [(ino.0, &b"."[..]), (parent, &b".."[..])];
+        let listed = entries.iter().map(|e| (e.ino, &e.name[..]));
+        for (index, (child, name)) in dots.into_iter().chain(listed).enumerate().skip(offset as usize) {
+            let Some(entry) = volume.known_entry(child) else {
+                continue;
+            };
+            let full = reply.add(
+                INodeNo(child),
+                index as u64 + 1,
+                OsStr::from_bytes(name),
+                &entry.ttl,
+                &file_attr(child, &entry.attr),
+                Generation(0),
+            );
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.shared
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        const BLOCK: u64 = 4096;
+        let status = self.shared.volume.status();
+        let (total, free) = match status.cache {
+            Some(usage) => (usage.capacity, usage.capacity.saturating_sub(usage.used)),
+            None => (0, 0),
+        };
+        reply.statfs(
+            total / BLOCK,
+            free / BLOCK,
+            free / BLOCK,
+            status.nodes_known,
+            0,
+            BLOCK as u32,
+            255,
+            BLOCK as u32,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+
+    // Extended attributes are not served: ENOSYS makes the kernel stop asking.
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    // The mount is read-only; the kernel refuses writes before they get here. These answer
+    // anyway, so that nothing can ever reach the source.
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fs_names_cannot_break_mount_options() {
+        assert_eq!(sanitize_fs_name("nfs://h/a,b c"), "nfs://h/a_b_c");
+    }
+
+    #[test]
+    fn times_before_the_epoch_convert() {
+        let t = system_time(Timestamp { secs: -2, nanos: 500_000_000 });
+        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+    }
+}

@@ -1,0 +1,620 @@
+//! The namespace seen so far: inode numbers, names, attributes, source handles and directory
+//! listings, kept in memory and persisted through a journal in the cache directory.
+//!
+//! Inode numbers are assigned once per (parent, name, source handle) and persisted, so a
+//! remount (or, later, a restarted daemon resuming a FUSE connection) sees the same numbers.
+//! Freshness is wall-clock time of the source's last confirmation, so that it also survives a
+//! restart: within the metadata TTL a remount does not ask the source again.
+
+use std::collections::HashMap;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::journal::Journal;
+use crate::source::{Attr, DirEntry, Handle, Kind};
+
+pub type Ino = u64;
+pub const ROOT: Ino = 1;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long ago `ms` was.
+pub fn age(ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(ms))
+}
+
+pub struct Node {
+    pub parent: Ino,
+    pub name: Box<[u8]>,
+    pub handle: Handle,
+    pub attr: Attr,
+    /// When the source last confirmed `attr`.
+    pub checked_ms: u64,
+    pub dir: Option<DirState>,
+    /// A symlink's target, once read.
+    pub link: Option<Box<[u8]>>,
+}
+
+#[derive(Default)]
+pub struct DirState {
+    pub children: HashMap<Box<[u8]>, Ino>,
+    /// When a complete listing was last read from the source; `None` if it never was, in which
+    /// case `children` holds only names looked up one by one.
+    pub listed_ms: Option<u64>,
+}
+
+/// One entry of a directory listing snapshot.
+#[derive(Clone, Debug)]
+pub struct ListedEntry {
+    pub name: Box<[u8]>,
+    pub ino: Ino,
+    pub kind: Kind,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum MetaRecord {
+    Node {
+        ino: Ino,
+        parent: Ino,
+        name: Box<[u8]>,
+        handle: Handle,
+        attr: Attr,
+        checked_ms: u64,
+    },
+    Listed {
+        ino: Ino,
+        at_ms: u64,
+    },
+    Link {
+        ino: Ino,
+        target: Box<[u8]>,
+    },
+    Removed {
+        ino: Ino,
+    },
+}
+
+struct Table {
+    nodes: HashMap<Ino, Node>,
+    next_ino: Ino,
+}
+
+pub struct MetaStore {
+    table: RwLock<Table>,
+    journal: Option<Journal<MetaRecord>>,
+}
+
+impl MetaStore {
+    /// An empty store that persists nothing (uncached mounts).
+    pub fn in_memory() -> Self {
+        MetaStore {
+            table: RwLock::new(Table {
+                nodes: HashMap::new(),
+                next_ino: ROOT + 1,
+            }),
+            journal: None,
+        }
+    }
+
+    /// A store persisted through `journal`, loaded from the records it held.
+    pub fn persistent(journal: Journal<MetaRecord>, records: Vec<MetaRecord>) -> Self {
+        let mut nodes: HashMap<Ino, Node> = HashMap::new();
+        for record in records {
+            match record {
+                MetaRecord::Node {
+                    ino,
+                    parent,
+                    name,
+                    handle,
+                    attr,
+                    checked_ms,
+                } => {
+                    let previous = nodes.remove(&ino);
+                    let dir = (attr.kind == Kind::Directory)
+                        .then(|| previous.as_ref().and_then(|p| p.dir.as_ref()).map(|d| d.listed_ms))
+                        .map(|listed_ms| DirState {
+                            children: HashMap::new(),
+                            listed_ms: listed_ms.flatten(),
+                        });
+                    let link = previous.and_then(|p| p.link);
+                    nodes.insert(
+                        ino,
+                        Node {
+                            parent,
+                            name,
+                            handle,
+                            attr,
+                            checked_ms,
+                            dir,
+                            link,
+                        },
+                    );
+                }
+                MetaRecord::Listed { ino, at_ms } => {
+                    if let Some(dir) = nodes.get_mut(&ino).and_then(|n| n.dir.as_mut()) {
+                        dir.listed_ms = Some(at_ms);
+                    }
+                }
+                MetaRecord::Link { ino, target } => {
+                    if let Some(node) = nodes.get_mut(&ino) {
+                        node.link = Some(target);
+                    }
+                }
+                MetaRecord::Removed { ino } => {
+                    nodes.remove(&ino);
+                }
+            }
+        }
+        // Children maps follow from the parent links (a later inode under a name replaces an
+        // earlier one); then only what is reachable from the root is kept.
+        let mut links: Vec<(Ino, Ino, Box<[u8]>)> = nodes
+            .iter()
+            .filter(|(ino, _)| **ino != ROOT)
+            .map(|(ino, node)| (*ino, node.parent, node.name.clone()))
+            .collect();
+        links.sort_unstable_by_key(|(ino, ..)| *ino);
+        for (ino, parent, name) in links {
+            if let Some(dir) = nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
+                dir.children.insert(name, ino);
+            }
+        }
+        let mut reachable = std::collections::HashSet::new();
+        let mut pending = vec![ROOT];
+        while let Some(ino) = pending.pop() {
+            if reachable.insert(ino) {
+                if let Some(dir) = nodes.get(&ino).and_then(|n| n.dir.as_ref()) {
+                    pending.extend(dir.children.values().copied());
+                }
+            }
+        }
+        nodes.retain(|ino, _| reachable.contains(ino));
+        let next_ino = nodes.keys().max().copied().unwrap_or(ROOT).max(ROOT) + 1;
+        let store = MetaStore {
+            table: RwLock::new(Table { nodes, next_ino }),
+            journal: Some(journal),
+        };
+        store.rewrite(&store.write());
+        store
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn append(&self, table: &Table, record: MetaRecord) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if let Err(e) = journal.append(&record) {
+            tracing::warn!(error = %e, "cannot persist metadata; it will be fetched again after a restart");
+            return;
+        }
+        if journal.wants_rewrite() {
+            self.rewrite(table);
+        }
+    }
+
+    fn rewrite(&self, table: &Table) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let mut records = Vec::with_capacity(table.nodes.len() * 2);
+        for (ino, node) in &table.nodes {
+            records.push(node_record(*ino, node));
+            if let Some(at_ms) = node.dir.as_ref().and_then(|d| d.listed_ms) {
+                records.push(MetaRecord::Listed { ino: *ino, at_ms });
+            }
+            if let Some(target) = &node.link {
+                records.push(MetaRecord::Link {
+                    ino: *ino,
+                    target: target.clone(),
+                });
+            }
+        }
+        // Parents before children, so that replay can rebuild children maps in one pass.
+        records.sort_by_key(|r| match r {
+            MetaRecord::Node { ino, .. } => (*ino, 0),
+            MetaRecord::Listed { ino, .. } | MetaRecord::Link { ino, .. } => (*ino, 1),
+            MetaRecord::Removed { ino } => (*ino, 2),
+        });
+        if let Err(e) = journal.rewrite(records) {
+            tracing::warn!(error = %e, "cannot compact the metadata journal");
+        }
+    }
+
+    pub fn flush(&self, sync: bool) {
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.flush(sync) {
+                tracing::warn!(error = %e, "cannot flush the metadata journal");
+            }
+        }
+    }
+
+    /// Runs `f` on a node, if it exists.
+    pub fn with<T>(&self, ino: Ino, f: impl FnOnce(&Node) -> T) -> Option<T> {
+        self.read().nodes.get(&ino).map(f)
+    }
+
+    /// The root's handle, if the store knows the root.
+    pub fn root_handle(&self) -> Option<Handle> {
+        self.with(ROOT, |n| n.handle.clone())
+    }
+
+    /// Installs the root as the source reports it. If the source's root is not the one the
+    /// store was built from (another export, a recreated file system), everything known is
+    /// dropped: handles from the old one would be meaningless.
+    pub fn set_root(&self, handle: Handle, attr: Attr) {
+        let mut table = self.write();
+        let known = table.nodes.get(&ROOT).map(|n| n.handle == handle);
+        if known == Some(false) {
+            tracing::warn!("the source's root changed since the metadata was cached; forgetting it");
+            table.nodes.clear();
+            table.next_ino = ROOT + 1;
+            self.rewrite(&table);
+        }
+        let now = now_ms();
+        match table.nodes.get_mut(&ROOT) {
+            Some(root) => {
+                let changed = root.attr != attr;
+                root.attr = attr;
+                root.checked_ms = now;
+                if changed {
+                    let record = node_record(ROOT, &table.nodes[&ROOT]);
+                    self.append(&table, record);
+                }
+            }
+            None => {
+                let node = new_node(ROOT, Box::default(), handle, attr, now);
+                let record = node_record(ROOT, &node);
+                table.nodes.insert(ROOT, node);
+                self.append(&table, record);
+            }
+        }
+    }
+
+    /// The inode a name in `parent` has, if known.
+    pub fn child(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        let table = self.read();
+        table
+            .nodes
+            .get(&parent)?
+            .dir
+            .as_ref()?
+            .children
+            .get(name)
+            .copied()
+    }
+
+    /// Whether a complete listing of `dir` checked at or after `since_ms` says `name` is absent.
+    pub fn known_absent(&self, dir: Ino, name: &[u8], fresh: impl Fn(u64) -> bool) -> bool {
+        let table = self.read();
+        table
+            .nodes
+            .get(&dir)
+            .and_then(|n| n.dir.as_ref())
+            .is_some_and(|d| d.listed_ms.is_some_and(&fresh) && !d.children.contains_key(name))
+    }
+
+    /// Records what the source said about `name` in `parent`; returns its inode. A different
+    /// source handle under the same name is a different file and gets a new inode.
+    pub fn upsert_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Option<Ino> {
+        let mut table = self.write();
+        let now = now_ms();
+        self.upsert_locked(&mut table, parent, name, handle, attr, now)
+    }
+
+    fn upsert_locked(
+        &self,
+        table: &mut Table,
+        parent: Ino,
+        name: &[u8],
+        handle: Handle,
+        attr: Attr,
+        now: u64,
+    ) -> Option<Ino> {
+        let existing = table
+            .nodes
+            .get(&parent)?
+            .dir
+            .as_ref()?
+            .children
+            .get(name)
+            .copied();
+        if let Some(ino) = existing {
+            if let Some(node) = table.nodes.get_mut(&ino) {
+                if node.handle == handle && same_kind(&node.attr, &attr) {
+                    let changed = node.attr != attr;
+                    node.attr = attr;
+                    node.checked_ms = now;
+                    if changed {
+                        if node.attr.kind == Kind::Symlink {
+                            node.link = None;
+                        }
+                        let record = node_record(ino, node);
+                        self.append(table, record);
+                    }
+                    return Some(ino);
+                }
+            }
+            self.detach_locked(table, ino);
+        }
+        let ino = table.next_ino;
+        table.next_ino += 1;
+        let node = new_node(parent, name.into(), handle, attr, now);
+        let record = node_record(ino, &node);
+        table.nodes.insert(ino, node);
+        if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
+            dir.children.insert(name.into(), ino);
+        }
+        self.append(table, record);
+        Some(ino)
+    }
+
+    /// Forgets that `name` exists in `parent` (the source says it does not).
+    pub fn remove_child(&self, parent: Ino, name: &[u8]) {
+        let mut table = self.write();
+        if let Some(ino) = table
+            .nodes
+            .get(&parent)
+            .and_then(|p| p.dir.as_ref())
+            .and_then(|d| d.children.get(name).copied())
+        {
+            self.detach_locked(&mut table, ino);
+        }
+    }
+
+    /// Unlinks a node from its parent. The node itself stays, because the kernel may still
+    /// hold its inode number; it is no longer reachable by name and is dropped at the next
+    /// journal rewrite after a restart.
+    fn detach_locked(&self, table: &mut Table, ino: Ino) {
+        let Some(node) = table.nodes.get(&ino) else {
+            return;
+        };
+        let (parent, name) = (node.parent, node.name.clone());
+        if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
+            if dir.children.get(&name) == Some(&ino) {
+                dir.children.remove(&name);
+            }
+        }
+        self.append(table, MetaRecord::Removed { ino });
+    }
+
+    /// Records fresh attributes of a node; returns whether they changed.
+    pub fn update_attr(&self, ino: Ino, attr: Attr) -> bool {
+        let mut table = self.write();
+        let Some(node) = table.nodes.get_mut(&ino) else {
+            return false;
+        };
+        node.checked_ms = now_ms();
+        if node.attr == attr {
+            return false;
+        }
+        node.attr = attr;
+        if node.attr.kind == Kind::Symlink {
+            node.link = None;
+        }
+        let record = node_record(ino, node);
+        self.append(&table, record);
+        true
+    }
+
+    /// Replaces what is known of a directory's contents by a complete listing.
+    pub fn set_listing(&self, dir: Ino, entries: Vec<DirEntry>) {
+        let mut table = self.write();
+        let now = now_ms();
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        for entry in entries {
+            if let Some(ino) =
+                self.upsert_locked(&mut table, dir, &entry.name, entry.handle, entry.attr, now)
+            {
+                seen.insert(ino);
+            }
+        }
+        let gone: Vec<Ino> = table
+            .nodes
+            .get(&dir)
+            .and_then(|n| n.dir.as_ref())
+            .map(|d| {
+                d.children
+                    .values()
+                    .filter(|ino| !seen.contains(ino))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ino in gone {
+            self.detach_locked(&mut table, ino);
+        }
+        if let Some(state) = table.nodes.get_mut(&dir).and_then(|n| n.dir.as_mut()) {
+            state.listed_ms = Some(now);
+            self.append(&table, MetaRecord::Listed { ino: dir, at_ms: now });
+        }
+    }
+
+    /// The listing of a directory, if a complete one was ever read; with its time.
+    pub fn listing(&self, dir: Ino) -> Option<(Vec<ListedEntry>, u64)> {
+        let table = self.read();
+        let state = table.nodes.get(&dir)?.dir.as_ref()?;
+        let listed_ms = state.listed_ms?;
+        let entries = state
+            .children
+            .iter()
+            .filter_map(|(name, ino)| {
+                let kind = table.nodes.get(ino)?.attr.kind;
+                Some(ListedEntry {
+                    name: name.clone(),
+                    ino: *ino,
+                    kind,
+                })
+            })
+            .collect();
+        Some((entries, listed_ms))
+    }
+
+    pub fn set_link(&self, ino: Ino, target: &[u8]) {
+        let mut table = self.write();
+        if let Some(node) = table.nodes.get_mut(&ino) {
+            node.link = Some(target.into());
+            self.append(
+                &table,
+                MetaRecord::Link {
+                    ino,
+                    target: target.into(),
+                },
+            );
+        }
+    }
+
+    /// Number of nodes known.
+    pub fn len(&self) -> usize {
+        self.read().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn same_kind(a: &Attr, b: &Attr) -> bool {
+    a.kind == b.kind
+}
+
+fn new_node(parent: Ino, name: Box<[u8]>, handle: Handle, attr: Attr, now: u64) -> Node {
+    let dir = (attr.kind == Kind::Directory).then(DirState::default);
+    Node {
+        parent,
+        name,
+        handle,
+        attr,
+        checked_ms: now,
+        dir,
+        link: None,
+    }
+}
+
+fn node_record(ino: Ino, node: &Node) -> MetaRecord {
+    MetaRecord::Node {
+        ino,
+        parent: node.parent,
+        name: node.name.clone(),
+        handle: node.handle.clone(),
+        attr: node.attr.clone(),
+        checked_ms: node.checked_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Timestamp;
+
+    fn attr(kind: Kind, size: u64) -> Attr {
+        Attr {
+            kind,
+            size,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            rdev: 0,
+            fileid: size,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+        }
+    }
+
+    fn handle(s: &str) -> Handle {
+        Handle(s.as_bytes().into())
+    }
+
+    fn entry(name: &str, kind: Kind, size: u64) -> DirEntry {
+        DirEntry {
+            name: name.as_bytes().to_vec(),
+            handle: handle(name),
+            attr: attr(kind, size),
+        }
+    }
+
+    #[test]
+    fn the_namespace_and_its_inode_numbers_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let (sub, file, link);
+        {
+            let (journal, records) = Journal::open(&path).unwrap();
+            let store = MetaStore::persistent(journal, records);
+            store.set_root(handle(""), attr(Kind::Directory, 0));
+            store.set_listing(
+                ROOT,
+                vec![entry("sub", Kind::Directory, 0), entry("l", Kind::Symlink, 3)],
+            );
+            sub = store.child(ROOT, b"sub").unwrap();
+            link = store.child(ROOT, b"l").unwrap();
+            store.set_link(link, b"../x");
+            file = store
+                .upsert_child(sub, b"f", handle("sub/f"), attr(Kind::File, 42))
+                .unwrap();
+            store.flush(true);
+        }
+        let (journal, records) = Journal::open(&path).unwrap();
+        let store = MetaStore::persistent(journal, records);
+        assert_eq!(store.child(ROOT, b"sub"), Some(sub));
+        assert_eq!(store.child(sub, b"f"), Some(file));
+        assert_eq!(store.with(file, |n| n.attr.size), Some(42));
+        assert_eq!(store.with(link, |n| n.link.clone()).flatten().as_deref(), Some(&b"../x"[..]));
+        let (listing, _) = store.listing(ROOT).unwrap();
+        assert_eq!(listing.len(), 2);
+        // `sub` was never listed completely, only looked up into.
+        assert!(store.listing(sub).is_none());
+        // New inodes do not reuse old numbers.
+        let other = store
+            .upsert_child(sub, b"g", handle("sub/g"), attr(Kind::File, 1))
+            .unwrap();
+        assert!(other > file);
+    }
+
+    #[test]
+    fn a_relisting_drops_vanished_names_and_a_replaced_file_gets_a_new_inode() {
+        let store = MetaStore::in_memory();
+        store.set_root(handle(""), attr(Kind::Directory, 0));
+        store.set_listing(
+            ROOT,
+            vec![entry("a", Kind::File, 1), entry("b", Kind::File, 2)],
+        );
+        let a = store.child(ROOT, b"a").unwrap();
+        let b = store.child(ROOT, b"b").unwrap();
+        let mut replaced = entry("a", Kind::File, 1);
+        replaced.handle = handle("a-new");
+        store.set_listing(ROOT, vec![replaced]);
+        assert_eq!(store.child(ROOT, b"b"), None);
+        let new_a = store.child(ROOT, b"a").unwrap();
+        assert_ne!(new_a, a);
+        assert!(store.known_absent(ROOT, b"b", |_| true));
+        assert!(!store.known_absent(ROOT, b"a", |_| true));
+        // The kernel may still hold the old numbers: their nodes stay readable.
+        assert!(store.with(b, |_| ()).is_some());
+    }
+
+    #[test]
+    fn a_different_root_resets_everything() {
+        let store = MetaStore::in_memory();
+        store.set_root(handle("r1"), attr(Kind::Directory, 0));
+        store.set_listing(ROOT, vec![entry("a", Kind::File, 1)]);
+        store.set_root(handle("r2"), attr(Kind::Directory, 0));
+        assert_eq!(store.child(ROOT, b"a"), None);
+        assert!(store.listing(ROOT).is_none());
+    }
+}

@@ -1,0 +1,878 @@
+//! The file system core: one [`Volume`] is a source seen through the cache, with the
+//! namespace, attributes and data that the FUSE adapter ([`fuse`]) serves to the kernel.
+//!
+//! Every operation comes in two forms: `try_*`, which answers from what is already known
+//! (cached, fresh metadata; cached blocks) without waiting on the source, and an async form that
+//! may ask the source. The FUSE adapter calls `try_*` on its request thread and hands only the
+//! misses to the async runtime, so that a slow or dead source never holds a thread that serves
+//! cached data. Tests drive the core directly, without FUSE.
+
+pub mod fuse;
+pub mod meta;
+pub mod warm;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, Semaphore};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::cache::policy::Priority;
+use crate::cache::{Cache, CacheError, ContentKey, Lease, Usage};
+use crate::source::{self, Attr, Handle, Kind, Source, SourceError, SourceOptions, SourceSpec};
+use crate::units::Ttl;
+use meta::{Ino, ListedEntry, MetaStore, ROOT};
+
+/// How long the kernel may trust metadata served while the source is unreachable.
+const STALE_TTL: Duration = Duration::from_secs(1);
+/// What the kernel is told for `--metadata-ttl forever`.
+const FOREVER_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Blocks fetched ahead of a sequential reader, at most.
+const MAX_READAHEAD_BLOCKS: u32 = 16;
+/// Block fetches running ahead of readers (readahead and open-time prefetch), across the volume.
+const PREFETCH_SLOTS: usize = 32;
+/// Files up to this many blocks are fetched whole as soon as they are opened.
+const OPEN_PREFETCH_BLOCKS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("inode {0} is not known")]
+    UnknownInode(Ino),
+    #[error("{1}")]
+    Errno(i32, &'static str),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Source(e) => e.errno(),
+            FsError::Cache(_) => libc::EIO,
+            FsError::UnknownInode(_) => libc::ESTALE,
+            FsError::Errno(errno, _) => *errno,
+        }
+    }
+
+    fn not_found() -> Self {
+        FsError::Errno(libc::ENOENT, "no such file or directory")
+    }
+
+    /// Whether this is worth a log line at warning level (as opposed to an ordinary answer
+    /// such as "no such file").
+    pub fn is_notable(&self) -> bool {
+        !matches!(
+            self.errno(),
+            libc::ENOENT | libc::ENOTDIR | libc::EISDIR | libc::EACCES | libc::EPERM | libc::ELOOP
+        )
+    }
+}
+
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    /// How long attributes and listings are trusted before the source is asked again.
+    pub metadata_ttl: Ttl,
+}
+
+/// A node's attributes as served to the kernel, and how long it may keep them.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub ino: Ino,
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// Counters for status reports.
+#[derive(Default)]
+struct Stats {
+    /// Bytes the daemon answered from the cache.
+    bytes_from_cache: AtomicU64,
+    /// Bytes the daemon answered that had to come from the source.
+    bytes_from_source: AtomicU64,
+    /// Bytes read from the source for readers (including readahead).
+    bytes_fetched: AtomicU64,
+    /// Bytes read from the source by preloads.
+    bytes_preloaded: AtomicU64,
+    opens: AtomicU64,
+    passthrough_opens: AtomicU64,
+    /// Sizes of files opened through passthrough (their reads never reach the daemon).
+    passthrough_bytes: AtomicU64,
+    source_errors: AtomicU64,
+}
+
+/// A point-in-time account of a volume, for `reservoir status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub source: String,
+    pub online: bool,
+    pub metadata_ttl: String,
+    pub nodes_known: u64,
+    pub opens: u64,
+    pub passthrough_opens: u64,
+    pub bytes_from_cache: u64,
+    pub bytes_from_source: u64,
+    pub bytes_fetched: u64,
+    pub bytes_preloaded: u64,
+    /// Upper bound of what passthrough opens read from the cache (their file sizes).
+    pub passthrough_bytes: u64,
+    /// 1 − bytes fetched for readers / bytes readers got (passthrough counted at file size).
+    pub hit_ratio: Option<f64>,
+    pub source_errors: u64,
+    pub cache: Option<Usage>,
+    pub preload: Option<warm::Progress>,
+}
+
+/// One open regular file.
+pub struct OpenFile {
+    pub ino: Ino,
+    handle: Handle,
+    pub size: u64,
+    pub key: ContentKey,
+    /// The cached copy; `None` when the file is served straight from the source (no cache, or
+    /// not admitted).
+    pub lease: Option<Arc<Lease>>,
+    /// The cached copy is complete and verified: the kernel may read it directly.
+    pub passthrough_ready: bool,
+    /// Pages the kernel cached at an earlier open of the same version are still valid.
+    pub keep_cache: bool,
+    readahead: Mutex<ReadAhead>,
+}
+
+type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, SourceError>>>;
+
+pub struct Volume {
+    spec: SourceSpec,
+    source_id: String,
+    source_options: SourceOptions,
+    source: RwLock<Option<Arc<dyn Source>>>,
+    online: AtomicBool,
+    cache: Option<Arc<Cache>>,
+    meta: MetaStore,
+    config: VolumeConfig,
+    inflight: Mutex<HashMap<(ContentKey, u32), Fetch>>,
+    prefetch_slots: Arc<Semaphore>,
+    /// The version each inode was last opened at through the page cache.
+    page_cache_versions: Mutex<HashMap<Ino, ContentKey>>,
+    stats: Stats,
+    preload: Mutex<Option<Arc<warm::Tracker>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Volume {
+    /// Opens a volume over `spec`. If the source cannot be reached but the cache knows this
+    /// source, the volume starts offline (serving what is cached) and keeps trying to connect.
+    pub async fn open(
+        spec: SourceSpec,
+        source_options: SourceOptions,
+        cache: Option<Arc<Cache>>,
+        config: VolumeConfig,
+    ) -> Result<Arc<Volume>> {
+        let source_id = spec.id();
+        let meta = match &cache {
+            Some(cache) => {
+                let name = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(source_id.as_bytes()));
+                let (journal, records) = cache.open_journal(&name)?;
+                MetaStore::persistent(journal, records)
+            }
+            None => MetaStore::in_memory(),
+        };
+        let connected = connect(&spec, &source_options).await;
+        let source = match connected {
+            Ok((source, root_handle, root_attr)) => {
+                if root_attr.kind != Kind::Directory {
+                    return Err(SourceError::Invalid(format!("{source_id} is not a directory")).into());
+                }
+                meta.set_root(root_handle, root_attr);
+                Some(source)
+            }
+            Err(e) if e.is_unavailable() && meta.root_handle().is_some() => {
+                tracing::warn!(
+                    source = %source_id,
+                    error = %e,
+                    "source unreachable; starting offline with the cached part of the tree"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let online = source.is_some();
+        let volume = Arc::new(Volume {
+            spec,
+            source_id,
+            source_options,
+            source: RwLock::new(source),
+            online: AtomicBool::new(online),
+            cache,
+            meta,
+            config,
+            inflight: Mutex::new(HashMap::new()),
+            prefetch_slots: Arc::new(Semaphore::new(PREFETCH_SLOTS)),
+            page_cache_versions: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            preload: Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        if !online {
+            tokio::spawn(reconnect(Arc::downgrade(&volume)));
+        }
+        Ok(volume)
+    }
+
+    pub fn source_id(&self) -> &str {
+        &self.source_id
+    }
+
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    fn source(&self) -> Result<Arc<dyn Source>, SourceError> {
+        let source = self.source.read().unwrap_or_else(|p| p.into_inner()).clone();
+        source.ok_or_else(|| SourceError::Unavailable {
+            source_name: self.source_id.clone(),
+            message: "not connected (started offline; retrying)".into(),
+        })
+    }
+
+    /// Notes the outcome of a source call, to report whether the source is reachable.
+    fn observe<T>(&self, result: &Result<T, SourceError>) {
+        match result {
+            Ok(_) => self.online.store(true, Ordering::Relaxed),
+            Err(e) if e.is_unavailable() => {
+                self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
+                if self.online.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(source = %self.source_id, error = %e, "source unreachable; serving what is cached");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn fresh(&self, checked_ms: u64) -> bool {
+        self.config.metadata_ttl.covers(meta::age(checked_ms))
+    }
+
+    /// How long the kernel may keep what it is told.
+    pub fn kernel_ttl(&self) -> Duration {
+        match self.config.metadata_ttl {
+            Ttl::Finite(ttl) => ttl,
+            Ttl::Forever => FOREVER_TTL,
+        }
+    }
+
+    pub fn metadata_ttl(&self) -> Ttl {
+        self.config.metadata_ttl
+    }
+
+    fn entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
+        let attr = self.meta.with(ino, |n| n.attr.clone())?;
+        let ttl = if fresh { self.kernel_ttl() } else { STALE_TTL };
+        Some(Entry { ino, attr, ttl })
+    }
+
+    fn node_handle(&self, ino: Ino) -> Result<Handle> {
+        self.meta
+            .with(ino, |n| n.handle.clone())
+            .ok_or(FsError::UnknownInode(ino))
+    }
+
+    // ---- lookup and attributes -------------------------------------------------------------
+
+    /// Answers a lookup from fresh metadata; `None` when the source must be asked.
+    pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<Entry>> {
+        if let Some(ino) = self.meta.child(parent, name) {
+            let checked = self.meta.with(ino, |n| n.checked_ms)?;
+            return self.fresh(checked).then(|| {
+                self.entry(ino, true)
+                    .ok_or(FsError::UnknownInode(ino))
+            });
+        }
+        if self.meta.known_absent(parent, name, |ms| self.fresh(ms)) {
+            return Some(Err(FsError::not_found()));
+        }
+        None
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Entry> {
+        if let Some(answer) = self.try_lookup(parent, name) {
+            return answer;
+        }
+        let dir = self.node_handle(parent)?;
+        let result = match self.source() {
+            Ok(source) => source.lookup(&dir, name).await,
+            Err(e) => Err(e),
+        };
+        self.observe(&result);
+        match result {
+            Ok((handle, attr)) => {
+                let ino = self
+                    .meta
+                    .upsert_child(parent, name, handle, attr.clone())
+                    .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
+                Ok(Entry {
+                    ino,
+                    attr,
+                    ttl: self.kernel_ttl(),
+                })
+            }
+            Err(e) if e.errno() == libc::ENOENT => {
+                self.meta.remove_child(parent, name);
+                Err(e.into())
+            }
+            Err(e) if e.is_unavailable() => {
+                if let Some(ino) = self.meta.child(parent, name) {
+                    return self.entry(ino, false).ok_or(FsError::UnknownInode(ino));
+                }
+                if self.meta.known_absent(parent, name, |_| true) {
+                    return Err(FsError::not_found());
+                }
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn try_getattr(&self, ino: Ino) -> Option<Result<Entry>> {
+        let Some(checked) = self.meta.with(ino, |n| n.checked_ms) else {
+            return Some(Err(FsError::UnknownInode(ino)));
+        };
+        self.fresh(checked)
+            .then(|| self.entry(ino, true).ok_or(FsError::UnknownInode(ino)))
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> Result<Entry> {
+        if let Some(answer) = self.try_getattr(ino) {
+            return answer;
+        }
+        self.revalidate(ino).await
+    }
+
+    /// Asks the source for a node's attributes (serving the known ones if it cannot answer).
+    async fn revalidate(&self, ino: Ino) -> Result<Entry> {
+        let handle = self.node_handle(ino)?;
+        let result = match self.source() {
+            Ok(source) => source.getattr(&handle).await,
+            Err(e) => Err(e),
+        };
+        self.observe(&result);
+        match result {
+            Ok(attr) => {
+                self.meta.update_attr(ino, attr.clone());
+                Ok(Entry {
+                    ino,
+                    attr,
+                    ttl: self.kernel_ttl(),
+                })
+            }
+            Err(e) if e.is_unavailable() => self.entry(ino, false).ok_or(e.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The directory a node was found in.
+    pub fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        self.meta.with(ino, |n| n.parent)
+    }
+
+    /// The attributes of a node, as known (for directory listings with attributes).
+    pub fn known_entry(&self, ino: Ino) -> Option<Entry> {
+        let checked = self.meta.with(ino, |n| n.checked_ms)?;
+        self.entry(ino, self.fresh(checked))
+    }
+
+    // ---- directories and symlinks ----------------------------------------------------------
+
+    pub fn try_list(&self, dir: Ino) -> Option<Result<Vec<ListedEntry>>> {
+        let (entries, listed_ms) = self.meta.listing(dir)?;
+        self.fresh(listed_ms).then_some(Ok(entries))
+    }
+
+    pub async fn list(&self, dir: Ino) -> Result<Vec<ListedEntry>> {
+        if let Some(answer) = self.try_list(dir) {
+            return answer;
+        }
+        let (handle, kind) = self
+            .meta
+            .with(dir, |n| (n.handle.clone(), n.attr.kind))
+            .ok_or(FsError::UnknownInode(dir))?;
+        if kind != Kind::Directory {
+            return Err(FsError::Errno(libc::ENOTDIR, "not a directory"));
+        }
+        let result = match self.source() {
+            Ok(source) => source.read_dir(&handle).await,
+            Err(e) => Err(e),
+        };
+        self.observe(&result);
+        match result {
+            Ok(entries) => {
+                self.meta.set_listing(dir, entries);
+                Ok(self.meta.listing(dir).map(|(e, _)| e).unwrap_or_default())
+            }
+            Err(e) if e.is_unavailable() => match self.meta.listing(dir) {
+                Some((entries, _)) => Ok(entries),
+                None => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn try_read_link(&self, ino: Ino) -> Option<Result<Vec<u8>>> {
+        self.meta
+            .with(ino, |n| n.link.as_ref().map(|t| t.to_vec()))
+            .flatten()
+            .map(Ok)
+    }
+
+    pub async fn read_link(&self, ino: Ino) -> Result<Vec<u8>> {
+        if let Some(answer) = self.try_read_link(ino) {
+            return answer;
+        }
+        let handle = self.node_handle(ino)?;
+        let result = match self.source() {
+            Ok(source) => source.read_link(&handle).await,
+            Err(e) => Err(e),
+        };
+        self.observe(&result);
+        let target = result?;
+        self.meta.set_link(ino, &target);
+        Ok(target)
+    }
+
+    /// Resolves a path relative to the volume root, component by component (used by preload).
+    pub async fn resolve(&self, path: &[u8]) -> Result<Entry> {
+        let mut entry = match self.try_getattr(ROOT) {
+            Some(answer) => answer?,
+            None => self.getattr(ROOT).await?,
+        };
+        for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+            if component == b".." {
+                return Err(FsError::Errno(libc::EINVAL, "'..' is not allowed in a path"));
+            }
+            entry = self.lookup(entry.ino, component).await?;
+        }
+        Ok(entry)
+    }
+
+    // ---- opening and reading files ---------------------------------------------------------
+
+    /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
+    /// the source first (close-to-open consistency within the metadata TTL).
+    pub fn try_open_file(self: &Arc<Self>, ino: Ino) -> Option<Result<Arc<OpenFile>>> {
+        let checked = self.meta.with(ino, |n| n.checked_ms)?;
+        self.fresh(checked).then(|| self.open_known(ino))
+    }
+
+    pub async fn open_file(self: &Arc<Self>, ino: Ino) -> Result<Arc<OpenFile>> {
+        if let Some(answer) = self.try_open_file(ino) {
+            return answer;
+        }
+        self.revalidate(ino).await?;
+        self.open_known(ino)
+    }
+
+    fn open_known(self: &Arc<Self>, ino: Ino) -> Result<Arc<OpenFile>> {
+        let (handle, attr) = self
+            .meta
+            .with(ino, |n| (n.handle.clone(), n.attr.clone()))
+            .ok_or(FsError::UnknownInode(ino))?;
+        match attr.kind {
+            Kind::File => {}
+            Kind::Directory => return Err(FsError::Errno(libc::EISDIR, "is a directory")),
+            _ => return Err(FsError::Errno(libc::ENXIO, "not a regular file")),
+        }
+        let key = content_key(&self.source_id, &handle, &attr);
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        let (lease, passthrough_ready) = match &self.cache {
+            None => (None, false),
+            Some(cache) => {
+                cache.record_access(key);
+                match cache.lease(key, attr.size, Priority::Access) {
+                    Ok(Some(lease)) => {
+                        let lease = Arc::new(lease);
+                        let ready = self.passthrough_ready(cache, &lease);
+                        (Some(lease), ready)
+                    }
+                    Ok(None) => (None, false),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cache unusable for this file; reading from the source");
+                        (None, false)
+                    }
+                }
+            }
+        };
+        let keep_cache = !passthrough_ready && {
+            let mut versions = self
+                .page_cache_versions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            versions.insert(ino, key) == Some(key)
+        };
+        let file = Arc::new(OpenFile {
+            ino,
+            handle,
+            size: attr.size,
+            key,
+            lease,
+            passthrough_ready,
+            keep_cache,
+            readahead: Mutex::new(ReadAhead::default()),
+        });
+        if let Some(lease) = &file.lease {
+            if !passthrough_ready {
+                let blocks = lease.block_count().min(OPEN_PREFETCH_BLOCKS);
+                self.prefetch(&file, 0..blocks);
+            }
+        }
+        Ok(file)
+    }
+
+    /// Whether a cached file can go to the kernel directly. Verification of a file written by
+    /// an earlier process is done inline only when it is one block; bigger files are verified
+    /// in the background and get passthrough from their next open.
+    fn passthrough_ready(self: &Arc<Self>, cache: &Arc<Cache>, lease: &Arc<Lease>) -> bool {
+        if !cache.is_complete(lease) {
+            return false;
+        }
+        if !cache.needs_verification(lease) || lease.block_count() <= 1 {
+            return cache.prepare_passthrough(lease).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot verify cached file");
+                false
+            });
+        }
+        let (cache, lease) = (cache.clone(), lease.clone());
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = cache.prepare_passthrough(&lease) {
+                tracing::warn!(error = %e, "cannot verify cached file");
+            }
+        });
+        false
+    }
+
+    /// Counts an open that the kernel serves through passthrough.
+    pub fn note_passthrough(&self, file: &OpenFile) {
+        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .passthrough_bytes
+            .fetch_add(file.size, Ordering::Relaxed);
+    }
+
+    /// Reads from the cache; `None` when a block is missing and the source must be asked.
+    pub fn try_read(self: &Arc<Self>, file: &Arc<OpenFile>, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let lease = file.lease.as_ref()?;
+        let cache = self.cache.as_ref()?;
+        match cache.read(lease, offset, size as usize) {
+            Ok(Some(data)) => {
+                self.stats
+                    .bytes_from_cache
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.read_ahead(file, offset, size);
+                Some(data)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache read failed; reading from the source");
+                None
+            }
+        }
+    }
+
+    pub async fn read(self: &Arc<Self>, file: &Arc<OpenFile>, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let end = (offset + u64::from(size)).min(file.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let Some(lease) = &file.lease else {
+            let source = self.source()?;
+            let result = source.read(&file.handle, offset, (end - offset) as u32).await;
+            self.observe(&result);
+            let data = result?;
+            let n = data.len() as u64;
+            self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+            self.stats.bytes_from_source.fetch_add(n, Ordering::Relaxed);
+            return Ok(data);
+        };
+        self.read_ahead(file, offset, size);
+        let block_size = u64::from(lease.block_size);
+        let first = (offset / block_size) as u32;
+        let last = ((end - 1) / block_size) as u32;
+        let blocks = futures_util::future::try_join_all(
+            (first..=last).map(|block| self.block(file, lease, block, false)),
+        )
+        .await?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (block, data) in (first..=last).zip(blocks) {
+            let block_start = u64::from(block) * block_size;
+            let from = offset.saturating_sub(block_start) as usize;
+            let to = ((end - block_start) as usize).min(data.len());
+            out.extend_from_slice(&data[from.min(to)..to]);
+        }
+        self.stats
+            .bytes_from_source
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// One block of a cached file: from the cache, or fetched from the source once (concurrent
+    /// readers of the same block share one fetch) and stored.
+    async fn block(
+        &self,
+        file: &OpenFile,
+        lease: &Arc<Lease>,
+        block: u32,
+        preload: bool,
+    ) -> Result<Arc<Vec<u8>>> {
+        let (start, len) = lease.block_range(block);
+        if let Some(cache) = &self.cache {
+            if let Ok(Some(data)) = cache.read(lease, start, len) {
+                return Ok(Arc::new(data));
+            }
+        }
+        let cell = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight.entry((lease.key, block)).or_default().clone()
+        };
+        let result = cell
+            .get_or_init(|| self.fetch_block(file, lease, block, preload))
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if inflight
+                .get(&(lease.key, block))
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                inflight.remove(&(lease.key, block));
+            }
+        }
+        Ok(result?)
+    }
+
+    async fn fetch_block(
+        &self,
+        file: &OpenFile,
+        lease: &Arc<Lease>,
+        block: u32,
+        preload: bool,
+    ) -> Result<Arc<Vec<u8>>, SourceError> {
+        let (start, len) = lease.block_range(block);
+        let source = self.source()?;
+        let result = source.read(&file.handle, start, len as u32).await;
+        self.observe(&result);
+        let data = result?;
+        let counter = if preload {
+            &self.stats.bytes_preloaded
+        } else {
+            &self.stats.bytes_fetched
+        };
+        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if data.len() != len {
+            return Err(SourceError::status(
+                "read",
+                libc::EIO,
+                format!(
+                    "{}: file changed size while being read ({} bytes at {start}, expected {len})",
+                    self.source_id,
+                    data.len()
+                ),
+            ));
+        }
+        if let Some(cache) = &self.cache {
+            if let Err(e) = cache.store_block(lease, block, &data) {
+                tracing::warn!(error = %e, "cannot store a block in the cache");
+            }
+        }
+        Ok(Arc::new(data))
+    }
+
+    /// Starts fetching blocks in the background, bounded across the volume.
+    fn prefetch(self: &Arc<Self>, file: &Arc<OpenFile>, blocks: std::ops::Range<u32>) {
+        let (Some(lease), Some(cache)) = (&file.lease, &self.cache) else {
+            return;
+        };
+        let first = blocks.start;
+        let Some(last) = blocks.end.checked_sub(1) else {
+            return;
+        };
+        if first > last {
+            return;
+        }
+        for block in cache.missing_blocks(lease, first, last) {
+            let (volume, file, lease) = (self.clone(), file.clone(), lease.clone());
+            let slots = self.prefetch_slots.clone();
+            self.runtime.spawn(async move {
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                if let Err(e) = volume.block(&file, &lease, block, false).await {
+                    tracing::debug!(error = %e, block, "prefetch failed");
+                }
+            });
+        }
+    }
+
+    fn read_ahead(self: &Arc<Self>, file: &Arc<OpenFile>, offset: u64, size: u32) {
+        let Some(lease) = &file.lease else {
+            return;
+        };
+        let next = file
+            .readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .advance(offset, size, lease.block_size, lease.block_count());
+        if let Some(blocks) = next {
+            self.prefetch(file, blocks);
+        }
+    }
+
+    // ---- status ----------------------------------------------------------------------------
+
+    pub fn status(&self) -> VolumeStatus {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let from_cache = load(&self.stats.bytes_from_cache);
+        let from_source = load(&self.stats.bytes_from_source);
+        let passthrough = load(&self.stats.passthrough_bytes);
+        let fetched = load(&self.stats.bytes_fetched);
+        let read = from_cache + from_source + passthrough;
+        let hit_ratio = (read > 0).then(|| 1.0 - (fetched.min(read) as f64 / read as f64));
+        VolumeStatus {
+            source: self.source_id.clone(),
+            online: self.is_online(),
+            metadata_ttl: self.config.metadata_ttl.to_string(),
+            nodes_known: self.meta.len() as u64,
+            opens: load(&self.stats.opens),
+            passthrough_opens: load(&self.stats.passthrough_opens),
+            bytes_from_cache: from_cache,
+            bytes_from_source: from_source,
+            bytes_fetched: fetched,
+            bytes_preloaded: load(&self.stats.bytes_preloaded),
+            passthrough_bytes: passthrough,
+            hit_ratio,
+            source_errors: load(&self.stats.source_errors),
+            cache: self.cache.as_ref().map(|c| c.usage()),
+            preload: self
+                .preload
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|t| t.snapshot()),
+        }
+    }
+
+    /// Writes buffered journals out; with `sync`, to stable storage.
+    pub fn flush(&self, sync: bool) {
+        self.meta.flush(sync);
+        if let Some(cache) = &self.cache {
+            if let Err(e) = cache.flush(sync) {
+                tracing::warn!(error = %e, "cannot flush the cache index");
+            }
+        }
+    }
+}
+
+/// Opens the source and reads its root.
+async fn connect(
+    spec: &SourceSpec,
+    options: &SourceOptions,
+) -> Result<(Arc<dyn Source>, Handle, Attr), SourceError> {
+    let source = source::open(spec, options).await?;
+    let (handle, attr) = source.root().await?;
+    Ok((source, handle, attr))
+}
+
+/// Keeps trying to reach the source of a volume that started offline.
+async fn reconnect(volume: std::sync::Weak<Volume>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(strong) = volume.upgrade() else {
+            return;
+        };
+        match connect(&strong.spec, &strong.source_options).await {
+            Ok((source, handle, attr)) => {
+                strong.meta.set_root(handle, attr);
+                *strong.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+                strong.online.store(true, Ordering::Relaxed);
+                tracing::info!(source = %strong.source_id, "source reachable again; back online");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(source = %strong.source_id, error = %e, "source still unreachable");
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The identity of one version of a file: the source, the file's handle in it, and the
+/// attributes that change when its contents do.
+pub fn content_key(source_id: &str, handle: &Handle, attr: &Attr) -> ContentKey {
+    let mut hasher = Xxh3::new();
+    hasher.update(source_id.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(handle.as_bytes());
+    hasher.update(&(handle.as_bytes().len() as u64).to_le_bytes());
+    hasher.update(&attr.fileid.to_le_bytes());
+    hasher.update(&attr.size.to_le_bytes());
+    for time in [attr.mtime, attr.ctime] {
+        hasher.update(&time.secs.to_le_bytes());
+        hasher.update(&time.nanos.to_le_bytes());
+    }
+    ContentKey(hasher.digest128())
+}
+
+/// Detects sequential reading and decides what to fetch ahead of it.
+#[derive(Default)]
+struct ReadAhead {
+    /// Where the next sequential read would start.
+    next: u64,
+    /// Blocks to keep fetched ahead; doubles while reading stays sequential.
+    window: u32,
+    /// Blocks below this were already requested.
+    requested_until: u32,
+}
+
+impl ReadAhead {
+    fn advance(
+        &mut self,
+        offset: u64,
+        size: u32,
+        block_size: u32,
+        block_count: u32,
+    ) -> Option<std::ops::Range<u32>> {
+        let block = u64::from(block_size);
+        // The kernel issues several reads at once, so "sequential" tolerates a block of reordering.
+        let sequential = offset + block >= self.next && offset <= self.next + block;
+        self.next = self.next.max(offset + u64::from(size));
+        if !sequential {
+            self.window = 0;
+            return None;
+        }
+        self.window = (self.window * 2).clamp(2, MAX_READAHEAD_BLOCKS);
+        let current = ((offset + u64::from(size)).saturating_sub(1) / block) as u32;
+        let start = (current + 1).max(self.requested_until);
+        let end = (current + 1 + self.window).min(block_count);
+        if start >= end {
+            return None;
+        }
+        self.requested_until = end;
+        Some(start..end)
+    }
+}
+
+#[cfg(test)]
+mod tests;

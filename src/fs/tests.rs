@@ -1,0 +1,154 @@
+use super::*;
+use std::path::Path;
+
+fn cache(dir: &Path) -> Arc<Cache> {
+    Cache::open(crate::cache::CacheConfig {
+        dir: dir.to_path_buf(),
+        capacity: 256 << 20,
+        high_watermark: 0.95,
+        low_watermark: 0.85,
+        block_size: 64 << 10,
+    })
+    .unwrap()
+}
+
+fn options() -> SourceOptions {
+    SourceOptions {
+        timeout: Duration::from_secs(5),
+        connections: 4,
+    }
+}
+
+async fn volume(source: &Path, cache: Option<Arc<Cache>>, ttl: Ttl) -> Arc<Volume> {
+    let spec = SourceSpec::Local(source.to_path_buf());
+    Volume::open(spec, options(), cache, VolumeConfig { metadata_ttl: ttl })
+        .await
+        .unwrap()
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+async fn read_all(volume: &Arc<Volume>, file: &Arc<OpenFile>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let chunk = match volume.try_read(file, offset, 100_000) {
+            Some(data) => data,
+            None => volume.read(file, offset, 100_000).await.unwrap(),
+        };
+        if chunk.is_empty() {
+            return out;
+        }
+        offset += chunk.len() as u64;
+        out.extend_from_slice(&chunk);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
+    let source = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let data = pattern(1_000_000);
+    std::fs::create_dir(source.path().join("d")).unwrap();
+    std::fs::write(source.path().join("d/big"), &data).unwrap();
+    std::fs::write(source.path().join("small"), b"hello").unwrap();
+
+    {
+        let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
+        let d = volume.lookup(ROOT, b"d").await.unwrap();
+        let big = volume.lookup(d.ino, b"big").await.unwrap();
+        assert_eq!(big.attr.size, data.len() as u64);
+        let file = volume.open_file(big.ino).await.unwrap();
+        assert!(!file.passthrough_ready);
+        assert_eq!(read_all(&volume, &file).await, data);
+        let file = volume.open_file(big.ino).await.unwrap();
+        assert!(file.passthrough_ready, "a fully read file is complete in the cache");
+        let small = volume.lookup(ROOT, b"small").await.unwrap();
+        let file = volume.open_file(small.ino).await.unwrap();
+        assert_eq!(read_all(&volume, &file).await, b"hello");
+        let listing = volume.list(ROOT).await.unwrap();
+        assert_eq!(listing.len(), 2);
+        let status = volume.status();
+        assert_eq!(status.bytes_fetched, data.len() as u64 + 5);
+        volume.flush(true);
+    }
+
+    // A remount over the same cache serves what it holds without reading the source again.
+    let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
+    let d = volume.lookup(ROOT, b"d").await.unwrap();
+    let big = volume.lookup(d.ino, b"big").await.unwrap();
+    let file = volume.open_file(big.ino).await.unwrap();
+    assert_eq!(read_all(&volume, &file).await, data);
+    assert_eq!(volume.status().bytes_fetched, 0);
+    assert_eq!(volume.list(ROOT).await.unwrap().len(), 2);
+    assert_eq!(volume.lookup(ROOT, b"missing").await.unwrap_err().errno(), libc::ENOENT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_file_is_fetched_again_after_the_ttl() {
+    let source = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let path = source.path().join("f");
+    std::fs::write(&path, b"version one").unwrap();
+    let ttl = Ttl::Finite(Duration::from_millis(300));
+    let volume = volume(source.path(), Some(cache(cache_dir.path())), ttl).await;
+    let f = volume.lookup(ROOT, b"f").await.unwrap();
+    let file = volume.open_file(f.ino).await.unwrap();
+    assert_eq!(read_all(&volume, &file).await, b"version one");
+
+    std::fs::write(&path, b"version two!").unwrap();
+    // Within the TTL the known version is served.
+    let file = volume.open_file(f.ino).await.unwrap();
+    assert_eq!(read_all(&volume, &file).await, b"version one");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let f2 = volume.lookup(ROOT, b"f").await.unwrap();
+    assert_eq!(f2.ino, f.ino);
+    let file = volume.open_file(f.ino).await.unwrap();
+    assert!(!file.keep_cache, "the kernel must drop pages of the old version");
+    assert_eq!(read_all(&volume, &file).await, b"version two!");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preload_loads_everything_once_and_accounts_for_it() {
+    let source = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut total = 0u64;
+    for dir in 0..5 {
+        let d = source.path().join(format!("d{dir}"));
+        std::fs::create_dir(&d).unwrap();
+        for file in 0..20 {
+            let data = pattern(1000 * (file + 1) + dir);
+            total += data.len() as u64;
+            std::fs::write(d.join(format!("f{file}")), data).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("/etc/passwd", source.path().join("link")).unwrap();
+    let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
+    let request = || warm::Request {
+        paths: vec!["/".into(), "missing".into()],
+        parallel: 4,
+    };
+    let progress = wait(volume.start_warm(request())).await;
+    assert_eq!((progress.files_total, progress.bytes_total), (100, total));
+    assert_eq!((progress.files_loaded, progress.bytes_loaded), (100, total));
+    assert_eq!(progress.files_cached, 0);
+    assert_eq!(progress.files_failed, 1);
+    assert_eq!(progress.failures[0].0, "missing");
+    let again = wait(volume.start_warm(request())).await;
+    assert_eq!((again.files_cached, again.bytes_cached), (100, total));
+    assert_eq!(again.files_loaded, 0);
+    assert_eq!(volume.status().bytes_preloaded, total);
+}
+
+async fn wait(tracker: Arc<warm::Tracker>) -> warm::Progress {
+    for _ in 0..500 {
+        let progress = tracker.snapshot();
+        if progress.done {
+            return progress;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("preload did not finish: {:?}", tracker.snapshot());
+}

@@ -1,0 +1,176 @@
+//! The `reservoir` command.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use reservoir::cache::CacheConfig;
+use reservoir::mount::{self, MountOptions};
+use reservoir::source::{SourceOptions, SourceSpec};
+use reservoir::units::{Size, Ttl, parse_duration};
+
+#[derive(Parser)]
+#[command(name = "reservoir", version, about = "A remote dataset (NFS or a directory) served through a persistent local cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount SOURCE at MOUNTPOINT through a cache, in the foreground until SIGINT/SIGTERM.
+    Mount(MountArgs),
+    /// Load trees of a mount into its cache (all of it by default).
+    Warm(WarmArgs),
+    /// Show a mount's source, cache use, hit ratio and any preload in progress.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// nfs://HOST[:PORT]/PATH[?nfsport=N&mountport=N], local:///PATH or a directory.
+    #[arg(value_parser = parse_source)]
+    source: SourceSpec,
+    mountpoint: PathBuf,
+    /// Cache directory, owned by this process alone (a host path on an SSD; not overlayfs).
+    #[arg(long, default_value = "/var/cache/reservoir")]
+    cache_dir: PathBuf,
+    /// Most the cache directory may occupy, index and metadata included.
+    #[arg(long, default_value = "50Gi")]
+    cache_size: Size,
+    /// Fraction of --cache-size at which eviction starts.
+    #[arg(long, default_value_t = 0.95)]
+    high_watermark: f64,
+    /// Fraction of --cache-size at which eviction stops.
+    #[arg(long, default_value_t = 0.85)]
+    low_watermark: f64,
+    /// Unit of fetching, caching and checksumming.
+    #[arg(long, default_value = "1Mi")]
+    block_size: Size,
+    /// How long attributes and listings are trusted; `forever` for immutable datasets.
+    #[arg(long, default_value = "60s")]
+    metadata_ttl: Ttl,
+    /// Longest wait for any single call to the source.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    source_timeout: std::time::Duration,
+    /// Connections to an NFS server (each carries one call at a time).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Threads serving FUSE requests (default: twice the CPUs, 4 to 16).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Serve the source without a cache (the "direct" baseline).
+    #[arg(long)]
+    no_cache: bool,
+    /// Serve cached files from the daemon instead of handing them to the kernel.
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Control socket path (default: derived from the mount point, under /run/reservoir).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct WarmArgs {
+    mountpoint: PathBuf,
+    /// Files or directories inside the mount (absolute, or relative to the current directory).
+    paths: Vec<PathBuf>,
+    /// Files loaded at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+    /// Print the final account as JSON.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    mountpoint: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Mount(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Mount(args) => mount_command(args),
+        Command::Warm(args) => cli::warm(
+            &args.mountpoint,
+            &args.paths,
+            args.parallel,
+            args.json,
+            args.control_socket.as_deref(),
+        ),
+        Command::Status(args) => {
+            cli::status(&args.mountpoint, args.json, args.control_socket.as_deref())
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reservoir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Source strings as in volume parameters, plus (on the command line only) a directory
+/// relative to the current one.
+fn parse_source(text: &str) -> Result<SourceSpec, String> {
+    if !text.contains("://") && !text.starts_with('/') && !text.is_empty() {
+        let absolute = std::path::absolute(text).map_err(|e| format!("{text}: {e}"))?;
+        return absolute
+            .to_str()
+            .ok_or_else(|| format!("{text}: not valid UTF-8"))?
+            .parse()
+            .map_err(|e: reservoir::source::SpecError| e.to_string());
+    }
+    text.parse().map_err(|e: reservoir::source::SpecError| e.to_string())
+}
+
+fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
+    let block_size = u32::try_from(args.block_size.0)
+        .map_err(|_| anyhow::anyhow!("--block-size {} is too large", args.block_size))?;
+    let cache = (!args.no_cache).then(|| CacheConfig {
+        dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir),
+        capacity: args.cache_size.0,
+        high_watermark: args.high_watermark,
+        low_watermark: args.low_watermark,
+        block_size,
+    });
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let options = MountOptions {
+        source: args.source,
+        mountpoint: args.mountpoint,
+        cache,
+        metadata_ttl: args.metadata_ttl,
+        source_options: SourceOptions {
+            timeout: args.source_timeout,
+            connections: args.connections.clamp(1, 256),
+        },
+        threads: args.threads.unwrap_or((cpus * 2).clamp(4, 16)).clamp(1, 256),
+        passthrough: !args.no_passthrough,
+        control_socket: args.control_socket,
+    };
+    mount::run(options)?;
+    Ok(ExitCode::SUCCESS)
+}
