@@ -98,7 +98,20 @@ struct StatusArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line that says what is wrong, instead of clap's usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("reservoir: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     let default_level = match cli.command {
         Command::Mount(_) => "info",
         _ => "warn",

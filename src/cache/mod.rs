@@ -324,7 +324,7 @@ impl Cache {
             config,
         };
         cache.rewrite_index(&cache.lock_state())?;
-        tracing::info!(
+        tracing::debug!(
             dir = %cache.config.dir.display(),
             files,
             used = data_bytes,

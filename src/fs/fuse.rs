@@ -52,7 +52,9 @@ pub fn mount(
     let mut options = Config::default();
     options.mount_options = vec![
         MountOption::FSName(sanitize_fs_name(&config.fs_name)),
-        MountOption::Subtype("reservoir".into()),
+        // Passed to the kernel (fuser would keep `Subtype` for fusermount), so that mount
+        // tables show `fuse.reservoir`.
+        MountOption::CUSTOM("subtype=reservoir".into()),
         MountOption::RO,
         MountOption::NoSuid,
         MountOption::NoDev,

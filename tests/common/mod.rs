@@ -1,1 +1,3 @@
+pub mod data;
 pub mod ganesha;
+pub mod mount;

@@ -1,0 +1,133 @@
+//! `reservoir mount` over a real NFS server (nfs-ganesha in its own network namespace).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::data::{describe_tree, sha256_file, write_random_file, write_small_tree};
+use common::ganesha::Ganesha;
+use common::mount::{Dirs, Mount, as_nobody};
+
+fn read_error(path: &Path) -> Option<i32> {
+    std::fs::read(path).err().and_then(|e| e.raw_os_error())
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_export_is_served_byte_for_byte_through_the_portmapper() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    let data = export.join("datasets/imagenet-mini");
+    std::fs::create_dir_all(&data).unwrap();
+    write_random_file(&data.join("big.bin"), 256 << 20, 21);
+    write_small_tree(&data.join("train"), 10_000, 100, 8192, 22);
+    std::os::unix::fs::symlink("../../../etc", data.join("train/escape")).unwrap();
+    std::fs::write(export.join("outside-the-volume"), b"not in the volume").unwrap();
+    let server = Ganesha::start(&export);
+
+    // The URL names a directory inside the export: the export is found by prefix.
+    let url = server.url(server.exports()[0].join("datasets/imagenet-mini"));
+    let _mount = Mount::start(&dirs, &url, &["--cache-size", "1Gi", "--metadata-ttl", "forever"]);
+    let expected = describe_tree(&data);
+    assert_eq!(describe_tree(&dirs.mnt), expected, "cold read over NFS");
+    assert!(!dirs.mnt.join("outside-the-volume").exists());
+    let fetched = dirs.status()["bytes_fetched"].as_u64().unwrap();
+    assert_eq!(describe_tree(&dirs.mnt), expected, "warm read");
+    assert_eq!(dirs.status()["bytes_fetched"].as_u64().unwrap(), fetched);
+
+    let out = as_nobody("sha256sum", &[dirs.mnt.join("big.bin").as_os_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next(),
+        Some(sha256_file(&data.join("big.bin")).as_str())
+    );
+    let meta = std::fs::symlink_metadata(dirs.mnt.join("train/escape")).unwrap();
+    assert!(meta.file_type().is_symlink());
+}
+
+#[test]
+fn a_restart_with_the_server_down_serves_the_cached_part_offline() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    std::fs::create_dir_all(export.join("a")).unwrap();
+    write_random_file(&export.join("a/cached.bin"), 3 << 20, 31);
+    write_random_file(&export.join("a/not-cached.bin"), 1 << 20, 32);
+    let mut server = Ganesha::start(&export);
+    let url = server.url_with_ports(&server.exports()[0]);
+    let args = ["--cache-size", "128Mi", "--source-timeout", "3s"];
+    {
+        let _mount = Mount::start(&dirs, &url, &args);
+        assert_eq!(sha256_file(&dirs.mnt.join("a/cached.bin")), sha256_file(&export.join("a/cached.bin")));
+        assert!(dirs.mnt.join("a/not-cached.bin").exists());
+    }
+    server.stop();
+
+    let mount = Mount::start(&dirs, &url, &args);
+    assert!(mount.log_text().contains("starting offline"), "{}", mount.log_text());
+    assert_eq!(dirs.status()["online"], false);
+    assert_eq!(sha256_file(&dirs.mnt.join("a/cached.bin")), sha256_file(&export.join("a/cached.bin")));
+    let started = Instant::now();
+    assert_eq!(read_error(&dirs.mnt.join("a/not-cached.bin")), Some(libc::EIO));
+    assert!(started.elapsed() < Duration::from_secs(10), "an uncached read hung");
+    assert_eq!(dirs.status()["bytes_fetched"].as_u64(), Some(0));
+
+    server.restart();
+    wait_until("the mount is back online", Duration::from_secs(60), || {
+        dirs.status()["online"] == true
+    });
+    assert_eq!(
+        sha256_file(&dirs.mnt.join("a/not-cached.bin")),
+        sha256_file(&export.join("a/not-cached.bin"))
+    );
+}
+
+#[test]
+fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    std::fs::create_dir_all(&export).unwrap();
+    write_random_file(&export.join("cached.bin"), 2 << 20, 41);
+    write_random_file(&export.join("cold.bin"), 2 << 20, 42);
+    let mut server = Ganesha::start(&export);
+    let url = server.url_with_ports(&server.exports()[0]);
+    let _mount = Mount::start(
+        &dirs,
+        &url,
+        &["--cache-size", "128Mi", "--source-timeout", "2s", "--metadata-ttl", "forever"],
+    );
+    let cached = sha256_file(&dirs.mnt.join("cached.bin"));
+    assert!(dirs.mnt.join("cold.bin").exists());
+
+    server.pause();
+    // An uncached read waits for the source, at most about the source timeout (it may retry
+    // once on a fresh connection), then fails with EIO.
+    let cold = dirs.mnt.join("cold.bin");
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        (read_error(&cold), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile, cached data is served at once.
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(sha256_file(&dirs.mnt.join("cached.bin")), cached);
+        assert!(started.elapsed() < Duration::from_secs(1), "a cached read was stalled by the source");
+    }
+    let (error, waited) = reader.join().unwrap();
+    assert_eq!(error, Some(libc::EIO));
+    assert!(waited < Duration::from_secs(10), "uncached read took {waited:?}");
+
+    server.resume();
+    wait_until("the source answers again", Duration::from_secs(30), || {
+        std::fs::read(dirs.mnt.join("cold.bin")).is_ok()
+    });
+    assert_eq!(sha256_file(&dirs.mnt.join("cold.bin")), sha256_file(&export.join("cold.bin")));
+}
