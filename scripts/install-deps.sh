@@ -3,7 +3,7 @@
 # Idempotent: a second run only checks. Usage: scripts/install-deps.sh [test|bench]
 set -euo pipefail
 
-want=(fuse3 util-linux iproute2)
+want=(fuse3 util-linux iproute2 python3)
 case "${1:-test}" in
   test)  want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils) ;;
   bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils bindfs rclone fio python3-matplotlib) ;;
@@ -30,10 +30,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  if [ -x "$HOME/.cargo/bin/cargo" ]; then
-    echo "install-deps: cargo is in $HOME/.cargo/bin; add it to PATH" >&2
-  else
-    echo "install-deps: installing the Rust toolchain with rustup"
-    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-  fi
+  echo "install-deps: cargo (Rust 1.85 or newer) is not on PATH; install it with rustup (https://rustup.rs)" >&2
+  exit 1
 fi

@@ -1,0 +1,43 @@
+# reservoir — the two set-up commands are `make demo` and `make test`; each installs what it needs.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: demo test lint unit bench-quick bench build release clean
+
+release:
+	$(CARGO) build --release --locked
+
+build:
+	$(CARGO) build --locked
+
+## The main job on an embedded default: a sample dataset through the cache, cold and warm.
+demo:
+	scripts/install-deps.sh demo
+	$(MAKE) release
+	scripts/demo.sh
+
+## Every test: formatting, lints, unit tests and real-mount integration tests (root, /dev/fuse).
+test:
+	scripts/install-deps.sh test
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) test --locked --all-targets
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## Side-by-side numbers at a reduced scale (a few minutes); writes docs/benchmarks.md.
+bench-quick:
+	scripts/install-deps.sh bench
+	$(MAKE) release
+	python3 bench/run.py --scale quick
+
+bench:
+	scripts/install-deps.sh bench
+	$(MAKE) release
+	python3 bench/run.py --scale full
+
+clean:
+	$(CARGO) clean
