@@ -42,12 +42,26 @@ fn render_status(s: &MountStatus) -> String {
     let v = &s.volume;
     let mut out = String::new();
     let mut line = |label: &str, value: String| out.push_str(&format!("{label:<15}{value}\n"));
-    line("mount point", format!("{} (pid {})", s.mountpoint.display(), s.pid));
+    line(
+        "mount point",
+        format!("{} (pid {})", s.mountpoint.display(), s.pid),
+    );
     line(
         "source",
-        format!("{} ({})", v.source, if v.online { "online" } else { "OFFLINE: serving what is cached" }),
+        format!(
+            "{} ({})",
+            v.source,
+            if v.online {
+                "online"
+            } else {
+                "OFFLINE: serving what is cached"
+            }
+        ),
     );
-    line("metadata", format!("TTL {}, {} names known", v.metadata_ttl, v.nodes_known));
+    line(
+        "metadata",
+        format!("TTL {}, {} names known", v.metadata_ttl, v.nodes_known),
+    );
     match &v.cache {
         Some(c) => {
             line(
@@ -129,7 +143,11 @@ fn relative_paths(mountpoint: &Path, paths: &[PathBuf]) -> anyhow::Result<Vec<St
         .map(|path| {
             let absolute = lexical_absolute(path)?;
             let inside = absolute.strip_prefix(&root).with_context(|| {
-                format!("{} is not inside the mount {}", path.display(), mountpoint.display())
+                format!(
+                    "{} is not inside the mount {}",
+                    path.display(),
+                    mountpoint.display()
+                )
             })?;
             inside
                 .to_str()
@@ -229,7 +247,10 @@ fn progress_line(p: &Progress, elapsed: Duration) -> String {
         "-".to_string()
     } else {
         let per_byte = elapsed.as_secs_f64() / p.bytes_loaded as f64;
-        format!("{:.0}s", per_byte * p.bytes_total.saturating_sub(done_bytes) as f64)
+        format!(
+            "{:.0}s",
+            per_byte * p.bytes_total.saturating_sub(done_bytes) as f64
+        )
     };
     format!(
         "{}/{} files, {}/{}, {}, ETA {eta}",
@@ -243,7 +264,11 @@ fn progress_line(p: &Progress, elapsed: Duration) -> String {
 
 fn render_account(mountpoint: &Path, p: &Progress) -> String {
     let elapsed = Duration::from_millis(p.elapsed_ms);
-    let mut out = format!("warmed {} in {:.1}s\n", mountpoint.display(), elapsed.as_secs_f64());
+    let mut out = format!(
+        "warmed {} in {:.1}s\n",
+        mountpoint.display(),
+        elapsed.as_secs_f64()
+    );
     out.push_str(&format!(
         "  loaded:          {} files, {} ({})\n",
         p.files_loaded,
@@ -274,7 +299,11 @@ mod tests {
 
     #[test]
     fn paths_are_made_relative_to_the_mount() {
-        let paths = [PathBuf::from("/mnt/data/a/b"), PathBuf::from("/mnt/data/./c/../d"), PathBuf::from("/mnt/data")];
+        let paths = [
+            PathBuf::from("/mnt/data/a/b"),
+            PathBuf::from("/mnt/data/./c/../d"),
+            PathBuf::from("/mnt/data"),
+        ];
         assert_eq!(
             relative_paths(Path::new("/mnt/data"), &paths).unwrap(),
             ["a/b", "d", ""]

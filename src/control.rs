@@ -52,7 +52,7 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
-    Status(MountStatus),
+    Status(Box<MountStatus>),
     Progress(Progress),
     Done(Progress),
     Error { message: String },
@@ -160,14 +160,18 @@ async fn handle(
                 pid: std::process::id(),
                 volume: volume.status(),
             };
-            send(&mut write, &Response::Status(status)).await
+            send(&mut write, &Response::Status(Box::new(status))).await
         }
         Request::Warm { paths, parallel } => {
             if volume.cache().is_none() {
                 let message = "this mount has no cache (--no-cache): nothing to warm".to_string();
                 return send(&mut write, &Response::Error { message }).await;
             }
-            let paths = if paths.is_empty() { vec![String::new()] } else { paths };
+            let paths = if paths.is_empty() {
+                vec![String::new()]
+            } else {
+                paths
+            };
             let tracker = volume.start_warm(WarmRequest { paths, parallel });
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
@@ -182,7 +186,10 @@ async fn handle(
     }
 }
 
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     write.write_all(&line).await

@@ -85,7 +85,8 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             );
             file.set_len(valid as u64).map_err(io("truncate"))?;
         }
-        file.seek(SeekFrom::Start(valid as u64)).map_err(io("seek"))?;
+        file.seek(SeekFrom::Start(valid as u64))
+            .map_err(io("seek"))?;
 
         let journal = Journal {
             path: path.to_path_buf(),
@@ -112,7 +113,8 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             what: "append",
             cause,
         })?;
-        self.bytes.fetch_add(scratch.len() as u64, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(scratch.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -198,7 +200,9 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
         // A panic while holding the lock leaves at worst a partly buffered frame, which replay
         // discards; keep going rather than poison every later caller.
-        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -13,7 +13,11 @@ use reservoir::source::{SourceOptions, SourceSpec};
 use reservoir::units::{Size, Ttl, parse_duration};
 
 #[derive(Parser)]
-#[command(name = "reservoir", version, about = "A remote dataset (NFS or a directory) served through a persistent local cache")]
+#[command(
+    name = "reservoir",
+    version,
+    about = "A remote dataset (NFS or a directory) served through a persistent local cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -157,7 +161,8 @@ fn parse_source(text: &str) -> Result<SourceSpec, String> {
             .parse()
             .map_err(|e: reservoir::source::SpecError| e.to_string());
     }
-    text.parse().map_err(|e: reservoir::source::SpecError| e.to_string())
+    text.parse()
+        .map_err(|e: reservoir::source::SpecError| e.to_string())
 }
 
 fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -180,7 +185,10 @@ fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
             timeout: args.source_timeout,
             connections: args.connections.clamp(1, 256),
         },
-        threads: args.threads.unwrap_or((cpus * 2).clamp(4, 16)).clamp(1, 256),
+        threads: args
+            .threads
+            .unwrap_or((cpus * 2).clamp(4, 16))
+            .clamp(1, 256),
         passthrough: !args.no_passthrough,
         control_socket: args.control_socket,
     };

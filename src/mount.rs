@@ -72,7 +72,9 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     }
     let canonical = path.canonicalize().map_err(|e| fail(&e.to_string()))?;
     if let Some(existing) = mount_at(&canonical) {
-        return Err(fail(&format!("is already a mount point ({existing}); unmount it or choose another directory")));
+        return Err(fail(&format!(
+            "is already a mount point ({existing}); unmount it or choose another directory"
+        )));
     }
     Ok(canonical)
 }
@@ -202,7 +204,10 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
 
 async fn wait_for_end(ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         let _ = ended.await;
         return "session ended";
     };

@@ -151,7 +151,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         }
         let value: u64 = rest[..digits].parse().map_err(|_| fail())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(1),
             "s" => Duration::from_secs(1),
@@ -160,7 +162,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
             "d" => Duration::from_secs(86_400),
             _ => return Err(fail()),
         };
-        let part = unit.checked_mul(u32::try_from(value).map_err(|_| fail())?).ok_or_else(fail)?;
+        let part = unit
+            .checked_mul(u32::try_from(value).map_err(|_| fail())?)
+            .ok_or_else(fail)?;
         total = total.checked_add(part).ok_or_else(fail)?;
         rest = &rest[unit_len..];
     }
@@ -200,7 +204,16 @@ mod tests {
         ] {
             assert_eq!(text.parse::<Size>(), Ok(Size(bytes)), "{text}");
         }
-        for bad in ["", "Gi", "-1Gi", "1GB", "1.2.3Mi", ".5Mi", "1 Gi x", "99999999999999999999"] {
+        for bad in [
+            "",
+            "Gi",
+            "-1Gi",
+            "1GB",
+            "1.2.3Mi",
+            ".5Mi",
+            "1 Gi x",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<Size>().is_err(), "{bad}");
         }
         assert_eq!(Size(50 << 30).to_string(), "50Gi");
@@ -209,10 +222,23 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (text, secs) in [("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m", 5400), ("45", 45)] {
-            assert_eq!(text.parse::<Ttl>(), Ok(Ttl::Finite(Duration::from_secs(secs))), "{text}");
+        for (text, secs) in [
+            ("30s", 30),
+            ("5m", 300),
+            ("1h", 3600),
+            ("1h30m", 5400),
+            ("45", 45),
+        ] {
+            assert_eq!(
+                text.parse::<Ttl>(),
+                Ok(Ttl::Finite(Duration::from_secs(secs))),
+                "{text}"
+            );
         }
-        assert_eq!("500ms".parse::<Ttl>(), Ok(Ttl::Finite(Duration::from_millis(500))));
+        assert_eq!(
+            "500ms".parse::<Ttl>(),
+            Ok(Ttl::Finite(Duration::from_millis(500)))
+        );
         assert_eq!("forever".parse::<Ttl>(), Ok(Ttl::Forever));
         for bad in ["", "s", "5x", "-5s", "1.5h", "m5"] {
             assert!(bad.parse::<Ttl>().is_err(), "{bad}");

@@ -21,8 +21,16 @@ fn mount_fails(dirs: &Dirs, source: &str, mountpoint: &std::path::Path, args: &[
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!output.status.success(), "mount of {source} succeeded");
     assert!(matches!(output.status.code(), Some(1 | 2)), "{stderr}");
-    assert!(!is_mounted(mountpoint), "{} left mounted", mountpoint.display());
-    assert_eq!(std::fs::read_dir(&dirs.run).unwrap().count(), 0, "a control socket was left");
+    assert!(
+        !is_mounted(mountpoint),
+        "{} left mounted",
+        mountpoint.display()
+    );
+    assert_eq!(
+        std::fs::read_dir(&dirs.run).unwrap().count(),
+        0,
+        "a control socket was left"
+    );
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
     assert!(lines[0].starts_with("reservoir: "), "{stderr}");
@@ -30,7 +38,10 @@ fn mount_fails(dirs: &Dirs, source: &str, mountpoint: &std::path::Path, args: &[
 }
 
 fn cache_arg(dirs: &Dirs) -> [String; 2] {
-    ["--cache-dir".into(), dirs.cache.to_string_lossy().into_owned()]
+    [
+        "--cache-dir".into(),
+        dirs.cache.to_string_lossy().into_owned(),
+    ]
 }
 
 #[test]
@@ -81,17 +92,41 @@ fn unusable_cache_directories_are_refused() {
     // Read-only.
     let ro = dirs.path("ro");
     std::fs::create_dir(&ro).unwrap();
-    assert!(Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=64m", "tmpfs"]).arg(&ro).status().unwrap().success());
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64m", "tmpfs"])
+            .arg(&ro)
+            .status()
+            .unwrap()
+            .success()
+    );
     let _ro_guard = Unmount(ro.clone());
-    let line = mount_fails(&dirs, src, &dirs.mnt, &["--cache-dir", ro.join("cache").to_str().unwrap()]);
+    let line = mount_fails(
+        &dirs,
+        src,
+        &dirs.mnt,
+        &["--cache-dir", ro.join("cache").to_str().unwrap()],
+    );
     assert!(line.contains("Read-only file system"), "{line}");
 
     // Full.
     let full = dirs.path("full");
     std::fs::create_dir(&full).unwrap();
-    assert!(Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&full).status().unwrap().success());
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&full)
+            .status()
+            .unwrap()
+            .success()
+    );
     let _full_guard = Unmount(full.clone());
-    let line = mount_fails(&dirs, src, &dirs.mnt, &["--cache-dir", full.to_str().unwrap()]);
+    let line = mount_fails(
+        &dirs,
+        src,
+        &dirs.mnt,
+        &["--cache-dir", full.to_str().unwrap()],
+    );
     assert!(line.contains("bytes free"), "{line}");
 
     // Owned by another process; and a mount point that is already mounted.
@@ -110,7 +145,10 @@ fn unusable_cache_directories_are_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains(&format!("in use by another reservoir process (pid {})", first.pid().unwrap())),
+        stderr.contains(&format!(
+            "in use by another reservoir process (pid {})",
+            first.pid().unwrap()
+        )),
         "{stderr}"
     );
     assert!(!is_mounted(&other_mnt));
@@ -124,7 +162,10 @@ fn unusable_cache_directories_are_refused() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("is already a mount point (fuse.reservoir from "), "{stderr}");
+    assert!(
+        stderr.contains("is already a mount point (fuse.reservoir from "),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -141,12 +182,20 @@ fn unreachable_servers_and_missing_exports_are_named() {
 
     let line = mount_fails(&dirs, &server.url("/not/exported"), &dirs.mnt, &args);
     assert!(line.contains("/not/exported"), "{line}");
-    let line = mount_fails(&dirs, &server.url(exported.join("present/missing")), &dirs.mnt, &args);
+    let line = mount_fails(
+        &dirs,
+        &server.url(exported.join("present/missing")),
+        &dirs.mnt,
+        &args,
+    );
     assert!(line.contains("missing"), "{line}");
 
     server.stop();
     let line = mount_fails(&dirs, &server.url_with_ports(&exported), &dirs.mnt, &args);
-    assert!(line.contains("cannot reach") || line.contains("no answer"), "{line}");
+    assert!(
+        line.contains("cannot reach") || line.contains("no answer"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -157,15 +206,29 @@ fn warm_and_status_need_a_running_mount() {
         assert_eq!(output.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("is not served by a running reservoir mount"), "{stderr}");
+        assert!(
+            stderr.contains("is not served by a running reservoir mount"),
+            "{stderr}"
+        );
     }
     let src = dirs.path("src");
     std::fs::create_dir(&src).unwrap();
     let _mount = Mount::start(&dirs, src.to_str().unwrap(), &["--no-cache"]);
-    let output = dirs.command().args(["warm"]).arg(&dirs.mnt).output().unwrap();
+    let output = dirs
+        .command()
+        .args(["warm"])
+        .arg(&dirs.mnt)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no cache"));
-    let output = dirs.command().args(["warm"]).arg(&dirs.mnt).arg("/elsewhere").output().unwrap();
+    let output = dirs
+        .command()
+        .args(["warm"])
+        .arg(&dirs.mnt)
+        .arg("/elsewhere")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not inside the mount"));
 }
 

@@ -10,7 +10,9 @@ use common::data::{describe_tree, disk_usage, sha256_file, write_random_file, wr
 use common::mount::{Dirs, Mount, as_nobody};
 
 fn fetched(dirs: &Dirs) -> u64 {
-    dirs.status()["bytes_fetched"].as_u64().expect("bytes_fetched")
+    dirs.status()["bytes_fetched"]
+        .as_u64()
+        .expect("bytes_fetched")
 }
 
 #[test]
@@ -28,29 +30,61 @@ fn a_directory_is_served_byte_for_byte_to_root_and_to_other_users() {
 
     let _mount = Mount::start(&dirs, src.to_str().unwrap(), &["--cache-size", "1Gi"]);
     let expected = describe_tree(&src);
-    assert_eq!(describe_tree(&dirs.mnt), expected, "cold read through the mount");
+    assert_eq!(
+        describe_tree(&dirs.mnt),
+        expected,
+        "cold read through the mount"
+    );
     let cold = fetched(&dirs);
-    assert!(cold >= (256 << 20) + small_bytes, "fetched only {cold} bytes cold");
-    assert_eq!(describe_tree(&dirs.mnt), expected, "warm read through the mount");
-    assert_eq!(fetched(&dirs), cold, "a warm read must not touch the source");
+    assert!(
+        cold >= (256 << 20) + small_bytes,
+        "fetched only {cold} bytes cold"
+    );
+    assert_eq!(
+        describe_tree(&dirs.mnt),
+        expected,
+        "warm read through the mount"
+    );
+    assert_eq!(
+        fetched(&dirs),
+        cold,
+        "a warm read must not touch the source"
+    );
     let status = dirs.status();
-    assert!(status["passthrough_opens"].as_u64().unwrap() > 10_000, "{status}");
+    assert!(
+        status["passthrough_opens"].as_u64().unwrap() > 10_000,
+        "{status}"
+    );
 
     // Symlinks are shown as symlinks; the daemon never follows them.
     let meta = std::fs::symlink_metadata(dirs.mnt.join("to-root")).unwrap();
     assert!(meta.file_type().is_symlink());
-    assert_eq!(std::fs::read_link(dirs.mnt.join("small/up")).unwrap(), Path::new("../../outside"));
+    assert_eq!(
+        std::fs::read_link(dirs.mnt.join("small/up")).unwrap(),
+        Path::new("../../outside")
+    );
 
     // Other users read what the permissions allow, and nothing else.
     let out = as_nobody("sha256sum", &[dirs.mnt.join("big.bin").as_os_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let digest = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(digest.split_whitespace().next(), Some(sha256_file(&src.join("big.bin")).as_str()));
+    assert_eq!(
+        digest.split_whitespace().next(),
+        Some(sha256_file(&src.join("big.bin")).as_str())
+    );
     let out = as_nobody("cat", &[dirs.mnt.join("private").as_os_str()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
     let out = as_nobody("ls", &[dirs.mnt.join("small/d07/e1").as_os_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -68,25 +102,43 @@ fn every_write_gets_erofs_and_nothing_reaches_the_source() {
     };
     erofs(std::fs::write(mnt.join("new"), b"x"), "create");
     erofs(
-        std::fs::OpenOptions::new().write(true).open(mnt.join("file")).map(drop),
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("file"))
+            .map(drop),
         "open for writing",
     );
     erofs(
-        std::fs::OpenOptions::new().read(true).truncate(true).write(true).custom_flags(0).open(mnt.join("file")).map(drop),
+        std::fs::OpenOptions::new()
+            .read(true)
+            .truncate(true)
+            .write(true)
+            .custom_flags(0)
+            .open(mnt.join("file"))
+            .map(drop),
         "truncate",
     );
     erofs(std::fs::create_dir(mnt.join("newdir")), "mkdir");
     erofs(std::fs::remove_file(mnt.join("file")), "unlink");
     erofs(std::fs::remove_dir(mnt.join("dir")), "rmdir");
-    erofs(std::fs::rename(mnt.join("file"), mnt.join("moved")), "rename");
+    erofs(
+        std::fs::rename(mnt.join("file"), mnt.join("moved")),
+        "rename",
+    );
     erofs(symlink("x", mnt.join("link")), "symlink");
-    erofs(std::fs::hard_link(mnt.join("file"), mnt.join("hard")), "link");
+    erofs(
+        std::fs::hard_link(mnt.join("file"), mnt.join("hard")),
+        "link",
+    );
     erofs(
         std::fs::set_permissions(mnt.join("file"), std::fs::Permissions::from_mode(0o777)),
         "chmod",
     );
     let mut content = String::new();
-    std::fs::File::open(mnt.join("file")).unwrap().read_to_string(&mut content).unwrap();
+    std::fs::File::open(mnt.join("file"))
+        .unwrap()
+        .read_to_string(&mut content)
+        .unwrap();
     assert_eq!(content, "original");
     assert_eq!(describe_tree(&src), before, "the source changed");
 }
@@ -110,10 +162,22 @@ fn a_corrupted_cache_block_is_refetched_and_never_served() {
     std::fs::write(&cached, &bytes).unwrap();
 
     let _mount = Mount::start(&dirs, src.to_str().unwrap(), &args);
-    assert_eq!(sha256_file(&dirs.mnt.join("data")), expected, "corrupt bytes were served");
+    assert_eq!(
+        sha256_file(&dirs.mnt.join("data")),
+        expected,
+        "corrupt bytes were served"
+    );
     let status = dirs.status();
-    assert_eq!(status["cache"]["verify_failures"].as_u64(), Some(1), "{status}");
-    assert_eq!(status["bytes_fetched"].as_u64(), Some(1 << 20), "only the bad block is fetched again");
+    assert_eq!(
+        status["cache"]["verify_failures"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(
+        status["bytes_fetched"].as_u64(),
+        Some(1 << 20),
+        "only the bad block is fetched again"
+    );
 }
 
 fn largest_file(dir: &Path) -> std::path::PathBuf {
@@ -138,7 +202,12 @@ fn read_uncached(path: &Path) -> usize {
     file.read_to_end(&mut buf).unwrap();
     // SAFETY: posix_fadvise on a descriptor we own; no memory is passed.
     unsafe {
-        libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
     buf.len()
 }
@@ -152,7 +221,11 @@ fn the_cache_size_holds_on_disk() {
         write_random_file(&src.join(format!("f{i:03}")), 1 << 20, 100 + i);
     }
     let capacity: u64 = 40 << 20;
-    let _mount = Mount::start(&dirs, src.to_str().unwrap(), &["--cache-size", "40Mi", "--block-size", "256Ki"]);
+    let _mount = Mount::start(
+        &dirs,
+        src.to_str().unwrap(),
+        &["--cache-size", "40Mi", "--block-size", "256Ki"],
+    );
     for round in 0..3 {
         for i in 0..120 {
             // Later files are read more often, so that they win places in the cache.
@@ -160,7 +233,10 @@ fn the_cache_size_holds_on_disk() {
                 assert_eq!(read_uncached(&dirs.mnt.join(format!("f{i:03}"))), 1 << 20);
             }
             let used = disk_usage(&dirs.cache);
-            assert!(used <= capacity, "cache directory occupies {used} bytes > {capacity}");
+            assert!(
+                used <= capacity,
+                "cache directory occupies {used} bytes > {capacity}"
+            );
         }
     }
     let status = dirs.status();
@@ -181,7 +257,11 @@ fn shuffled_epochs_over_twice_the_cache_still_hit_half() {
         write_random_file(&src.join(format!("f{i:04}")), size, 1000 + i as u64);
     }
     // 64 MiB of data through a 32 MiB cache.
-    let _mount = Mount::start(&dirs, src.to_str().unwrap(), &["--cache-size", "32Mi", "--block-size", "64Ki"]);
+    let _mount = Mount::start(
+        &dirs,
+        src.to_str().unwrap(),
+        &["--cache-size", "32Mi", "--block-size", "64Ki"],
+    );
     let mut order: Vec<usize> = (0..files).collect();
     let mut rng = fastrand::Rng::with_seed(11);
     let mut fetched_after_first = 0;
@@ -197,7 +277,10 @@ fn shuffled_epochs_over_twice_the_cache_still_hit_half() {
     let read = 3 * files as u64 * size as u64;
     let fetched = fetched(&dirs) - fetched_after_first;
     let hit_ratio = 1.0 - fetched as f64 / read as f64;
-    assert!(hit_ratio >= 0.40, "hit ratio over warm epochs {hit_ratio:.3}");
+    assert!(
+        hit_ratio >= 0.40,
+        "hit ratio over warm epochs {hit_ratio:.3}"
+    );
 }
 
 #[test]
@@ -227,7 +310,11 @@ fn status_and_warm_report_exactly() {
     assert_eq!(account["failures"][0][0], "missing");
 
     let out = run(&["tree"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let account: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(account["files_cached"], 501);
     assert_eq!(account["bytes_cached"], bytes);
@@ -238,7 +325,12 @@ fn status_and_warm_report_exactly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("already cached:  501 files"), "{text}");
 
-    let out = dirs.command().arg("status").arg(&dirs.mnt).output().unwrap();
+    let out = dirs
+        .command()
+        .arg("status")
+        .arg(&dirs.mnt)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for label in ["source", "cache", "hit ratio", "served", "preload"] {
@@ -249,7 +341,10 @@ fn status_and_warm_report_exactly() {
     assert_eq!(status["preload"]["done"], true);
 
     // Reading after a preload takes nothing from the source.
-    assert_eq!(sha256_file(&dirs.mnt.join("tree/big")), sha256_file(&src.join("tree/big")));
+    assert_eq!(
+        sha256_file(&dirs.mnt.join("tree/big")),
+        sha256_file(&src.join("tree/big"))
+    );
     assert_eq!(dirs.status()["bytes_fetched"].as_u64(), Some(0));
     let _ = std::io::stdout().flush();
 }

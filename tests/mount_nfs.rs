@@ -35,7 +35,11 @@ fn an_export_is_served_byte_for_byte_through_the_portmapper() {
 
     // The URL names a directory inside the export: the export is found by prefix.
     let url = server.url(server.exports()[0].join("datasets/imagenet-mini"));
-    let _mount = Mount::start(&dirs, &url, &["--cache-size", "1Gi", "--metadata-ttl", "forever"]);
+    let _mount = Mount::start(
+        &dirs,
+        &url,
+        &["--cache-size", "1Gi", "--metadata-ttl", "forever"],
+    );
     let expected = describe_tree(&data);
     assert_eq!(describe_tree(&dirs.mnt), expected, "cold read over NFS");
     assert!(!dirs.mnt.join("outside-the-volume").exists());
@@ -44,9 +48,15 @@ fn an_export_is_served_byte_for_byte_through_the_portmapper() {
     assert_eq!(dirs.status()["bytes_fetched"].as_u64().unwrap(), fetched);
 
     let out = as_nobody("sha256sum", &[dirs.mnt.join("big.bin").as_os_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).split_whitespace().next(),
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
         Some(sha256_file(&data.join("big.bin")).as_str())
     );
     let meta = std::fs::symlink_metadata(dirs.mnt.join("train/escape")).unwrap();
@@ -65,18 +75,34 @@ fn a_restart_with_the_server_down_serves_the_cached_part_offline() {
     let args = ["--cache-size", "128Mi", "--source-timeout", "3s"];
     {
         let _mount = Mount::start(&dirs, &url, &args);
-        assert_eq!(sha256_file(&dirs.mnt.join("a/cached.bin")), sha256_file(&export.join("a/cached.bin")));
+        assert_eq!(
+            sha256_file(&dirs.mnt.join("a/cached.bin")),
+            sha256_file(&export.join("a/cached.bin"))
+        );
         assert!(dirs.mnt.join("a/not-cached.bin").exists());
     }
     server.stop();
 
     let mount = Mount::start(&dirs, &url, &args);
-    assert!(mount.log_text().contains("starting offline"), "{}", mount.log_text());
+    assert!(
+        mount.log_text().contains("starting offline"),
+        "{}",
+        mount.log_text()
+    );
     assert_eq!(dirs.status()["online"], false);
-    assert_eq!(sha256_file(&dirs.mnt.join("a/cached.bin")), sha256_file(&export.join("a/cached.bin")));
+    assert_eq!(
+        sha256_file(&dirs.mnt.join("a/cached.bin")),
+        sha256_file(&export.join("a/cached.bin"))
+    );
     let started = Instant::now();
-    assert_eq!(read_error(&dirs.mnt.join("a/not-cached.bin")), Some(libc::EIO));
-    assert!(started.elapsed() < Duration::from_secs(10), "an uncached read hung");
+    assert_eq!(
+        read_error(&dirs.mnt.join("a/not-cached.bin")),
+        Some(libc::EIO)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an uncached read hung"
+    );
     assert_eq!(dirs.status()["bytes_fetched"].as_u64(), Some(0));
 
     server.restart();
@@ -101,7 +127,14 @@ fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
     let _mount = Mount::start(
         &dirs,
         &url,
-        &["--cache-size", "128Mi", "--source-timeout", "2s", "--metadata-ttl", "forever"],
+        &[
+            "--cache-size",
+            "128Mi",
+            "--source-timeout",
+            "2s",
+            "--metadata-ttl",
+            "forever",
+        ],
     );
     let cached = sha256_file(&dirs.mnt.join("cached.bin"));
     assert!(dirs.mnt.join("cold.bin").exists());
@@ -119,15 +152,24 @@ fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
     for _ in 0..20 {
         let started = Instant::now();
         assert_eq!(sha256_file(&dirs.mnt.join("cached.bin")), cached);
-        assert!(started.elapsed() < Duration::from_secs(1), "a cached read was stalled by the source");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a cached read was stalled by the source"
+        );
     }
     let (error, waited) = reader.join().unwrap();
     assert_eq!(error, Some(libc::EIO));
-    assert!(waited < Duration::from_secs(10), "uncached read took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "uncached read took {waited:?}"
+    );
 
     server.resume();
     wait_until("the source answers again", Duration::from_secs(30), || {
         std::fs::read(dirs.mnt.join("cold.bin")).is_ok()
     });
-    assert_eq!(sha256_file(&dirs.mnt.join("cold.bin")), sha256_file(&export.join("cold.bin")));
+    assert_eq!(
+        sha256_file(&dirs.mnt.join("cold.bin")),
+        sha256_file(&export.join("cold.bin"))
+    );
 }

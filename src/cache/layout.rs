@@ -103,8 +103,8 @@ fn take_lock(dir: &Path) -> Result<CacheLock, CacheError> {
 }
 
 fn check_free_space(dir: &Path) -> Result<(), CacheError> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| io_error(dir, "read free space")(e.into()))?;
+    let stat =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| io_error(dir, "read free space")(e.into()))?;
     let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
     if free < MINIMUM_FREE {
         return Err(CacheError::Full {
@@ -194,10 +194,11 @@ fn parse_data_name(name: &str) -> Option<(ContentKey, u64)> {
     ))
 }
 
-/// Every file under `data/`, with its parsed name (`None` for names we did not write).
-pub fn list_data_files(
-    data_dir: &Path,
-) -> Result<Vec<(PathBuf, Option<(ContentKey, u64)>)>, CacheError> {
+/// A file found under `data/`, with its key and generation when the name is one we write.
+pub type DataFile = (PathBuf, Option<(ContentKey, u64)>);
+
+/// Every file under `data/`.
+pub fn list_data_files(data_dir: &Path) -> Result<Vec<DataFile>, CacheError> {
     let mut files = Vec::new();
     let fans = std::fs::read_dir(data_dir).map_err(io_error(data_dir, "list data/"))?;
     for fan in fans {
@@ -262,6 +263,9 @@ mod tests {
             .collect();
         assert_eq!(aside.len(), 1);
         let kept = parent.path().join(&aside[0]);
-        assert_eq!(std::fs::read_to_string(kept.join(INDEX_FILE)).unwrap(), "old index");
+        assert_eq!(
+            std::fs::read_to_string(kept.join(INDEX_FILE)).unwrap(),
+            "old index"
+        );
     }
 }

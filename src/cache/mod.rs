@@ -50,7 +50,11 @@ pub enum CacheError {
     #[error(
         "cache directory {dir}: its file system has only {free} bytes free; at least {needed} are needed"
     )]
-    Full { dir: PathBuf, free: u64, needed: u64 },
+    Full {
+        dir: PathBuf,
+        free: u64,
+        needed: u64,
+    },
     #[error("cache settings: {0}")]
     Config(String),
     #[error(transparent)]
@@ -292,13 +296,18 @@ impl Cache {
         config.validate()?;
         let lock = layout::prepare(&config.dir)?;
         let data_dir = config.dir.join(layout::DATA_DIR);
-        let (journal, records) = Journal::<IndexRecord>::open(&config.dir.join(layout::INDEX_FILE))?;
+        let (journal, records) =
+            Journal::<IndexRecord>::open(&config.dir.join(layout::INDEX_FILE))?;
 
         let mut entries: HashMap<ContentKey, Entry> = HashMap::new();
         for record in records {
             replay(&mut entries, record);
         }
-        let next_generation = entries.values().map(|e| e.generation + 1).max().unwrap_or(1);
+        let next_generation = entries
+            .values()
+            .map(|e| e.generation + 1)
+            .max()
+            .unwrap_or(1);
         reconcile_with_disk(&data_dir, &mut entries)?;
 
         let mut order = EvictionOrder::default();
@@ -519,7 +528,9 @@ impl Cache {
             tracing::warn!(error = %e, "cannot record eviction");
         }
         self.counters.evicted_files.fetch_add(1, Ordering::Relaxed);
-        self.counters.evicted_bytes.fetch_add(entry.budget, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(entry.budget, Ordering::Relaxed);
     }
 
     /// Drops a cached file (its source version changed).
@@ -604,7 +615,9 @@ impl Cache {
             return Ok(true);
         }
         tracing::warn!(key = %lease.key, block, "cached block failed its checksum; fetching it again");
-        self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .verify_failures
+            .fetch_add(1, Ordering::Relaxed);
         if entry.checksums[block as usize].take().is_some() {
             entry.present -= 1;
         }

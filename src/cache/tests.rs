@@ -58,7 +58,9 @@ fn blocks_persist_across_reopen_and_are_verified() {
             .unwrap()
             .unwrap();
         assert_eq!(cache.read(&lease, 0, 10).unwrap(), None);
-        cache.store_block(&lease, 0, &data[..BLOCK as usize]).unwrap();
+        cache
+            .store_block(&lease, 0, &data[..BLOCK as usize])
+            .unwrap();
         assert_eq!(cache.read(&lease, 5, 10).unwrap().unwrap(), &data[5..15]);
         assert_eq!(cache.missing_blocks(&lease, 0, 3), [1, 2, 3]);
         fill(&cache, &lease, &data);
@@ -73,7 +75,10 @@ fn blocks_persist_across_reopen_and_are_verified() {
         .unwrap()
         .unwrap();
     assert!(cache.needs_verification(&lease));
-    let tail = cache.read(&lease, 3 * u64::from(BLOCK), 5000).unwrap().unwrap();
+    let tail = cache
+        .read(&lease, 3 * u64::from(BLOCK), 5000)
+        .unwrap()
+        .unwrap();
     assert_eq!(tail, &data[3 * BLOCK as usize..]);
     assert!(cache.prepare_passthrough(&lease).unwrap());
     assert!(!cache.needs_verification(&lease));
@@ -117,7 +122,10 @@ fn a_corrupted_block_is_dropped_and_never_returned() {
         .store_block(&lease, 1, &data[BLOCK as usize..])
         .unwrap();
     assert_eq!(
-        cache.read(&lease, u64::from(BLOCK) + 10, 10).unwrap().unwrap(),
+        cache
+            .read(&lease, u64::from(BLOCK) + 10, 10)
+            .unwrap()
+            .unwrap(),
         &data[BLOCK as usize + 10..BLOCK as usize + 20]
     );
 }
@@ -156,7 +164,11 @@ fn the_quota_holds_on_disk_and_eviction_frees_down_to_the_low_watermark() {
         }
         cache.flush(false).unwrap();
         let usage = cache.usage();
-        assert!(usage.used <= capacity, "accounted {} > {capacity}", usage.used);
+        assert!(
+            usage.used <= capacity,
+            "accounted {} > {capacity}",
+            usage.used
+        );
         let on_disk = du(dir.path());
         assert!(on_disk <= capacity, "du says {on_disk} > {capacity}");
     }
@@ -172,7 +184,7 @@ fn shuffled_epochs_over_twice_the_cache_keep_hitting() {
     let capacity = 16u64 << 20;
     let cache = Cache::open(config(dir.path(), capacity)).unwrap();
     let file_size = 64 << 10;
-    let files = (2 * capacity / file_size) as u64;
+    let files = 2 * capacity / file_size;
     let mut order: Vec<u64> = (0..files).collect();
     let mut rng = fastrand::Rng::with_seed(7);
     let (mut read, mut fetched) = (0u64, 0u64);
@@ -220,7 +232,12 @@ fn preload_does_not_displace_files_in_use() {
             None => break,
         }
     }
-    assert!(cache.lease(key(1000), size, Priority::Preload).unwrap().is_none());
+    assert!(
+        cache
+            .lease(key(1000), size, Priority::Preload)
+            .unwrap()
+            .is_none()
+    );
     for n in resident {
         assert!(cache.contains_complete(key(n), size));
     }

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
-    TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
+    WriteFlags,
 };
 
 use super::meta::{Ino, ListedEntry, ROOT};
@@ -80,7 +80,13 @@ pub fn mount(
 /// Mount option values are comma-separated: keep the name from breaking them.
 fn sanitize_fs_name(name: &str) -> String {
     name.chars()
-        .map(|c| if c == ',' || c.is_whitespace() || c == '\\' { '_' } else { c })
+        .map(|c| {
+            if c == ',' || c.is_whitespace() || c == '\\' {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -128,7 +134,8 @@ fn system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(u64::from(t.nanos))
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nanos))
     }
 }
 
@@ -171,7 +178,11 @@ impl Shared {
 
     fn reply_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
         match result {
-            Ok(entry) => reply.entry(&entry.ttl, &file_attr(entry.ino, &entry.attr), Generation(0)),
+            Ok(entry) => reply.entry(
+                &entry.ttl,
+                &file_attr(entry.ino, &entry.attr),
+                Generation(0),
+            ),
             // A negative entry: the kernel remembers the name is absent for the metadata TTL.
             Err(e) if e.errno() == libc::ENOENT => {
                 let mut absent = file_attr(0, &placeholder_attr());
@@ -217,7 +228,10 @@ impl Shared {
                 && io.daemon_opens == 0
                 && self.passthrough.load(Ordering::Relaxed) =>
             {
-                let opened = file.lease.as_ref().map(|lease| reply.open_backing(lease.data_file()));
+                let opened = file
+                    .lease
+                    .as_ref()
+                    .map(|lease| reply.open_backing(lease.data_file()));
                 match opened {
                     Some(Ok(id)) => {
                         let id = Arc::new(id);
@@ -248,7 +262,9 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(handle, OpenHandle { file, passthrough });
         match backing {
-            Some(id) => reply.opened_passthrough(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH, &id),
+            Some(id) => {
+                reply.opened_passthrough(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH, &id)
+            }
             None => {
                 let mut flags = FopenFlags::FOPEN_NOFLUSH;
                 if keep_cache {
@@ -362,7 +378,9 @@ impl Filesystem for FuseAdapter {
             let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !enabled {
-                tracing::info!("kernel offers no FUSE passthrough; cached files are served by the daemon");
+                tracing::info!(
+                    "kernel offers no FUSE passthrough; cached files are served by the daemon"
+                );
                 self.shared.passthrough.store(false, Ordering::Relaxed);
             }
         }
@@ -484,7 +502,14 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -524,8 +549,18 @@ impl Filesystem for FuseAdapter {
         let listed = entries
             .iter()
             .map(|e| (e.ino, file_type(e.kind), &e.name[..]));
-        for (index, (child, kind, name)) in dots.into_iter().chain(listed).enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), index as u64 + 1, kind, OsStr::from_bytes(name)) {
+        for (index, (child, kind, name)) in dots
+            .into_iter()
+            .chain(listed)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(
+                INodeNo(child),
+                index as u64 + 1,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
@@ -547,7 +582,12 @@ impl Filesystem for FuseAdapter {
         let parent = self.shared.parent_of(ino.0);
         let dots = [(ino.0, &b"."[..]), (parent, &b".."[..])];
         let listed = entries.iter().map(|e| (e.ino, &e.name[..]));
-        for (index, (child, name)) in dots.into_iter().chain(listed).enumerate().skip(offset as usize) {
+        for (index, (child, name)) in dots
+            .into_iter()
+            .chain(listed)
+            .enumerate()
+            .skip(offset as usize)
+        {
             let Some(entry) = volume.known_entry(child) else {
                 continue;
             };
@@ -566,7 +606,14 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.shared
             .dirs
             .lock()
@@ -602,7 +649,14 @@ impl Filesystem for FuseAdapter {
     }
 
     // Extended attributes are not served: ENOSYS makes the kernel stop asking.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::ENOSYS);
     }
 
@@ -633,7 +687,16 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -740,7 +803,13 @@ mod tests {
 
     #[test]
     fn times_before_the_epoch_convert() {
-        let t = system_time(Timestamp { secs: -2, nanos: 500_000_000 });
-        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+        let t = system_time(Timestamp {
+            secs: -2,
+            nanos: 500_000_000,
+        });
+        assert_eq!(
+            UNIX_EPOCH.duration_since(t).unwrap(),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -119,7 +119,12 @@ impl MetaStore {
                 } => {
                     let previous = nodes.remove(&ino);
                     let dir = (attr.kind == Kind::Directory)
-                        .then(|| previous.as_ref().and_then(|p| p.dir.as_ref()).map(|d| d.listed_ms))
+                        .then(|| {
+                            previous
+                                .as_ref()
+                                .and_then(|p| p.dir.as_ref())
+                                .map(|d| d.listed_ms)
+                        })
                         .map(|listed_ms| DirState {
                             children: HashMap::new(),
                             listed_ms: listed_ms.flatten(),
@@ -259,7 +264,9 @@ impl MetaStore {
         let mut table = self.write();
         let known = table.nodes.get(&ROOT).map(|n| n.handle == handle);
         if known == Some(false) {
-            tracing::warn!("the source's root changed since the metadata was cached; forgetting it");
+            tracing::warn!(
+                "the source's root changed since the metadata was cached; forgetting it"
+            );
             table.nodes.clear();
             table.next_ino = ROOT + 1;
             self.rewrite(&table);
@@ -309,7 +316,13 @@ impl MetaStore {
 
     /// Records what the source said about `name` in `parent`; returns its inode. A different
     /// source handle under the same name is a different file and gets a new inode.
-    pub fn upsert_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Option<Ino> {
+    pub fn upsert_child(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        handle: Handle,
+        attr: Attr,
+    ) -> Option<Ino> {
         let mut table = self.write();
         let now = now_ms();
         self.upsert_locked(&mut table, parent, name, handle, attr, now)
@@ -439,7 +452,13 @@ impl MetaStore {
         }
         if let Some(state) = table.nodes.get_mut(&dir).and_then(|n| n.dir.as_mut()) {
             state.listed_ms = Some(now);
-            self.append(&table, MetaRecord::Listed { ino: dir, at_ms: now });
+            self.append(
+                &table,
+                MetaRecord::Listed {
+                    ino: dir,
+                    at_ms: now,
+                },
+            );
         }
     }
 
@@ -559,7 +578,10 @@ mod tests {
             store.set_root(handle(""), attr(Kind::Directory, 0));
             store.set_listing(
                 ROOT,
-                vec![entry("sub", Kind::Directory, 0), entry("l", Kind::Symlink, 3)],
+                vec![
+                    entry("sub", Kind::Directory, 0),
+                    entry("l", Kind::Symlink, 3),
+                ],
             );
             sub = store.child(ROOT, b"sub").unwrap();
             link = store.child(ROOT, b"l").unwrap();
@@ -574,7 +596,10 @@ mod tests {
         assert_eq!(store.child(ROOT, b"sub"), Some(sub));
         assert_eq!(store.child(sub, b"f"), Some(file));
         assert_eq!(store.with(file, |n| n.attr.size), Some(42));
-        assert_eq!(store.with(link, |n| n.link.clone()).flatten().as_deref(), Some(&b"../x"[..]));
+        assert_eq!(
+            store.with(link, |n| n.link.clone()).flatten().as_deref(),
+            Some(&b"../x"[..])
+        );
         let (listing, _) = store.listing(ROOT).unwrap();
         assert_eq!(listing.len(), 2);
         // `sub` was never listed completely, only looked up into.

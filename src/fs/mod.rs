@@ -187,7 +187,9 @@ impl Volume {
         let source = match connected {
             Ok((source, root_handle, root_attr)) => {
                 if root_attr.kind != Kind::Directory {
-                    return Err(SourceError::Invalid(format!("{source_id} is not a directory")).into());
+                    return Err(
+                        SourceError::Invalid(format!("{source_id} is not a directory")).into(),
+                    );
                 }
                 meta.set_root(root_handle, root_attr);
                 Some(source)
@@ -242,7 +244,11 @@ impl Volume {
     }
 
     fn source(&self) -> Result<Arc<dyn Source>, SourceError> {
-        let source = self.source.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let source = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         source.ok_or_else(|| SourceError::Unavailable {
             source_name: self.source_id.clone(),
             message: "not connected (started offline; retrying)".into(),
@@ -297,10 +303,9 @@ impl Volume {
     pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<Entry>> {
         if let Some(ino) = self.meta.child(parent, name) {
             let checked = self.meta.with(ino, |n| n.checked_ms)?;
-            return self.fresh(checked).then(|| {
-                self.entry(ino, true)
-                    .ok_or(FsError::UnknownInode(ino))
-            });
+            return self
+                .fresh(checked)
+                .then(|| self.entry(ino, true).ok_or(FsError::UnknownInode(ino)));
         }
         if self.meta.known_absent(parent, name, |ms| self.fresh(ms)) {
             return Some(Err(FsError::not_found()));
@@ -459,9 +464,15 @@ impl Volume {
             Some(answer) => answer?,
             None => self.getattr(ROOT).await?,
         };
-        for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for component in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             if component == b".." {
-                return Err(FsError::Errno(libc::EINVAL, "'..' is not allowed in a path"));
+                return Err(FsError::Errno(
+                    libc::EINVAL,
+                    "'..' is not allowed in a path",
+                ));
             }
             entry = self.lookup(entry.ino, component).await?;
         }
@@ -572,7 +583,12 @@ impl Volume {
     }
 
     /// Reads from the cache; `None` when a block is missing and the source must be asked.
-    pub fn try_read(self: &Arc<Self>, file: &Arc<OpenFile>, offset: u64, size: u32) -> Option<Vec<u8>> {
+    pub fn try_read(
+        self: &Arc<Self>,
+        file: &Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> Option<Vec<u8>> {
         let lease = file.lease.as_ref()?;
         let cache = self.cache.as_ref()?;
         match cache.read(lease, offset, size as usize) {
@@ -591,14 +607,21 @@ impl Volume {
         }
     }
 
-    pub async fn read(self: &Arc<Self>, file: &Arc<OpenFile>, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub async fn read(
+        self: &Arc<Self>,
+        file: &Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
         let end = (offset + u64::from(size)).min(file.size);
         if offset >= end {
             return Ok(Vec::new());
         }
         let Some(lease) = &file.lease else {
             let source = self.source()?;
-            let result = source.read(&file.handle, offset, (end - offset) as u32).await;
+            let result = source
+                .read(&file.handle, offset, (end - offset) as u32)
+                .await;
             self.observe(&result);
             let data = result?;
             let n = data.len() as u64;

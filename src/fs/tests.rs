@@ -64,7 +64,10 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
         assert!(!file.passthrough_ready);
         assert_eq!(read_all(&volume, &file).await, data);
         let file = volume.open_file(big.ino).await.unwrap();
-        assert!(file.passthrough_ready, "a fully read file is complete in the cache");
+        assert!(
+            file.passthrough_ready,
+            "a fully read file is complete in the cache"
+        );
         let small = volume.lookup(ROOT, b"small").await.unwrap();
         let file = volume.open_file(small.ino).await.unwrap();
         assert_eq!(read_all(&volume, &file).await, b"hello");
@@ -83,7 +86,10 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
     assert_eq!(read_all(&volume, &file).await, data);
     assert_eq!(volume.status().bytes_fetched, 0);
     assert_eq!(volume.list(ROOT).await.unwrap().len(), 2);
-    assert_eq!(volume.lookup(ROOT, b"missing").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(
+        volume.lookup(ROOT, b"missing").await.unwrap_err().errno(),
+        libc::ENOENT
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +112,10 @@ async fn a_changed_file_is_fetched_again_after_the_ttl() {
     let f2 = volume.lookup(ROOT, b"f").await.unwrap();
     assert_eq!(f2.ino, f.ino);
     let file = volume.open_file(f.ino).await.unwrap();
-    assert!(!file.keep_cache, "the kernel must drop pages of the old version");
+    assert!(
+        !file.keep_cache,
+        "the kernel must drop pages of the old version"
+    );
     assert_eq!(read_all(&volume, &file).await, b"version two!");
 }
 

@@ -143,7 +143,11 @@ impl Volume {
                     Kind::Directory => pending.push_back((entry.ino, trimmed.to_string())),
                     Kind::File => {
                         self.count_file(tracker, entry.attr.size);
-                        if files_tx.send((entry.ino, trimmed.to_string())).await.is_err() {
+                        if files_tx
+                            .send((entry.ino, trimmed.to_string()))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -155,7 +159,9 @@ impl Volume {
         let mut listings = JoinSet::new();
         while !pending.is_empty() || !listings.is_empty() {
             while listings.len() < PARALLEL_LISTINGS {
-                let Some((dir, path)) = pending.pop_front() else { break };
+                let Some((dir, path)) = pending.pop_front() else {
+                    break;
+                };
                 let volume = self.clone();
                 listings.spawn(async move { (volume.list(dir).await, path) });
             }
@@ -240,10 +246,11 @@ impl Volume {
             readahead: Mutex::default(),
         };
         let missing = cache.missing_blocks(&lease, 0, lease.block_count().saturating_sub(1));
-        let already = size - missing
-            .iter()
-            .map(|&b| lease.block_range(b).1 as u64)
-            .sum::<u64>();
+        let already = size
+            - missing
+                .iter()
+                .map(|&b| lease.block_range(b).1 as u64)
+                .sum::<u64>();
         let mut fetches = futures_util::stream::iter(missing)
             .map(|block| self.block(&file, &lease, block, true))
             .buffer_unordered(BLOCKS_PER_FILE);
@@ -258,7 +265,10 @@ impl Volume {
             return tracker.fail(path, e);
         }
         if size > 0 && !cache.is_complete(&lease) {
-            return tracker.fail(path, "evicted while loading: the cache is too small for this preload");
+            return tracker.fail(
+                path,
+                "evicted while loading: the cache is too small for this preload",
+            );
         }
         tracker.update(|p| {
             p.files_loaded += 1;

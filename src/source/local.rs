@@ -152,7 +152,11 @@ impl Inner {
             return fstat(self.root.as_fd());
         }
         let (dir, name) = self.open_parent(rel)?;
-        fstatat(dir.as_fd(), OsStr::from_bytes(name), AtFlags::AT_SYMLINK_NOFOLLOW)
+        fstatat(
+            dir.as_fd(),
+            OsStr::from_bytes(name),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
     }
 }
 
@@ -186,7 +190,11 @@ fn check_name(name: &[u8]) -> Result<()> {
         ));
     }
     if name.len() > 255 {
-        return Err(SourceError::status("lookup", libc::ENAMETOOLONG, "name too long"));
+        return Err(SourceError::status(
+            "lookup",
+            libc::ENAMETOOLONG,
+            "name too long",
+        ));
     }
     Ok(())
 }
@@ -231,7 +239,9 @@ impl Source for LocalSource {
 
     async fn root(&self) -> Result<(Handle, Attr)> {
         self.run("getattr", |inner| {
-            let st = inner.stat(b"").map_err(|e| inner.error("getattr", b"", e))?;
+            let st = inner
+                .stat(b"")
+                .map_err(|e| inner.error("getattr", b"", e))?;
             Ok((Handle(Box::default()), attr_from_stat(&st)))
         })
         .await
@@ -269,7 +279,11 @@ impl Source for LocalSource {
                 .open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .map_err(fail)?;
             let stat_fd = fd.try_clone().map_err(|e| {
-                SourceError::status("readdir", e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+                SourceError::status(
+                    "readdir",
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    e.to_string(),
+                )
             })?;
             let mut listing = nix::dir::Dir::from_fd(fd).map_err(fail)?;
             let mut entries = Vec::new();
@@ -279,7 +293,11 @@ impl Source for LocalSource {
                 if name == b"." || name == b".." {
                     continue;
                 }
-                match fstatat(stat_fd.as_fd(), entry.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                match fstatat(
+                    stat_fd.as_fd(),
+                    entry.file_name(),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
                     Ok(st) => entries.push(DirEntry {
                         name: name.to_vec(),
                         handle: join(rel, name),
@@ -368,7 +386,10 @@ mod tests {
         names.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             names,
-            [("escape".into(), Kind::Symlink), ("sub".into(), Kind::Directory)]
+            [
+                ("escape".into(), Kind::Symlink),
+                ("sub".into(), Kind::Directory)
+            ]
         );
 
         let (sub, _) = source.lookup(&root_handle, b"sub").await.unwrap();
@@ -399,7 +420,11 @@ mod tests {
         let dotdot = Handle(b"../etc/passwd".to_vec().into_boxed_slice());
         assert!(source.read(&dotdot, 0, 10).await.is_err());
         assert_eq!(
-            source.lookup(&root_handle, b"missing").await.unwrap_err().errno(),
+            source
+                .lookup(&root_handle, b"missing")
+                .await
+                .unwrap_err()
+                .errno(),
             libc::ENOENT
         );
     }

@@ -79,19 +79,30 @@ impl FromStr for SourceSpec {
             return Err(malformed("empty source"));
         }
         if let Some(rest) = input.strip_prefix("nfs://") {
-            return parse_nfs(rest).map(SourceSpec::Nfs).map_err(|why| malformed(&why));
+            return parse_nfs(rest)
+                .map(SourceSpec::Nfs)
+                .map_err(|why| malformed(&why));
         }
         if let Some(rest) = input.strip_prefix("local://") {
             if !rest.starts_with('/') {
-                return Err(malformed("local:// must be followed by an absolute path (local:///data)"));
+                return Err(malformed(
+                    "local:// must be followed by an absolute path (local:///data)",
+                ));
             }
-            return normalize_local(rest).map(SourceSpec::Local).map_err(|why| malformed(&why));
+            return normalize_local(rest)
+                .map(SourceSpec::Local)
+                .map_err(|why| malformed(&why));
         }
         if let Some((scheme, _)) = input.split_once("://") {
-            return Err(SpecError::UnknownScheme(input.to_string(), scheme.to_string()));
+            return Err(SpecError::UnknownScheme(
+                input.to_string(),
+                scheme.to_string(),
+            ));
         }
         if input.starts_with('/') {
-            return normalize_local(input).map(SourceSpec::Local).map_err(|why| malformed(&why));
+            return normalize_local(input)
+                .map(SourceSpec::Local)
+                .map_err(|why| malformed(&why));
         }
         Err(malformed(
             "a directory source must be an absolute path; remote sources start with nfs://",
@@ -133,7 +144,11 @@ fn parse_nfs(rest: &str) -> Result<NfsUrl, String> {
         mount_port: None,
         path,
     };
-    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+    for pair in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| format!("query parameter {pair:?} has no value"))?;
@@ -166,7 +181,9 @@ fn parse_authority(authority: &str) -> Result<(String, Option<u16>), String> {
             .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
         let port = match after {
             "" => None,
-            _ => Some(parse_port(after.strip_prefix(':').ok_or("junk after ']'")?)?),
+            _ => Some(parse_port(
+                after.strip_prefix(':').ok_or("junk after ']'")?,
+            )?),
         };
         return Ok((host.to_string(), port));
     }

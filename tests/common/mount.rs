@@ -182,7 +182,10 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         };
         if is_mounted(&self.mountpoint) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
         }
         status.and_then(|s| s.code())
     }
