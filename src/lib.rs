@@ -4,8 +4,8 @@
 //! The flow of a read and the parts' rooms are described in `docs/architecture.md`.
 
 pub mod cache;
-pub mod fs;
 pub mod control;
+pub mod fs;
 pub mod journal;
 pub mod mount;
 pub mod source;

@@ -517,3 +517,59 @@ fn netns_exists(name: &str) -> bool {
         .lines()
         .any(|line| line.split_whitespace().next() == Some(name))
 }
+
+/// Throughput on this machine, side by side with libnfs' `nfs-cat` on the same server:
+/// `cargo test --release --test nfs_source -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir(&export).unwrap();
+    let size = 256 << 20;
+    std::fs::write(export.join("big.bin"), pattern(size, 11)).unwrap();
+    let server = Ganesha::start(&export);
+    let file_url = format!("{}/big.bin", server.url(&export));
+    let mib = |elapsed: Duration| size as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
+    for round in 0..2 {
+        if std::process::Command::new("nfs-cat")
+            .arg("--help")
+            .output()
+            .is_ok()
+        {
+            let started = Instant::now();
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("nfs-cat '{file_url}' | wc -c")])
+                .output()
+                .unwrap();
+            let elapsed = started.elapsed();
+            let copied: usize = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            assert_eq!(copied, size);
+            eprintln!("round {round}: nfs-cat: {:.0} MiB/s", mib(elapsed));
+        }
+        for (connections, chunk) in [(1, 1 << 20), (4, 8 << 20), (16, 8 << 20), (16, 32 << 20)] {
+            let source = connect(
+                &server.url(&export),
+                &options(Duration::from_secs(30), connections),
+            )
+            .await;
+            let (root, _) = source.root().await.unwrap();
+            let (file, _) = source.lookup(&root, b"big.bin").await.unwrap();
+            let started = Instant::now();
+            let mut offset = 0u64;
+            while offset < size as u64 {
+                let got = source.read(&file, offset, chunk).await.unwrap();
+                assert!(!got.is_empty());
+                offset += got.len() as u64;
+            }
+            eprintln!(
+                "round {round}: NfsSource, {connections} connection(s), {} MiB per read(): {:.0} MiB/s",
+                chunk >> 20,
+                mib(started.elapsed())
+            );
+        }
+    }
+}

@@ -189,10 +189,11 @@ async fn connect(url: &NfsUrl, id: String, options: &SourceOptions) -> Result<Nf
                     display_dir(&walked)
                 )));
             }
-            Err(SourceError::Status { message, .. }) => {
+            Err(SourceError::Status { errno, .. }) => {
                 return Err(SourceError::Invalid(format!(
-                    "{id}: cannot look up '{name}' in {}: {message}",
-                    display_dir(&walked)
+                    "{id}: cannot look up '{name}' in {}: {}",
+                    display_dir(&walked),
+                    io::Error::from_raw_os_error(errno)
                 )));
             }
             Err(other) => return Err(other),
@@ -813,7 +814,7 @@ impl Inner {
     ) -> Result<Vec<u8>> {
         let mut out: Vec<u8> = Vec::new();
         while out.len() < count as usize {
-            let at = offset + out.len() as u64;
+            let at = offset.saturating_add(out.len() as u64);
             let want = count - out.len() as u32;
             let args = READ3args {
                 file: fh.clone(),

@@ -165,11 +165,21 @@ impl Ganesha {
         self.spawn();
     }
 
-    /// Freezes ganesha (SIGSTOP): connections still open at the TCP level, calls get no answer.
+    /// Freezes ganesha (SIGSTOP) and waits until every thread is stopped: connections stay open
+    /// at the TCP level, calls get no answer.
     pub fn pause(&mut self) {
-        if let Some(pid) = self.pid() {
-            signal_process(pid as libc::pid_t, libc::SIGSTOP);
-            self.paused = true;
+        let pid = self.pid().expect("pause: ganesha is not running");
+        signal_process(pid as libc::pid_t, libc::SIGSTOP);
+        self.paused = true;
+        // A stop signal is acted upon by the thread that dequeues it; until then, the other
+        // threads keep serving. Wait until they are all stopped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "ganesha {pid} did not stop on SIGSTOP"
+            );
+            sleep(Duration::from_millis(2));
         }
     }
 
@@ -181,30 +191,29 @@ impl Ganesha {
     }
 
     /// SIGTERM to the supervising shell, which passes it on to ganesha and rpcbind and reaps
-    /// them; SIGKILL to the whole process group if that takes longer than `patience`.
+    /// them. If that takes longer than `patience`, SIGKILL to ganesha and rpcbind (the shell still
+    /// reaps them), then to the whole group.
     fn stop_within(&mut self, patience: Duration) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let group = child.id() as libc::pid_t;
+        let shell = child.id() as libc::pid_t;
         if self.paused {
-            signal_group(group, libc::SIGCONT);
+            signal_group(shell, libc::SIGCONT);
             self.paused = false;
         }
-        signal_process(group, libc::SIGTERM);
-        let deadline = Instant::now() + patience;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(10)),
-                _ => {
-                    signal_group(group, libc::SIGKILL);
-                    let _ = child.wait();
-                    break;
+        signal_process(shell, libc::SIGTERM);
+        if !wait_child(&mut child, patience) {
+            for pid in namespace_pids(&self.netns) {
+                if pid != shell {
+                    signal_process(pid, libc::SIGKILL);
                 }
             }
+            if !wait_child(&mut child, Duration::from_secs(2)) {
+                signal_group(shell, libc::SIGKILL);
+                let _ = child.wait();
+            }
         }
-        signal_group(group, libc::SIGKILL);
         self.kill_namespace_processes();
     }
 
@@ -332,15 +341,11 @@ impl Ganesha {
         self.wait_ready();
     }
 
-    /// Waits until the portmapper, MOUNT and NFS all answer a NULL call.
+    /// Waits until the portmapper, MOUNT and NFS all answer a NULL call and MOUNT and NFS are
+    /// registered with the portmapper (ganesha registers after it starts listening).
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let ip = IpAddr::V4(self.server);
-        let services = [
-            (PORTMAPPER_PORT, 100_000, 2),
-            (MOUNT_PORT, 100_005, 3),
-            (NFS_PORT, 100_003, 3),
-        ];
         loop {
             let exited = self
                 .child
@@ -353,11 +358,7 @@ impl Ganesha {
                     self.log_tail()
                 );
             }
-            let failure = services.iter().find_map(|&(port, program, version)| {
-                rpc_null(SocketAddr::new(ip, port), program, version)
-                    .err()
-                    .map(|e| format!("program {program} on port {port}: {e}"))
-            });
+            let failure = readiness(ip).err();
             match failure {
                 None => return,
                 Some(why) if Instant::now() >= deadline => panic!(
@@ -365,7 +366,7 @@ impl Ganesha {
                     self.netns,
                     self.log_tail()
                 ),
-                Some(_) => sleep(Duration::from_millis(50)),
+                Some(_) => sleep(Duration::from_millis(20)),
             }
         }
     }
@@ -558,15 +559,58 @@ impl FileLock {
     }
 }
 
-/// One RPC NULL call over TCP (RFC 5531 record marking, AUTH_NONE).
-fn rpc_null(addr: SocketAddr, program: u32, version: u32) -> std::io::Result<()> {
+fn readiness(ip: IpAddr) -> Result<(), String> {
+    const PORTMAPPER: (u32, u32) = (100_000, 2);
+    const MOUNT: (u32, u32) = (100_005, 3);
+    const NFS: (u32, u32) = (100_003, 3);
+    for (port, (program, version)) in [
+        (PORTMAPPER_PORT, PORTMAPPER),
+        (MOUNT_PORT, MOUNT),
+        (NFS_PORT, NFS),
+    ] {
+        rpc_call(SocketAddr::new(ip, port), program, version, 0, &[])
+            .map_err(|e| format!("NULL to program {program} on port {port}: {e}"))?;
+    }
+    for (expected, (program, version)) in [(MOUNT_PORT, MOUNT), (NFS_PORT, NFS)] {
+        const GETPORT: u32 = 3;
+        const IPPROTO_TCP: u32 = 6;
+        let (pm_program, pm_version) = PORTMAPPER;
+        let reply = rpc_call(
+            SocketAddr::new(ip, PORTMAPPER_PORT),
+            pm_program,
+            pm_version,
+            GETPORT,
+            &[program, version, IPPROTO_TCP, 0],
+        )
+        .map_err(|e| format!("GETPORT {program}: {e}"))?;
+        let port = reply
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        if port != Some(u32::from(expected)) {
+            return Err(format!(
+                "program {program} is registered on port {port:?}, expected {expected}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One RPC call over TCP (RFC 5531 record marking, AUTH_NONE); returns the result body.
+fn rpc_call(
+    addr: SocketAddr,
+    program: u32,
+    version: u32,
+    procedure: u32,
+    args: &[u32],
+) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind};
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let xid = std::process::id() ^ program ^ 0x5eed_0000;
-    let words = [xid, 0, 2, program, version, 0, 0, 0, 0, 0];
-    let mut message = Vec::with_capacity(44);
+    let xid = std::process::id() ^ program ^ procedure.rotate_left(16) ^ 0x5eed_0000;
+    let mut words = vec![xid, 0, 2, program, version, procedure, 0, 0, 0, 0];
+    words.extend_from_slice(args);
+    let mut message = Vec::with_capacity(4 + words.len() * 4);
     message.extend_from_slice(&(0x8000_0000u32 | (words.len() as u32 * 4)).to_be_bytes());
     for word in words {
         message.extend_from_slice(&word.to_be_bytes());
@@ -575,8 +619,8 @@ fn rpc_null(addr: SocketAddr, program: u32, version: u32) -> std::io::Result<()>
     let mut header = [0u8; 4];
     stream.read_exact(&mut header)?;
     let length = (u32::from_be_bytes(header) & 0x7fff_ffff) as usize;
-    if length > 4096 {
-        return Err(Error::new(ErrorKind::InvalidData, "oversized NULL reply"));
+    if length > 65536 {
+        return Err(Error::new(ErrorKind::InvalidData, "oversized reply"));
     }
     let mut reply = vec![0u8; length];
     stream.read_exact(&mut reply)?;
@@ -585,15 +629,45 @@ fn rpc_null(addr: SocketAddr, program: u32, version: u32) -> std::io::Result<()>
             .get(i * 4..i * 4 + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
-    // xid, REPLY, MSG_ACCEPTED, verifier (flavor, length, body), accept_stat.
+    // xid, REPLY, MSG_ACCEPTED, verifier (flavor, length, body), accept_stat, results.
     let verifier_words = word(4).map(|len| (len as usize).div_ceil(4)).unwrap_or(0);
+    let status_at = 5 + verifier_words;
     let accepted = word(0) == Some(xid)
         && word(1) == Some(1)
         && word(2) == Some(0)
-        && word(5 + verifier_words) == Some(0);
+        && word(status_at) == Some(0);
     if accepted {
-        Ok(())
+        Ok(reply[(status_at + 1) * 4..].to_vec())
     } else {
-        Err(Error::new(ErrorKind::InvalidData, "NULL call not accepted"))
+        Err(Error::new(ErrorKind::InvalidData, "call not accepted"))
     }
+}
+
+/// Waits up to `patience` for `child` to exit; true when it did (and was reaped).
+fn wait_child(child: &mut Child, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(10)),
+            Ok(None) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`), per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_name = stat.rfind(')')?;
+                stat[after_name + 1..].trim_start().chars().next()
+            })
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
 }
