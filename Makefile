@@ -31,12 +31,12 @@ lint:
 ## Side-by-side numbers at a reduced scale (a few minutes); writes docs/benchmarks.md.
 bench-quick:
 	scripts/install-deps.sh bench
-	$(MAKE) release
+	$(CARGO) build --release --locked --bin reservoir --example readtree
 	python3 bench/run.py --scale quick
 
 bench:
 	scripts/install-deps.sh bench
-	$(MAKE) release
+	$(CARGO) build --release --locked --bin reservoir --example readtree
 	python3 bench/run.py --scale full
 
 clean:

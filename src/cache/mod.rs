@@ -256,7 +256,42 @@ pub struct Lease {
     generation: u64,
     pub size: u64,
     pub block_size: u32,
+    /// Every block was cached when the lease was taken.
+    pub complete: bool,
+    /// ... and every block had been verified by this process.
+    pub verified: bool,
     file: File,
+}
+
+/// What a lease records about its entry, read under the lock.
+struct LeaseInfo {
+    generation: u64,
+    block_size: u32,
+    complete: bool,
+    verified: bool,
+}
+
+impl LeaseInfo {
+    fn of(entry: &Entry) -> Self {
+        LeaseInfo {
+            generation: entry.generation,
+            block_size: entry.block_size,
+            complete: entry.is_complete(),
+            verified: entry.verified.iter().all(|v| *v),
+        }
+    }
+
+    fn lease(self, key: ContentKey, size: u64, file: File) -> Lease {
+        Lease {
+            key,
+            generation: self.generation,
+            size,
+            block_size: self.block_size,
+            complete: self.complete,
+            verified: self.verified,
+            file,
+        }
+    }
 }
 
 impl Lease {
@@ -359,10 +394,13 @@ impl Cache {
         Ok((journal, records))
     }
 
-    /// Counts an access to a file (at open: passthrough reads never reach the daemon).
+    /// Counts an access to a file without opening it.
     pub fn record_access(&self, key: ContentKey) {
-        let mut state = self.lock_state();
-        let state = &mut *state;
+        self.count_access_locked(&mut self.lock_state(), key);
+    }
+
+    /// Counts an access: at open, because passthrough reads never reach the daemon.
+    fn count_access_locked(&self, state: &mut State, key: ContentKey) {
         let aged = state.sketch.increment(key);
         if aged {
             state.order.clear();
@@ -384,17 +422,50 @@ impl Cache {
     }
 
     /// Returns a lease on the cached copy of `key`, admitting it if it is not cached and the
-    /// policy lets it in. `None` means: serve this file straight from the source.
+    /// policy lets it in; an [`Priority::Access`] also counts as a use of the file. `None`
+    /// means: serve this file straight from the source.
     pub fn lease(&self, key: ContentKey, size: u64, priority: Priority) -> Result<Option<Lease>> {
-        let mut state = self.lock_state();
-        if let Some(entry) = state.entries.get(&key) {
-            if entry.size == size {
-                let lease = self.open_lease(key, entry)?;
-                return Ok(Some(lease));
+        let known = {
+            let mut state = self.lock_state();
+            if priority == Priority::Access {
+                self.count_access_locked(&mut state, key);
             }
-            // Same identity and version but another size cannot happen unless the index is
-            // from a source that reuses identities: drop it.
-            self.evict_locked(&mut state, key);
+            match state.entries.get(&key) {
+                Some(entry) if entry.size == size => Some(LeaseInfo::of(entry)),
+                Some(_) => {
+                    // Same identity and version but another size: not something a source
+                    // does; drop what is cached.
+                    self.evict_locked(&mut state, key);
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(info) = known {
+            // Opened outside the lock: the path lookup may wait on the disk.
+            let path = self.data_path(key, info.generation);
+            match File::options().read(true).write(true).open(&path) {
+                Ok(file) => return Ok(Some(info.lease(key, size, file))),
+                // Evicted meanwhile: admit it again below.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(cause) => {
+                    return Err(CacheError::Io {
+                        dir: self.config.dir.clone(),
+                        what: format!("open {}", path.display()),
+                        cause,
+                    });
+                }
+            }
+        }
+        self.admit(key, size, priority)
+    }
+
+    /// Admits a file that is not cached, creating its (empty, sparse) data file.
+    fn admit(&self, key: ContentKey, size: u64, priority: Priority) -> Result<Option<Lease>> {
+        let mut state = self.lock_state();
+        if state.entries.contains_key(&key) {
+            // Admitted by a concurrent open: this one reads from the source.
+            return Ok(None);
         }
         if !self.admit_locked(&mut state, key, size, priority) {
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -432,37 +503,12 @@ impl Cache {
             size,
             block_size,
         })?;
+        let info = LeaseInfo::of(&entry);
         state.data_bytes += entry.budget;
         state.order.insert(key, entry.rank);
         state.entries.insert(key, entry);
         self.counters.admitted.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(Lease {
-            key,
-            generation,
-            size,
-            block_size,
-            file,
-        }))
-    }
-
-    fn open_lease(&self, key: ContentKey, entry: &Entry) -> Result<Lease> {
-        let path = self.data_path(key, entry.generation);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|cause| CacheError::Io {
-                dir: self.config.dir.clone(),
-                what: format!("open {}", path.display()),
-                cause,
-            })?;
-        Ok(Lease {
-            key,
-            generation: entry.generation,
-            size: entry.size,
-            block_size: entry.block_size,
-            file,
-        })
+        Ok(Some(info.lease(key, size, file)))
     }
 
     /// Decides whether a file of `size` gets in, evicting what must go to make room.
@@ -745,15 +791,6 @@ impl Cache {
             }
         }
         Ok(true)
-    }
-
-    /// True when the blocks of a complete file still need verification before passthrough.
-    pub fn needs_verification(&self, lease: &Lease) -> bool {
-        let state = self.lock_state();
-        state
-            .entries
-            .get(&lease.key)
-            .is_some_and(|e| e.generation == lease.generation && e.verified.iter().any(|v| !v))
     }
 
     /// Whether `key` is cached completely (without taking a lease).

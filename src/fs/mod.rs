@@ -510,21 +510,18 @@ impl Volume {
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         let (lease, passthrough_ready) = match &self.cache {
             None => (None, false),
-            Some(cache) => {
-                cache.record_access(key);
-                match cache.lease(key, attr.size, Priority::Access) {
-                    Ok(Some(lease)) => {
-                        let lease = Arc::new(lease);
-                        let ready = self.passthrough_ready(cache, &lease);
-                        (Some(lease), ready)
-                    }
-                    Ok(None) => (None, false),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cache unusable for this file; reading from the source");
-                        (None, false)
-                    }
+            Some(cache) => match cache.lease(key, attr.size, Priority::Access) {
+                Ok(Some(lease)) => {
+                    let lease = Arc::new(lease);
+                    let ready = self.passthrough_ready(cache, &lease);
+                    (Some(lease), ready)
                 }
-            }
+                Ok(None) => (None, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache unusable for this file; reading from the source");
+                    (None, false)
+                }
+            },
         };
         let keep_cache = !passthrough_ready && {
             let mut versions = self
@@ -556,10 +553,13 @@ impl Volume {
     /// an earlier process is done inline only when it is one block; bigger files are verified
     /// in the background and get passthrough from their next open.
     fn passthrough_ready(self: &Arc<Self>, cache: &Arc<Cache>, lease: &Arc<Lease>) -> bool {
-        if !cache.is_complete(lease) {
+        if !lease.complete {
             return false;
         }
-        if !cache.needs_verification(lease) || lease.block_count() <= 1 {
+        if lease.verified {
+            return true;
+        }
+        if lease.block_count() <= 1 {
             return cache.prepare_passthrough(lease).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot verify cached file");
                 false
