@@ -38,7 +38,8 @@ pub struct Node {
     pub attr: Attr,
     /// When the source last confirmed `attr`.
     pub checked_ms: u64,
-    pub dir: Option<DirState>,
+    /// Directories only; boxed because most nodes are files.
+    pub dir: Option<Box<DirState>>,
     /// A symlink's target, once read.
     pub link: Option<Box<[u8]>>,
 }
@@ -125,9 +126,11 @@ impl MetaStore {
                                 .and_then(|p| p.dir.as_ref())
                                 .map(|d| d.listed_ms)
                         })
-                        .map(|listed_ms| DirState {
-                            children: HashMap::new(),
-                            listed_ms: listed_ms.flatten(),
+                        .map(|listed_ms| {
+                            Box::new(DirState {
+                                children: HashMap::new(),
+                                listed_ms: listed_ms.flatten(),
+                            })
                         });
                     let link = previous.and_then(|p| p.link);
                     nodes.insert(
@@ -511,7 +514,7 @@ fn same_kind(a: &Attr, b: &Attr) -> bool {
 }
 
 fn new_node(parent: Ino, name: Box<[u8]>, handle: Handle, attr: Attr, now: u64) -> Node {
-    let dir = (attr.kind == Kind::Directory).then(DirState::default);
+    let dir = (attr.kind == Kind::Directory).then(Box::default);
     Node {
         parent,
         name,
