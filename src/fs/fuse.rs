@@ -94,6 +94,34 @@ pub struct FuseAdapter {
     shared: Arc<Shared>,
 }
 
+impl FuseAdapter {
+    /// Replies with what the core knows already, on this thread; or asks the source on the
+    /// runtime and replies when it answers, leaving this thread free for cached requests.
+    fn answer<T, R, Ask, Fut>(
+        &self,
+        known: Option<T>,
+        reply: R,
+        ask: Ask,
+        finish: impl FnOnce(&Shared, R, T) + Send + 'static,
+    ) where
+        T: Send + 'static,
+        R: Send + 'static,
+        Ask: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send,
+    {
+        match known {
+            Some(value) => finish(&self.shared, reply, value),
+            None => {
+                let shared = self.shared.clone();
+                self.shared.spawn(async move {
+                    let value = ask(shared.clone()).await;
+                    finish(&shared, reply, value);
+                });
+            }
+        }
+    }
+}
+
 struct Shared {
     volume: Arc<Volume>,
     files: RwLock<HashMap<u64, OpenHandle>>,
@@ -390,65 +418,55 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let shared = &self.shared;
-        match shared.volume.try_lookup(parent.0, name.as_bytes()) {
-            Some(result) => shared.reply_entry(reply, parent.0, result),
-            None => {
-                let (shared, name) = (shared.clone(), name.as_bytes().to_vec());
-                self.shared.spawn(async move {
-                    let result = shared.volume.lookup(parent.0, &name).await;
-                    shared.reply_entry(reply, parent.0, result);
-                });
-            }
-        }
+        let parent = parent.0;
+        let name = name.as_bytes();
+        let known = self.shared.volume.try_lookup(parent, name);
+        let name = name.to_vec();
+        self.answer(
+            known,
+            reply,
+            move |shared| async move { shared.volume.lookup(parent, &name).await },
+            move |shared, reply, result| shared.reply_entry(reply, parent, result),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.shared.volume.try_getattr(ino.0) {
-            Some(result) => Shared::reply_attr(reply, ino.0, result),
-            None => {
-                let shared = self.shared.clone();
-                self.shared.spawn(async move {
-                    Shared::reply_attr(reply, ino.0, shared.volume.getattr(ino.0).await);
-                });
-            }
-        }
+        let ino = ino.0;
+        self.answer(
+            self.shared.volume.try_getattr(ino),
+            reply,
+            move |shared| async move { shared.volume.getattr(ino).await },
+            move |_, reply, result| Shared::reply_attr(reply, ino, result),
+        );
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let ino = INodeNo(ino.0);
-        let finish = move |reply: ReplyData, result: Result<Vec<u8>, FsError>| match result {
-            Ok(target) => reply.data(&target),
-            Err(e) => {
-                log_error("readlink", ino.0, &e);
-                reply.error(errno(&e));
-            }
-        };
-        match self.shared.volume.try_read_link(ino.0) {
-            Some(result) => finish(reply, result),
-            None => {
-                let shared = self.shared.clone();
-                self.shared.spawn(async move {
-                    finish(reply, shared.volume.read_link(ino.0).await);
-                });
-            }
-        }
+        let ino = ino.0;
+        self.answer(
+            self.shared.volume.try_read_link(ino),
+            reply,
+            move |shared| async move { shared.volume.read_link(ino).await },
+            move |_, reply, result| match result {
+                Ok(target) => reply.data(&target),
+                Err(e) => {
+                    log_error("readlink", ino, &e);
+                    reply.error(errno(&e));
+                }
+            },
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
-        match self.shared.volume.try_open_file(ino.0) {
-            Some(result) => self.shared.reply_open(reply, ino.0, result),
-            None => {
-                let shared = self.shared.clone();
-                self.shared.spawn(async move {
-                    let result = shared.volume.open_file(ino.0).await;
-                    shared.reply_open(reply, ino.0, result);
-                });
-            }
-        }
+        let ino = ino.0;
+        self.answer(
+            self.shared.volume.try_open_file(ino),
+            reply,
+            move |shared| async move { shared.volume.open_file(ino).await },
+            move |shared, reply, result| shared.reply_open(reply, ino, result),
+        );
     }
 
     fn read(
@@ -518,16 +536,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.shared.volume.try_list(ino.0) {
-            Some(result) => self.shared.open_dir(reply, ino.0, result),
-            None => {
-                let shared = self.shared.clone();
-                self.shared.spawn(async move {
-                    let result = shared.volume.list(ino.0).await;
-                    shared.open_dir(reply, ino.0, result);
-                });
-            }
-        }
+        let ino = ino.0;
+        self.answer(
+            self.shared.volume.try_list(ino),
+            reply,
+            move |shared| async move { shared.volume.list(ino).await },
+            move |shared, reply, result| shared.open_dir(reply, ino, result),
+        );
     }
 
     fn readdir(

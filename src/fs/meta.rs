@@ -88,6 +88,18 @@ struct Table {
     next_ino: Ino,
 }
 
+impl Table {
+    fn child(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        self.nodes
+            .get(&parent)?
+            .dir
+            .as_ref()?
+            .children
+            .get(name)
+            .copied()
+    }
+}
+
 pub struct MetaStore {
     table: RwLock<Table>,
     journal: Option<Journal<MetaRecord>>,
@@ -296,15 +308,7 @@ impl MetaStore {
 
     /// The inode a name in `parent` has, if known.
     pub fn child(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
-        let table = self.read();
-        table
-            .nodes
-            .get(&parent)?
-            .dir
-            .as_ref()?
-            .children
-            .get(name)
-            .copied()
+        self.read().child(parent, name)
     }
 
     /// Whether a complete listing of `dir` checked at or after `since_ms` says `name` is absent.
@@ -340,15 +344,8 @@ impl MetaStore {
         attr: Attr,
         now: u64,
     ) -> Option<Ino> {
-        let existing = table
-            .nodes
-            .get(&parent)?
-            .dir
-            .as_ref()?
-            .children
-            .get(name)
-            .copied();
-        if let Some(ino) = existing {
+        table.nodes.get(&parent)?.dir.as_ref()?;
+        if let Some(ino) = table.child(parent, name) {
             if let Some(node) = table.nodes.get_mut(&ino) {
                 if node.handle == handle && same_kind(&node.attr, &attr) {
                     let changed = node.attr != attr;
@@ -381,12 +378,7 @@ impl MetaStore {
     /// Forgets that `name` exists in `parent` (the source says it does not).
     pub fn remove_child(&self, parent: Ino, name: &[u8]) {
         let mut table = self.write();
-        if let Some(ino) = table
-            .nodes
-            .get(&parent)
-            .and_then(|p| p.dir.as_ref())
-            .and_then(|d| d.children.get(name).copied())
-        {
+        if let Some(ino) = table.child(parent, name) {
             self.detach_locked(&mut table, ino);
         }
     }

@@ -18,7 +18,9 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
 
-use super::{Attr, DirEntry, Handle, Kind, Result, Source, SourceError, SourceOptions, Timestamp};
+use super::{
+    Attr, DirEntry, Handle, Kind, Result, Source, SourceError, SourceOptions, Timestamp, check_name,
+};
 
 pub struct LocalSource {
     inner: Arc<Inner>,
@@ -176,27 +178,6 @@ fn join(dir: &[u8], name: &[u8]) -> Handle {
     }
     path.extend_from_slice(name);
     Handle(path.into_boxed_slice())
-}
-
-/// A name the kernel hands us is a single component, but the source API is public: refuse
-/// anything that could walk somewhere else.
-fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
-        return Err(SourceError::status(
-            "lookup",
-            libc::EINVAL,
-            format!("invalid file name {:?}", String::from_utf8_lossy(name)),
-        ));
-    }
-    if name.len() > 255 {
-        return Err(SourceError::status(
-            "lookup",
-            libc::ENAMETOOLONG,
-            "name too long",
-        ));
-    }
-    Ok(())
 }
 
 fn timestamp(secs: i64, nanos: i64) -> Timestamp {

@@ -169,6 +169,142 @@ pub trait Source: Send + Sync + 'static {
     async fn read(&self, file: &Handle, offset: u64, len: u32) -> Result<Vec<u8>>;
 
     async fn read_link(&self, link: &Handle) -> Result<Vec<u8>>;
+
+    // ---- writing (read-write volumes) --------------------------------------------------------
+    // Each call reaches the source before it returns. Sources that cannot write keep these
+    // defaults, which refuse with EROFS.
+
+    /// Writes `data` at `offset`. The bytes are on the source when this returns (an NFS
+    /// UNSTABLE write is enough); [`Source::commit`] makes them durable. Returns the file's
+    /// attributes after the write when the source reports them.
+    async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
+        let _ = (file, offset, data);
+        Err(read_only("write"))
+    }
+
+    /// Makes everything written to `file` durable (NFS COMMIT, fsync).
+    async fn commit(&self, file: &Handle) -> Result<()> {
+        let _ = file;
+        Err(read_only("commit"))
+    }
+
+    /// Creates a regular file `name` in `dir`, owned by `owner`. With `exclusive`, an existing
+    /// name is EEXIST; without, an existing file is opened as it is.
+    async fn create(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+        exclusive: bool,
+    ) -> Result<(Handle, Attr)> {
+        let _ = (dir, name, mode, owner, exclusive);
+        Err(read_only("create"))
+    }
+
+    async fn mkdir(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        let _ = (dir, name, mode, owner);
+        Err(read_only("mkdir"))
+    }
+
+    async fn symlink(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        let _ = (dir, name, target, owner);
+        Err(read_only("symlink"))
+    }
+
+    /// Removes a name that is not a directory.
+    async fn remove(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        let _ = (dir, name);
+        Err(read_only("remove"))
+    }
+
+    /// Removes an empty directory.
+    async fn rmdir(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        let _ = (dir, name);
+        Err(read_only("rmdir"))
+    }
+
+    /// Renames, replacing an existing target as rename(2) does.
+    async fn rename(
+        &self,
+        from_dir: &Handle,
+        from: &[u8],
+        to_dir: &Handle,
+        to: &[u8],
+    ) -> Result<()> {
+        let _ = (from_dir, from, to_dir, to);
+        Err(read_only("rename"))
+    }
+
+    /// Changes attributes (mode, owner, size, times); returns the attributes after.
+    async fn setattr(&self, node: &Handle, changes: &SetAttr) -> Result<Attr> {
+        let _ = (node, changes);
+        Err(read_only("setattr"))
+    }
+}
+
+/// A name the kernel hands us is a single component, but the source API is public: refuse
+/// anything that could walk somewhere else.
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(SourceError::status(
+            "lookup",
+            libc::EINVAL,
+            format!("invalid file name {:?}", String::from_utf8_lossy(name)),
+        ));
+    }
+    if name.len() > 255 {
+        return Err(SourceError::status(
+            "lookup",
+            libc::ENAMETOOLONG,
+            "name too long",
+        ));
+    }
+    Ok(())
+}
+
+fn read_only(op: &'static str) -> SourceError {
+    SourceError::status(op, libc::EROFS, "this source is read-only")
+}
+
+/// Who a new file, directory or symlink belongs to: the calling process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: now (by the source's clock) or a given time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Timestamp),
+}
+
+/// Attribute changes; `None` leaves an attribute as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// Permission bits (including setuid, setgid, sticky).
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncates or extends.
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
 }
 
 /// Settings shared by all source kinds.

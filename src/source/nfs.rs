@@ -45,6 +45,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{
     Attr, DirEntry, Handle, Kind, NfsUrl, Result, Source, SourceError, SourceOptions, Timestamp,
+    check_name,
 };
 
 /// The largest single READ we issue, even when the server accepts more (ganesha announces
@@ -999,29 +1000,6 @@ fn fh_of(handle: &Handle) -> nfs_fh3 {
         data: Opaque::owned(handle.as_bytes().to_vec()),
     }
 }
-
-/// A name the kernel hands us is a single component; refuse anything that could walk elsewhere.
-fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
-        return Err(SourceError::status(
-            "lookup",
-            libc::EINVAL,
-            format!("invalid file name {:?}", String::from_utf8_lossy(name)),
-        ));
-    }
-    if name.len() > 255 {
-        return Err(SourceError::status(
-            "lookup",
-            libc::ENAMETOOLONG,
-            "name too long",
-        ));
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mapping of NFS types (pure).
 
 fn errno_of(status: nfsstat3) -> i32 {
     match status {
