@@ -72,6 +72,9 @@ struct MountArgs {
     /// Serve cached files from the daemon instead of handing them to the kernel.
     #[arg(long)]
     no_passthrough: bool,
+    /// Allow writes: they go through to the source (close-to-open consistency).
+    #[arg(long)]
+    read_write: bool,
     /// Control socket path (default: derived from the mount point, under /run/reservoir).
     #[arg(long)]
     control_socket: Option<PathBuf>,
@@ -200,6 +203,7 @@ fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or((cpus * 2).clamp(4, 16))
             .clamp(1, 256),
         passthrough: !args.no_passthrough,
+        read_write: args.read_write,
         control_socket: args.control_socket,
     };
     mount::run(options)?;

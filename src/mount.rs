@@ -51,6 +51,8 @@ pub struct MountOptions {
     pub source_options: SourceOptions,
     pub threads: usize,
     pub passthrough: bool,
+    /// Writes go through to the source.
+    pub read_write: bool,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -121,6 +123,11 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
     if let Some(cache) = &options.cache {
         cache.validate()?;
     }
+    if options.read_write && options.metadata_ttl == Ttl::Forever {
+        return Err(MountError::Settings(
+            "--read-write cannot be combined with --metadata-ttl forever, which declares the dataset immutable; give a finite TTL (e.g. 60s)".into(),
+        ));
+    }
     let mountpoint = check_mountpoint(&options.mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -139,6 +146,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         cache,
         VolumeConfig {
             metadata_ttl: options.metadata_ttl,
+            read_write: options.read_write,
         },
     ))?;
 
@@ -158,6 +166,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         fs_name: options.source.id(),
         threads: options.threads,
         passthrough: options.passthrough,
+        read_write: options.read_write,
     };
     let mut session = fuse::mount(volume.clone(), &mountpoint, &mount_config).map_err(|cause| {
         let _ = std::fs::remove_file(&socket);

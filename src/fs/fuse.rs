@@ -25,7 +25,7 @@ use fuser::{
 
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::{Entry, FsError, OpenFile, Volume};
-use crate::source::{Attr, Kind, Timestamp};
+use crate::source::{Attr, Kind, Owner, SetAttr, SetTime, Timestamp};
 use crate::units::Ttl;
 
 /// Preferred I/O size reported in `st_blksize`.
@@ -40,6 +40,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Hand fully cached files to the kernel (FUSE passthrough).
     pub passthrough: bool,
+    /// Mount read-write (the volume must be read-write too).
+    pub read_write: bool,
 }
 
 /// Mounts `volume` at `mountpoint` (read-only, allow_other, default_permissions). The kernel
@@ -55,7 +57,11 @@ pub fn mount(
         // Passed to the kernel (fuser would keep `Subtype` for fusermount), so that mount
         // tables show `fuse.reservoir`.
         MountOption::CUSTOM("subtype=reservoir".into()),
-        MountOption::RO,
+        if config.read_write {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::NoAtime,
@@ -95,6 +101,26 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
+    fn remove(&self, parent: Ino, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+        let (name, shared) = (name.as_bytes().to_vec(), self.shared.clone());
+        self.shared.spawn(async move {
+            let result = shared.volume.remove(parent, &name, directory).await;
+            Shared::reply_empty(reply, if directory { "rmdir" } else { "unlink" }, parent, result);
+        });
+    }
+
+    fn commit(&self, ino: Ino, fh: FileHandle, op: &'static str, reply: ReplyEmpty) {
+        match self.shared.handle(fh) {
+            Some(open) if open.file.writable => {
+                let volume = self.shared.volume.clone();
+                self.shared.spawn(async move {
+                    Shared::reply_empty(reply, op, ino, volume.commit(&open.file).await);
+                });
+            }
+            _ => reply.ok(),
+        }
+    }
+
     /// Replies with what the core knows already, on this thread; or asks the source on the
     /// runtime and replies when it answers, leaving this thread free for cached requests.
     fn answer<T, R, Ask, Fut>(
@@ -246,6 +272,20 @@ impl Shared {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
         let io = inodes.entry(ino).or_default();
+        if file.writable && io.backing.is_some() {
+            // The kernel would make this open passthrough too, and its writes would land in the
+            // cache file instead of the source: refuse, as for a running executable.
+            drop(inodes);
+            tracing::warn!(
+                ino,
+                "refusing to open for writing a file that is being read through passthrough (ETXTBSY)"
+            );
+            self.volume.runtime().spawn({
+                let volume = self.volume.clone();
+                async move { volume.release(&file).await }
+            });
+            return reply.error(Errno::ETXTBSY);
+        }
         let backing = match &mut io.backing {
             // The kernel requires every open of an inode in passthrough mode to use it.
             Some((backing, count)) => {
@@ -284,38 +324,79 @@ impl Shared {
         if passthrough {
             self.volume.note_passthrough(&file);
         }
-        let keep_cache = file.keep_cache;
+        let flags = open_flags(&file);
         self.files
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(handle, OpenHandle { file, passthrough });
         match backing {
-            Some(id) => {
-                reply.opened_passthrough(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH, &id)
+            Some(id) => reply.opened_passthrough(FileHandle(handle), flags, &id),
+            None => reply.opened(FileHandle(handle), flags),
+        }
+    }
+
+    /// Registers a file opened by `create` (always served by the daemon) and replies.
+    fn reply_create(&self, reply: ReplyCreate, parent: Ino, result: Result<(Entry, Arc<OpenFile>), FsError>) {
+        let (entry, file) = match result {
+            Ok(created) => created,
+            Err(e) => {
+                log_error("create", parent, &e);
+                return reply.error(errno(&e));
             }
-            None => {
-                let mut flags = FopenFlags::FOPEN_NOFLUSH;
-                if keep_cache {
-                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(handle), flags);
+        };
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.inodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(entry.ino)
+            .or_default()
+            .daemon_opens += 1;
+        let flags = open_flags(&file);
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(
+            handle,
+            OpenHandle {
+                file,
+                passthrough: false,
+            },
+        );
+        reply.created(
+            &entry.ttl,
+            &file_attr(entry.ino, &entry.attr),
+            Generation(0),
+            FileHandle(handle),
+            flags,
+        );
+    }
+
+    fn handle(&self, fh: FileHandle) -> Option<OpenHandle> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+    }
+
+    /// Replies to a request whose answer is only success or an errno.
+    fn reply_empty(reply: ReplyEmpty, op: &'static str, ino: Ino, result: Result<(), FsError>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                log_error(op, ino, &e);
+                reply.error(errno(&e));
             }
         }
     }
 
-    fn release_file(&self, handle: u64) {
-        let Some(open) = self
+    fn release_file(&self, handle: u64) -> Option<Arc<OpenFile>> {
+        let open = self
             .files
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&handle)
-        else {
-            return;
-        };
+            .remove(&handle)?;
         let ino = open.file.ino;
         let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
         let Some(io) = inodes.get_mut(&ino) else {
-            return;
+            return Some(open.file);
         };
         if open.passthrough {
             if let Some((_, count)) = &mut io.backing {
@@ -330,6 +411,7 @@ impl Shared {
         if io.backing.is_none() && io.daemon_opens == 0 {
             inodes.remove(&ino);
         }
+        Some(open.file)
     }
 
     fn open_dir(&self, reply: ReplyOpen, ino: Ino, result: Result<Vec<ListedEntry>, FsError>) {
@@ -353,6 +435,21 @@ impl Shared {
         }
     }
 
+    fn read_write(&self) -> bool {
+        self.volume.read_write()
+    }
+
+    /// Replies to mkdir and symlink.
+    fn reply_created_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => reply.entry(&entry.ttl, &file_attr(entry.ino, &entry.attr), Generation(0)),
+            Err(e) => {
+                log_error("create", parent, &e);
+                reply.error(errno(&e));
+            }
+        }
+    }
+
     fn listing(&self, handle: FileHandle) -> Option<Arc<Vec<ListedEntry>>> {
         self.dirs
             .lock()
@@ -368,6 +465,42 @@ impl Shared {
         }
         self.volume.parent_of(ino).unwrap_or(ROOT)
     }
+}
+
+/// How the kernel is to treat an opened file. Writers need FLUSH (close commits); readers of
+/// a read-only file do not.
+fn open_flags(file: &OpenFile) -> FopenFlags {
+    let mut flags = FopenFlags::empty();
+    if !file.writable {
+        flags |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    if file.keep_cache && !file.passthrough_ready {
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    flags
+}
+
+fn owner(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_change(time: Option<TimeOrNow>) -> Option<SetTime> {
+    time.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(at) => {
+            let (secs, nanos) = match at.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+                Err(before) => {
+                    let d = before.duration();
+                    (-(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0), (1_000_000_000 - d.subsec_nanos()) % 1_000_000_000)
+                }
+            };
+            SetTime::At(Timestamp { secs, nanos })
+        }
+    })
 }
 
 /// Attributes for a negative entry, which the kernel ignores.
@@ -457,14 +590,14 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return reply.error(Errno::EROFS);
-        }
+        // O_TRUNC arrives as a separate SETATTR (no atomic O_TRUNC), which a read-only volume
+        // refuses.
+        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let ino = ino.0;
         self.answer(
-            self.shared.volume.try_open_file(ino),
+            self.shared.volume.try_open_file(ino, writable),
             reply,
-            move |shared| async move { shared.volume.open_file(ino).await },
+            move |shared| async move { shared.volume.open_file(ino, writable).await },
             move |shared, reply, result| shared.reply_open(reply, ino, result),
         );
     }
@@ -516,23 +649,28 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.shared.release_file(fh.0);
+        if let Some(file) = self.shared.release_file(fh.0).filter(|f| f.writable) {
+            let volume = self.shared.volume.clone();
+            self.shared.spawn(async move { volume.release(&file).await });
+        }
         reply.ok();
     }
 
+    // Every close() of a written file flushes: that is where written data becomes durable
+    // (close-to-open consistency). Readers never flush (FOPEN_NOFLUSH).
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.commit(ino.0, fh, "flush", reply);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
-        reply.ok();
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        self.commit(ino.0, fh, "fsync", reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -657,7 +795,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) {
+        if mask.contains(AccessFlags::W_OK) && !self.shared.read_write() {
             return reply.error(Errno::EROFS);
         }
         reply.ok();
@@ -679,18 +817,18 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::ENOSYS);
     }
 
-    // The mount is read-only; the kernel refuses writes before they get here. These answer
-    // anyway, so that nothing can ever reach the source.
+    // Changes go to the core, which refuses them with EROFS on a read-only volume (whose mount
+    // is read-only too, so the kernel refuses them first).
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -699,7 +837,18 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        let changes = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: time_change(atime),
+            mtime: time_change(mtime),
+        };
+        let (ino, shared) = (ino.0, self.shared.clone());
+        self.shared.spawn(async move {
+            Shared::reply_attr(reply, ino, shared.volume.setattr(ino, changes).await);
+        });
     }
 
     fn mknod(
@@ -712,68 +861,132 @@ impl Filesystem for FuseAdapter {
         _r: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        // Device nodes, FIFOs and sockets have no place in a dataset volume.
+        reply.error(if self.shared.read_write() { Errno::EPERM } else { Errno::EROFS });
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (parent, name) = (parent.0, name.as_bytes().to_vec());
+        let (perm, owner) = ((mode & !umask & 0o7777) as u16, owner(req));
+        let shared = self.shared.clone();
+        self.shared.spawn(async move {
+            let result = shared.volume.mkdir(parent, &name, perm, owner).await;
+            shared.reply_created_entry(reply, parent, result);
+        });
     }
 
-    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent.0, name, false, reply);
     }
 
-    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent.0, name, true, reply);
     }
 
-    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (parent, name) = (parent.0, name.as_bytes().to_vec());
+        let (target, owner) = (target.as_os_str().as_bytes().to_vec(), owner(req));
+        let shared = self.shared.clone();
+        self.shared.spawn(async move {
+            let result = shared.volume.symlink(parent, &name, &target, owner).await;
+            shared.reply_created_entry(reply, parent, result);
+        });
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        if !flags.is_empty() {
+            // RENAME_NOREPLACE and RENAME_EXCHANGE cannot be done atomically on the source.
+            return reply.error(Errno::EINVAL);
+        }
+        let (parent, new_parent) = (parent.0, new_parent.0);
+        let (name, new_name) = (name.as_bytes().to_vec(), new_name.as_bytes().to_vec());
+        let shared = self.shared.clone();
+        self.shared.spawn(async move {
+            let result = shared
+                .volume
+                .rename(parent, &name, new_parent, &new_name)
+                .await;
+            Shared::reply_empty(reply, "rename", parent, result);
+        });
     }
 
     fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+        // Hard links would give one file two names in the cache's view; not supported.
+        reply.error(if self.shared.read_write() { Errno::EPERM } else { Errno::EROFS });
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _wf: WriteFlags,
         _flags: OpenFlags,
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        let Some(open) = self.shared.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let (volume, data) = (self.shared.volume.clone(), data.to_vec());
+        self.shared.spawn(async move {
+            match volume.write(&open.file, offset, &data).await {
+                Ok(written) => reply.written(written),
+                Err(e) => {
+                    log_error("write", ino.0, &e);
+                    reply.error(errno(&e));
+                }
+            }
+        });
     }
 
     fn create(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EROFS);
+        let (parent, name) = (parent.0, name.as_bytes().to_vec());
+        let perm = (mode & !umask & 0o7777) as u16;
+        let (owner, exclusive) = (owner(req), flags & libc::O_EXCL != 0);
+        let shared = self.shared.clone();
+        self.shared.spawn(async move {
+            let result = shared
+                .volume
+                .create(parent, &name, perm, owner, exclusive)
+                .await;
+            shared.reply_create(reply, parent, result);
+        });
     }
 
     fn setxattr(
@@ -786,11 +999,11 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(if self.shared.read_write() { Errno::ENOTSUP } else { Errno::EROFS });
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(if self.shared.read_write() { Errno::ENOTSUP } else { Errno::EROFS });
     }
 
     fn fallocate(
@@ -803,7 +1016,7 @@ impl Filesystem for FuseAdapter {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(if self.shared.read_write() { Errno::EOPNOTSUPP } else { Errno::EROFS });
     }
 }
 

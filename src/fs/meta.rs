@@ -418,6 +418,87 @@ impl MetaStore {
         true
     }
 
+    /// Makes a node's attributes stale, so that the next request for them asks the source.
+    pub fn expire(&self, ino: Ino) {
+        if let Some(node) = self.write().nodes.get_mut(&ino) {
+            node.checked_ms = 0;
+        }
+    }
+
+    /// Records a rename done on the source: `name` in `parent` is now `new_name` in
+    /// `new_parent` (replacing what was there) with `handle` and `attr`. The moved node keeps
+    /// its inode number. Directory sources address nodes by path, so when the handle changed,
+    /// the handles of known descendants are rewritten too.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        handle: Handle,
+        attr: Attr,
+    ) {
+        let mut table = self.write();
+        let Some(ino) = table.child(parent, name) else {
+            drop(table);
+            self.upsert_child(new_parent, new_name, handle, attr);
+            return;
+        };
+        if let Some(replaced) = table.child(new_parent, new_name) {
+            if replaced != ino {
+                self.detach_locked(&mut table, replaced);
+            }
+        }
+        if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
+            dir.children.remove(name);
+        }
+        let now = now_ms();
+        let old_handle = match table.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.parent = new_parent;
+                node.name = new_name.into();
+                node.attr = attr;
+                node.checked_ms = now;
+                std::mem::replace(&mut node.handle, handle.clone())
+            }
+            None => return,
+        };
+        if let Some(dir) = table.nodes.get_mut(&new_parent).and_then(|p| p.dir.as_mut()) {
+            dir.children.insert(new_name.into(), ino);
+        }
+        let mut changed = vec![ino];
+        if old_handle != handle {
+            let mut prefix = old_handle.as_bytes().to_vec();
+            prefix.push(b'/');
+            let mut pending: Vec<Ino> = table
+                .nodes
+                .get(&ino)
+                .and_then(|n| n.dir.as_ref())
+                .map(|d| d.children.values().copied().collect())
+                .unwrap_or_default();
+            while let Some(child) = pending.pop() {
+                if let Some(node) = table.nodes.get_mut(&child) {
+                    if let Some(rest) = node.handle.as_bytes().strip_prefix(prefix.as_slice()) {
+                        let mut path = handle.as_bytes().to_vec();
+                        path.push(b'/');
+                        path.extend_from_slice(rest);
+                        node.handle = Handle(path.into_boxed_slice());
+                        changed.push(child);
+                    }
+                    if let Some(dir) = &node.dir {
+                        pending.extend(dir.children.values().copied());
+                    }
+                }
+            }
+        }
+        for ino in changed {
+            if let Some(node) = table.nodes.get(&ino) {
+                let record = node_record(ino, node);
+                self.append(&table, record);
+            }
+        }
+    }
+
     /// Replaces what is known of a directory's contents by a complete listing.
     pub fn set_listing(&self, dir: Ino, entries: Vec<DirEntry>) {
         let mut table = self.write();

@@ -10,6 +10,7 @@
 pub mod fuse;
 pub mod meta;
 pub mod warm;
+mod write;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,6 +80,8 @@ pub type Result<T, E = FsError> = std::result::Result<T, E>;
 pub struct VolumeConfig {
     /// How long attributes and listings are trusted before the source is asked again.
     pub metadata_ttl: Ttl,
+    /// Writes go through to the source; without it every change is refused with EROFS.
+    pub read_write: bool,
 }
 
 /// A node's attributes as served to the kernel, and how long it may keep them.
@@ -142,6 +145,11 @@ pub struct OpenFile {
     pub passthrough_ready: bool,
     /// Pages the kernel cached at an earlier open of the same version are still valid.
     pub keep_cache: bool,
+    /// Opened for writing: writes go to the source, and flush/close commit them.
+    pub writable: bool,
+    /// The write epoch when this file was opened: a later write to the inode makes its
+    /// cached copy stale for this handle.
+    opened_epoch: u64,
     readahead: Mutex<ReadAhead>,
 }
 
@@ -162,6 +170,9 @@ pub struct Volume {
     page_cache_versions: Mutex<HashMap<Ino, ContentKey>>,
     stats: Stats,
     preload: Mutex<Option<Arc<warm::Tracker>>>,
+    /// Inodes written through this volume (read-write volumes only).
+    writes: Mutex<HashMap<Ino, write::WriteState>>,
+    write_epoch: AtomicU64,
     runtime: tokio::runtime::Handle,
 }
 
@@ -219,6 +230,8 @@ impl Volume {
             page_cache_versions: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             preload: Mutex::new(None),
+            writes: Mutex::new(HashMap::new()),
+            write_epoch: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
         });
         if !online {
@@ -283,6 +296,10 @@ impl Volume {
 
     pub fn metadata_ttl(&self) -> Ttl {
         self.config.metadata_ttl
+    }
+
+    pub fn read_write(&self) -> bool {
+        self.config.read_write
     }
 
     fn entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
@@ -483,20 +500,23 @@ impl Volume {
 
     /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
     /// the source first (close-to-open consistency within the metadata TTL).
-    pub fn try_open_file(self: &Arc<Self>, ino: Ino) -> Option<Result<Arc<OpenFile>>> {
+    pub fn try_open_file(self: &Arc<Self>, ino: Ino, writable: bool) -> Option<Result<Arc<OpenFile>>> {
         let checked = self.meta.with(ino, |n| n.checked_ms)?;
-        self.fresh(checked).then(|| self.open_known(ino))
+        self.fresh(checked).then(|| self.open_known(ino, writable))
     }
 
-    pub async fn open_file(self: &Arc<Self>, ino: Ino) -> Result<Arc<OpenFile>> {
-        if let Some(answer) = self.try_open_file(ino) {
+    pub async fn open_file(self: &Arc<Self>, ino: Ino, writable: bool) -> Result<Arc<OpenFile>> {
+        if let Some(answer) = self.try_open_file(ino, writable) {
             return answer;
         }
         self.revalidate(ino).await?;
-        self.open_known(ino)
+        self.open_known(ino, writable)
     }
 
-    fn open_known(self: &Arc<Self>, ino: Ino) -> Result<Arc<OpenFile>> {
+    fn open_known(self: &Arc<Self>, ino: Ino, writable: bool) -> Result<Arc<OpenFile>> {
+        if writable && !self.config.read_write {
+            return Err(FsError::Errno(libc::EROFS, "read-only volume"));
+        }
         let (handle, attr) = self
             .meta
             .with(ino, |n| (n.handle.clone(), n.attr.clone()))
@@ -508,9 +528,15 @@ impl Volume {
         }
         let key = content_key(&self.source_id, &handle, &attr);
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        // Registering a writer first means a concurrent write cannot slip in after the check.
+        let opened_epoch = if writable {
+            self.begin_writing(ino, key)
+        } else {
+            self.write_epoch.load(Ordering::Acquire)
+        };
+        let cacheable = !writable && !self.has_writers(ino);
         let (lease, passthrough_ready) = match &self.cache {
-            None => (None, false),
-            Some(cache) => match cache.lease(key, attr.size, Priority::Access) {
+            Some(cache) if cacheable => match cache.lease(key, attr.size, Priority::Access) {
                 Ok(Some(lease)) => {
                     let lease = Arc::new(lease);
                     let ready = self.passthrough_ready(cache, &lease);
@@ -522,6 +548,7 @@ impl Volume {
                     (None, false)
                 }
             },
+            _ => (None, false),
         };
         let keep_cache = !passthrough_ready && {
             let mut versions = self
@@ -538,6 +565,8 @@ impl Volume {
             lease,
             passthrough_ready,
             keep_cache,
+            writable,
+            opened_epoch,
             readahead: Mutex::new(ReadAhead::default()),
         });
         if let Some(lease) = &file.lease {
@@ -589,7 +618,7 @@ impl Volume {
         offset: u64,
         size: u32,
     ) -> Option<Vec<u8>> {
-        let lease = file.lease.as_ref()?;
+        let lease = file.lease.as_ref().filter(|_| self.cache_current(file))?;
         let cache = self.cache.as_ref()?;
         match cache.read(lease, offset, size as usize) {
             Ok(Some(data)) => {
@@ -613,22 +642,25 @@ impl Volume {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>> {
+        let lease = match &file.lease {
+            Some(lease) if self.cache_current(file) => lease,
+            // Not cached, or written since it was opened: the source has the current bytes
+            // (and the current size).
+            _ => {
+                let source = self.source()?;
+                let result = source.read(&file.handle, offset, size).await;
+                self.observe(&result);
+                let data = result?;
+                let n = data.len() as u64;
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                self.stats.bytes_from_source.fetch_add(n, Ordering::Relaxed);
+                return Ok(data);
+            }
+        };
         let end = (offset + u64::from(size)).min(file.size);
         if offset >= end {
             return Ok(Vec::new());
         }
-        let Some(lease) = &file.lease else {
-            let source = self.source()?;
-            let result = source
-                .read(&file.handle, offset, (end - offset) as u32)
-                .await;
-            self.observe(&result);
-            let data = result?;
-            let n = data.len() as u64;
-            self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
-            self.stats.bytes_from_source.fetch_add(n, Ordering::Relaxed);
-            return Ok(data);
-        };
         self.read_ahead(file, offset, size);
         let block_size = u64::from(lease.block_size);
         let first = (offset / block_size) as u32;

@@ -21,7 +21,10 @@ fn options() -> SourceOptions {
 
 async fn volume(source: &Path, cache: Option<Arc<Cache>>, ttl: Ttl) -> Arc<Volume> {
     let spec = SourceSpec::Local(source.to_path_buf());
-    Volume::open(spec, options(), cache, VolumeConfig { metadata_ttl: ttl })
+    Volume::open(spec, options(), cache, VolumeConfig {
+            metadata_ttl: ttl,
+            read_write: false,
+        })
         .await
         .unwrap()
 }
@@ -60,16 +63,16 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
         let d = volume.lookup(ROOT, b"d").await.unwrap();
         let big = volume.lookup(d.ino, b"big").await.unwrap();
         assert_eq!(big.attr.size, data.len() as u64);
-        let file = volume.open_file(big.ino).await.unwrap();
+        let file = volume.open_file(big.ino, false).await.unwrap();
         assert!(!file.passthrough_ready);
         assert_eq!(read_all(&volume, &file).await, data);
-        let file = volume.open_file(big.ino).await.unwrap();
+        let file = volume.open_file(big.ino, false).await.unwrap();
         assert!(
             file.passthrough_ready,
             "a fully read file is complete in the cache"
         );
         let small = volume.lookup(ROOT, b"small").await.unwrap();
-        let file = volume.open_file(small.ino).await.unwrap();
+        let file = volume.open_file(small.ino, false).await.unwrap();
         assert_eq!(read_all(&volume, &file).await, b"hello");
         let listing = volume.list(ROOT).await.unwrap();
         assert_eq!(listing.len(), 2);
@@ -82,7 +85,7 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
     let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
     let d = volume.lookup(ROOT, b"d").await.unwrap();
     let big = volume.lookup(d.ino, b"big").await.unwrap();
-    let file = volume.open_file(big.ino).await.unwrap();
+    let file = volume.open_file(big.ino, false).await.unwrap();
     assert_eq!(read_all(&volume, &file).await, data);
     assert_eq!(volume.status().bytes_fetched, 0);
     assert_eq!(volume.list(ROOT).await.unwrap().len(), 2);
@@ -101,17 +104,17 @@ async fn a_changed_file_is_fetched_again_after_the_ttl() {
     let ttl = Ttl::Finite(Duration::from_millis(300));
     let volume = volume(source.path(), Some(cache(cache_dir.path())), ttl).await;
     let f = volume.lookup(ROOT, b"f").await.unwrap();
-    let file = volume.open_file(f.ino).await.unwrap();
+    let file = volume.open_file(f.ino, false).await.unwrap();
     assert_eq!(read_all(&volume, &file).await, b"version one");
 
     std::fs::write(&path, b"version two!").unwrap();
     // Within the TTL the known version is served.
-    let file = volume.open_file(f.ino).await.unwrap();
+    let file = volume.open_file(f.ino, false).await.unwrap();
     assert_eq!(read_all(&volume, &file).await, b"version one");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let f2 = volume.lookup(ROOT, b"f").await.unwrap();
     assert_eq!(f2.ino, f.ino);
-    let file = volume.open_file(f.ino).await.unwrap();
+    let file = volume.open_file(f.ino, false).await.unwrap();
     assert!(
         !file.keep_cache,
         "the kernel must drop pages of the old version"

@@ -221,6 +221,9 @@ impl Volume {
         let Some(handle) = self.meta.with(ino, |n| n.handle.clone()) else {
             return tracker.fail(path, FsError::UnknownInode(ino));
         };
+        if self.has_writers(ino) {
+            return tracker.fail(path, "being written through this volume");
+        }
         let size = entry.attr.size;
         let key = content_key(&self.source_id, &handle, &entry.attr);
         if cache.contains_complete(key, size) {
@@ -243,6 +246,8 @@ impl Volume {
             lease: Some(lease.clone()),
             passthrough_ready: false,
             keep_cache: false,
+            writable: false,
+            opened_epoch: self.write_epoch.load(std::sync::atomic::Ordering::Acquire),
             readahead: Mutex::default(),
         };
         let missing = cache.missing_blocks(&lease, 0, lease.block_count().saturating_sub(1));
