@@ -105,7 +105,12 @@ impl FuseAdapter {
         let (name, shared) = (name.as_bytes().to_vec(), self.shared.clone());
         self.shared.spawn(async move {
             let result = shared.volume.remove(parent, &name, directory).await;
-            Shared::reply_empty(reply, if directory { "rmdir" } else { "unlink" }, parent, result);
+            Shared::reply_empty(
+                reply,
+                if directory { "rmdir" } else { "unlink" },
+                parent,
+                result,
+            );
         });
     }
 
@@ -336,7 +341,12 @@ impl Shared {
     }
 
     /// Registers a file opened by `create` (always served by the daemon) and replies.
-    fn reply_create(&self, reply: ReplyCreate, parent: Ino, result: Result<(Entry, Arc<OpenFile>), FsError>) {
+    fn reply_create(
+        &self,
+        reply: ReplyCreate,
+        parent: Ino,
+        result: Result<(Entry, Arc<OpenFile>), FsError>,
+    ) {
         let (entry, file) = match result {
             Ok(created) => created,
             Err(e) => {
@@ -352,13 +362,16 @@ impl Shared {
             .or_default()
             .daemon_opens += 1;
         let flags = open_flags(&file);
-        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(
-            handle,
-            OpenHandle {
-                file,
-                passthrough: false,
-            },
-        );
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                handle,
+                OpenHandle {
+                    file,
+                    passthrough: false,
+                },
+            );
         reply.created(
             &entry.ttl,
             &file_attr(entry.ino, &entry.attr),
@@ -442,7 +455,11 @@ impl Shared {
     /// Replies to mkdir and symlink.
     fn reply_created_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
         match result {
-            Ok(entry) => reply.entry(&entry.ttl, &file_attr(entry.ino, &entry.attr), Generation(0)),
+            Ok(entry) => reply.entry(
+                &entry.ttl,
+                &file_attr(entry.ino, &entry.attr),
+                Generation(0),
+            ),
             Err(e) => {
                 log_error("create", parent, &e);
                 reply.error(errno(&e));
@@ -495,7 +512,10 @@ fn time_change(time: Option<TimeOrNow>) -> Option<SetTime> {
                 Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
                 Err(before) => {
                     let d = before.duration();
-                    (-(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0), (1_000_000_000 - d.subsec_nanos()) % 1_000_000_000)
+                    (
+                        -(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0),
+                        (1_000_000_000 - d.subsec_nanos()) % 1_000_000_000,
+                    )
                 }
             };
             SetTime::At(Timestamp { secs, nanos })
@@ -651,7 +671,8 @@ impl Filesystem for FuseAdapter {
     ) {
         if let Some(file) = self.shared.release_file(fh.0).filter(|f| f.writable) {
             let volume = self.shared.volume.clone();
-            self.shared.spawn(async move { volume.release(&file).await });
+            self.shared
+                .spawn(async move { volume.release(&file).await });
         }
         reply.ok();
     }
@@ -862,7 +883,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         // Device nodes, FIFOs and sockets have no place in a dataset volume.
-        reply.error(if self.shared.read_write() { Errno::EPERM } else { Errno::EROFS });
+        reply.error(if self.shared.read_write() {
+            Errno::EPERM
+        } else {
+            Errno::EROFS
+        });
     }
 
     fn mkdir(
@@ -936,7 +961,11 @@ impl Filesystem for FuseAdapter {
 
     fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
         // Hard links would give one file two names in the cache's view; not supported.
-        reply.error(if self.shared.read_write() { Errno::EPERM } else { Errno::EROFS });
+        reply.error(if self.shared.read_write() {
+            Errno::EPERM
+        } else {
+            Errno::EROFS
+        });
     }
 
     fn write(
@@ -999,11 +1028,19 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(if self.shared.read_write() { Errno::ENOTSUP } else { Errno::EROFS });
+        reply.error(if self.shared.read_write() {
+            Errno::ENOTSUP
+        } else {
+            Errno::EROFS
+        });
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(if self.shared.read_write() { Errno::ENOTSUP } else { Errno::EROFS });
+        reply.error(if self.shared.read_write() {
+            Errno::ENOTSUP
+        } else {
+            Errno::EROFS
+        });
     }
 
     fn fallocate(
@@ -1016,7 +1053,11 @@ impl Filesystem for FuseAdapter {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(if self.shared.read_write() { Errno::EOPNOTSUPP } else { Errno::EROFS });
+        reply.error(if self.shared.read_write() {
+            Errno::EOPNOTSUPP
+        } else {
+            Errno::EROFS
+        });
     }
 }
 

@@ -463,7 +463,11 @@ impl MetaStore {
             }
             None => return,
         };
-        if let Some(dir) = table.nodes.get_mut(&new_parent).and_then(|p| p.dir.as_mut()) {
+        if let Some(dir) = table
+            .nodes
+            .get_mut(&new_parent)
+            .and_then(|p| p.dir.as_mut())
+        {
             dir.children.insert(new_name.into(), ino);
         }
         let mut changed = vec![ino];

@@ -500,7 +500,11 @@ impl Volume {
 
     /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
     /// the source first (close-to-open consistency within the metadata TTL).
-    pub fn try_open_file(self: &Arc<Self>, ino: Ino, writable: bool) -> Option<Result<Arc<OpenFile>>> {
+    pub fn try_open_file(
+        self: &Arc<Self>,
+        ino: Ino,
+        writable: bool,
+    ) -> Option<Result<Arc<OpenFile>>> {
         let checked = self.meta.with(ino, |n| n.checked_ms)?;
         self.fresh(checked).then(|| self.open_known(ino, writable))
     }

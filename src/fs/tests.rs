@@ -21,12 +21,17 @@ fn options() -> SourceOptions {
 
 async fn volume(source: &Path, cache: Option<Arc<Cache>>, ttl: Ttl) -> Arc<Volume> {
     let spec = SourceSpec::Local(source.to_path_buf());
-    Volume::open(spec, options(), cache, VolumeConfig {
+    Volume::open(
+        spec,
+        options(),
+        cache,
+        VolumeConfig {
             metadata_ttl: ttl,
             read_write: false,
-        })
-        .await
-        .unwrap()
+        },
+    )
+    .await
+    .unwrap()
 }
 
 fn pattern(n: usize) -> Vec<u8> {

@@ -220,13 +220,7 @@ impl Volume {
         Ok(entry)
     }
 
-    fn add_child(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        handle: Handle,
-        attr: Attr,
-    ) -> Result<Entry> {
+    fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<Entry> {
         let ino = self
             .meta
             .upsert_child(parent, name, handle, attr.clone())
@@ -259,7 +253,11 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         }
-        if let Some(key) = self.meta.child(parent, name).and_then(|ino| self.current_key(ino)) {
+        if let Some(key) = self
+            .meta
+            .child(parent, name)
+            .and_then(|ino| self.current_key(ino))
+        {
             if let Some(cache) = &self.cache {
                 cache.forget(key);
             }
@@ -298,7 +296,8 @@ impl Volume {
                         cache.forget(key);
                     }
                 }
-                self.meta.rename(parent, name, new_parent, new_name, handle, attr);
+                self.meta
+                    .rename(parent, name, new_parent, new_name, handle, attr);
             }
             Err(e) => {
                 // Renamed, but its new identity is unknown: forget both names; the kernel's
