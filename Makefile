@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test lint unit bench-quick bench build release clean
+.PHONY: demo test lint deploy-check sanity bench-quick bench build release clean
 
 release:
 	$(CARGO) build --release --locked
@@ -22,11 +22,21 @@ test:
 	scripts/install-deps.sh test
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(MAKE) deploy-check
 	$(CARGO) test --locked --all-targets
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## The Kubernetes manifests against the API schemas (offline).
+deploy-check:
+	scripts/install-deps.sh deploy
+	kubernetes-validate -k 1.30.0 --strict deploy/kubernetes/*.yaml deploy/kubernetes/examples/*.yaml
+
+## The CSI conformance tool against `reservoir csi` (skipped, saying so, without csi-sanity).
+sanity: release
+	csi-sanity/run.sh
 
 ## Side-by-side numbers at a reduced scale (a few minutes); writes docs/benchmarks.md.
 bench-quick:

@@ -8,7 +8,8 @@ case "${1:-test}" in
   test)  want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils) ;;
   bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils bindfs rclone fio python3-matplotlib) ;;
   demo)  ;;
-  *) echo "usage: $0 [demo|test|bench]" >&2; exit 2 ;;
+  deploy) ;;
+  *) echo "usage: $0 [demo|test|bench|deploy]" >&2; exit 2 ;;
 esac
 
 missing=()
@@ -27,6 +28,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
+fi
+
+# Offline validation of the Kubernetes manifests.
+if [ "${1:-test}" = deploy ] && ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "install-deps: installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

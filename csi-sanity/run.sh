@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the Kubernetes CSI conformance tool csi-sanity against `reservoir csi` (Identity,
+# Controller and Node on one socket). csi-sanity is not packaged for Debian: point CSI_SANITY at
+# a binary (https://github.com/kubernetes-csi/csi-test, `go install
+# github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@latest`) or put it on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sanity=${CSI_SANITY:-$(command -v csi-sanity || true)}
+if [ -z "$sanity" ] || [ ! -x "$sanity" ]; then
+  echo "csi-sanity: SKIPPED: no csi-sanity binary (set CSI_SANITY=/path/to/csi-sanity or put it on PATH)"
+  exit 0
+fi
+[ "$(id -u)" -eq 0 ] || { echo "csi-sanity: run as root (the node service mounts)" >&2; exit 1; }
+bin=${RESERVOIR:-target/release/reservoir}
+[ -x "$bin" ] || { echo "csi-sanity: $bin is missing; run 'make release'" >&2; exit 1; }
+
+work=/tmp/reservoir-sanity
+rm -rf "$work"
+mkdir -p "$work/data" "$work/state" "$work/cache"
+echo "a file in the dataset" > "$work/data/hello.txt"
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  pkill -TERM -f "reservoir daemon --cache-dir $work/cache" 2>/dev/null || true
+  grep -o " $work/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+"$bin" csi --endpoint "unix://$work/csi.sock" --node-id sanity-node --state-dir "$work/state" \
+  --daemon-socket "$work/daemon.sock" --cache-dir "$work/cache" --cache-size 1Gi \
+  --allowed-sources "$work/data" 2> "$work/csi.log" &
+pid=$!
+for _ in $(seq 1 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
+
+"$sanity" \
+  --csi.endpoint "$work/csi.sock" \
+  --csi.testvolumeparameters csi-sanity/parameters.yaml \
+  --csi.mountdir "$work/target" \
+  --csi.stagingdir "$work/staging" \
+  --csi.testvolumesize 67108864 \
+  "$@"
