@@ -5,6 +5,10 @@
 //! outside the root, and the daemon never follows a symlink: symlinks are reported as symlinks.
 //! The directory may itself be a network mount that can hang, so every call runs on the blocking
 //! pool under the source timeout.
+//!
+//! Writes follow the same rule: names are created, removed and renamed with `*at()` calls in a
+//! parent directory opened beneath the root, and the final component is never followed (see
+//! "Writing" below). `write` opens the file for each call and `pwrite`s; `commit` is `fsync`.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -15,12 +19,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, readlinkat};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2, readlinkat, renameat};
+use nix::sys::stat::{
+    FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, fstat, fstatat,
+    mkdirat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{
+    Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, ftruncate, symlinkat, unlinkat,
+};
 
 use super::{
-    Attr, DirEntry, Handle, Kind, Result, Source, SourceError, SourceOptions, Timestamp, check_name,
+    Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SetTime, Source, SourceError,
+    SourceOptions, Timestamp, check_name,
 };
+
+/// How often a non-exclusive create goes round when the name it found is removed before it could
+/// be looked at.
+const CREATE_ATTEMPTS: u32 = 3;
 
 pub struct LocalSource {
     inner: Arc<Inner>,
@@ -212,6 +228,270 @@ fn attr_from_stat(st: &FileStat) -> Attr {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Writing. Names are created, removed and renamed with *at() calls relative to their parent
+// directory, itself opened beneath the root without following symlinks; the final component is
+// never followed either (O_NOFOLLOW, O_EXCL, AT_SYMLINK_NOFOLLOW). The daemon runs as root:
+// new objects are made by it, then given to their owner, and their mode is set exactly (the
+// daemon's umask applied at creation; a change of owner may clear set-id bits).
+
+fn mode_of(perm: u16) -> Mode {
+    Mode::from_bits_truncate(libc::mode_t::from(perm & 0o7777))
+}
+
+fn uid_gid(owner: Owner) -> (Option<Uid>, Option<Gid>) {
+    (
+        Some(Uid::from_raw(owner.uid)),
+        Some(Gid::from_raw(owner.gid)),
+    )
+}
+
+fn timespec_of(time: Option<SetTime>) -> TimeSpec {
+    match time {
+        None => TimeSpec::UTIME_OMIT,
+        Some(SetTime::Now) => TimeSpec::UTIME_NOW,
+        Some(SetTime::At(t)) => TimeSpec::new(t.secs, i64::from(t.nanos.min(999_999_999))),
+    }
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Inner {
+    /// A directory beneath the root, to make, remove or rename names in.
+    fn open_dir(&self, rel: &[u8]) -> nix::Result<OwnedFd> {
+        self.open_beneath(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)
+    }
+
+    /// The directory that holds a node and the node's name in it (the root is `.` in itself).
+    fn locate<'a>(&self, rel: &'a [u8]) -> nix::Result<(OwnedFd, &'a [u8])> {
+        if rel.is_empty() {
+            Ok((self.root.try_clone().map_err(io_errno)?, b"."))
+        } else {
+            self.open_parent(rel)
+        }
+    }
+
+    /// Gives a new object (open as `fd`) to its owner with exactly `perm`; returns its stat.
+    fn settle(&self, fd: &OwnedFd, perm: u16, owner: Owner) -> nix::Result<FileStat> {
+        let (uid, gid) = uid_gid(owner);
+        fchown(fd.as_fd(), uid, gid)?;
+        fchmod(fd.as_fd(), mode_of(perm))?;
+        fstat(fd.as_fd())
+    }
+
+    fn create(
+        &self,
+        dir: &[u8],
+        name: &[u8],
+        perm: u16,
+        owner: Owner,
+        exclusive: bool,
+    ) -> Result<(Handle, Attr)> {
+        let handle = join(dir, name);
+        let fail = |e| self.error("create", handle.as_bytes(), e);
+        let dirfd = self
+            .open_dir(dir)
+            .map_err(|e| self.error("create", dir, e))?;
+        let cname = OsStr::from_bytes(name);
+        for _ in 0..CREATE_ATTEMPTS {
+            // O_EXCL even when not exclusive, so that the owner and mode are only ever applied to
+            // a file this call made: an existing file is opened as it is.
+            let created = openat(
+                dirfd.as_fd(),
+                cname,
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_RDONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                mode_of(perm),
+            );
+            match created {
+                Ok(fd) => {
+                    let st = self.settle(&fd, perm, owner).map_err(fail)?;
+                    return Ok((handle, attr_from_stat(&st)));
+                }
+                Err(Errno::EEXIST) if !exclusive => {
+                    match fstatat(dirfd.as_fd(), cname, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                        Ok(st) => {
+                            let attr = attr_from_stat(&st);
+                            return match attr.kind {
+                                Kind::File => Ok((handle, attr)),
+                                Kind::Directory => Err(fail(Errno::EISDIR)),
+                                _ => Err(fail(Errno::EEXIST)),
+                            };
+                        }
+                        // Removed since: create again.
+                        Err(Errno::ENOENT) => continue,
+                        Err(e) => return Err(fail(e)),
+                    }
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        Err(fail(Errno::EEXIST))
+    }
+
+    fn mkdir(&self, dir: &[u8], name: &[u8], perm: u16, owner: Owner) -> Result<(Handle, Attr)> {
+        let handle = join(dir, name);
+        let fail = |e| self.error("mkdir", handle.as_bytes(), e);
+        let dirfd = self
+            .open_dir(dir)
+            .map_err(|e| self.error("mkdir", dir, e))?;
+        let cname = OsStr::from_bytes(name);
+        mkdirat(dirfd.as_fd(), cname, mode_of(perm)).map_err(fail)?;
+        let fd = openat(
+            dirfd.as_fd(),
+            cname,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(fail)?;
+        let st = self.settle(&fd, perm, owner).map_err(fail)?;
+        Ok((handle, attr_from_stat(&st)))
+    }
+
+    fn symlink(
+        &self,
+        dir: &[u8],
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        let handle = join(dir, name);
+        let fail = |e| self.error("symlink", handle.as_bytes(), e);
+        let dirfd = self
+            .open_dir(dir)
+            .map_err(|e| self.error("symlink", dir, e))?;
+        let cname = OsStr::from_bytes(name);
+        symlinkat(OsStr::from_bytes(target), dirfd.as_fd(), cname).map_err(fail)?;
+        let (uid, gid) = uid_gid(owner);
+        fchownat(dirfd.as_fd(), cname, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
+        let st = fstatat(dirfd.as_fd(), cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
+        Ok((handle, attr_from_stat(&st)))
+    }
+
+    fn unlink(&self, op: &'static str, dir: &[u8], name: &[u8], flag: UnlinkatFlags) -> Result<()> {
+        let dirfd = self.open_dir(dir).map_err(|e| self.error(op, dir, e))?;
+        unlinkat(dirfd.as_fd(), OsStr::from_bytes(name), flag)
+            .map_err(|e| self.error(op, join(dir, name).as_bytes(), e))
+    }
+
+    fn rename(&self, from_dir: &[u8], from: &[u8], to_dir: &[u8], to: &[u8]) -> Result<()> {
+        let from_fd = self
+            .open_dir(from_dir)
+            .map_err(|e| self.error("rename", from_dir, e))?;
+        let to_fd = self
+            .open_dir(to_dir)
+            .map_err(|e| self.error("rename", to_dir, e))?;
+        renameat(
+            from_fd.as_fd(),
+            OsStr::from_bytes(from),
+            to_fd.as_fd(),
+            OsStr::from_bytes(to),
+        )
+        .map_err(|errno| {
+            SourceError::status(
+                "rename",
+                errno as i32,
+                format!(
+                    "{id}/{} to {id}/{}: {}",
+                    String::from_utf8_lossy(join(from_dir, from).as_bytes()),
+                    String::from_utf8_lossy(join(to_dir, to).as_bytes()),
+                    errno.desc(),
+                    id = self.id,
+                ),
+            )
+        })
+    }
+
+    fn write(&self, rel: &[u8], offset: u64, data: &[u8]) -> Result<Attr> {
+        let fail = |e| self.error("write", rel, e);
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= i64::MAX as u64);
+        if end.is_none() {
+            return Err(fail(Errno::EFBIG));
+        }
+        // O_NONBLOCK: a FIFO swapped in under the name fails instead of blocking.
+        let fd = self
+            .open_beneath(rel, OFlag::O_WRONLY | OFlag::O_NONBLOCK)
+            .map_err(fail)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            match nix::sys::uio::pwrite(fd.as_fd(), &data[done..], at as libc::off_t) {
+                Ok(0) => return Err(fail(Errno::EIO)),
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        fstat(fd.as_fd())
+            .map(|st| attr_from_stat(&st))
+            .map_err(fail)
+    }
+
+    fn commit(&self, rel: &[u8]) -> Result<()> {
+        let fail = |e| self.error("commit", rel, e);
+        let fd = self
+            .open_beneath(rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)
+            .map_err(fail)?;
+        fsync(fd.as_fd()).map_err(fail)
+    }
+
+    fn setattr(&self, rel: &[u8], changes: &SetAttr) -> Result<Attr> {
+        let fail = |e| self.error("setattr", rel, e);
+        let (dirfd, name) = self.locate(rel).map_err(fail)?;
+        let cname = OsStr::from_bytes(name);
+        // Size first (it changes the times), owner before mode (chown may clear set-id bits),
+        // times last.
+        if let Some(size) = changes.size {
+            let size = libc::off_t::try_from(size).map_err(|_| fail(Errno::EFBIG))?;
+            let fd = self
+                .open_beneath(rel, OFlag::O_WRONLY | OFlag::O_NONBLOCK)
+                .map_err(fail)?;
+            ftruncate(fd.as_fd(), size).map_err(fail)?;
+        }
+        if changes.uid.is_some() || changes.gid.is_some() {
+            fchownat(
+                dirfd.as_fd(),
+                cname,
+                changes.uid.map(Uid::from_raw),
+                changes.gid.map(Gid::from_raw),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(fail)?;
+        }
+        if let Some(perm) = changes.perm {
+            // Never follows a symlink: on one, the kernel (fchmodat2, Linux 6.6+) or glibc (2.32+:
+            // an O_PATH descriptor, checked not to be a symlink, changed through /proc/self/fd)
+            // refuses with EOPNOTSUPP.
+            fchmodat(
+                dirfd.as_fd(),
+                cname,
+                mode_of(perm),
+                FchmodatFlags::NoFollowSymlink,
+            )
+            .map_err(fail)?;
+        }
+        if changes.atime.is_some() || changes.mtime.is_some() {
+            utimensat(
+                dirfd.as_fd(),
+                cname,
+                &timespec_of(changes.atime),
+                &timespec_of(changes.mtime),
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(fail)?;
+        }
+        let st = fstatat(dirfd.as_fd(), cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(fail)?;
+        Ok(attr_from_stat(&st))
+    }
+}
+
 #[async_trait]
 impl Source for LocalSource {
     fn id(&self) -> &str {
@@ -326,6 +606,113 @@ impl Source for LocalSource {
             let (dir, name) = inner.open_parent(rel).map_err(fail)?;
             let target = readlinkat(dir.as_fd(), OsStr::from_bytes(name)).map_err(fail)?;
             Ok(target.into_vec())
+        })
+        .await
+    }
+
+    /// `pwrite` on a descriptor opened beneath the root for this call; returns the attributes
+    /// after the write.
+    async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
+        let file = file.clone();
+        let data = data.to_vec();
+        self.run("write", move |inner| {
+            inner.write(file.as_bytes(), offset, &data).map(Some)
+        })
+        .await
+    }
+
+    /// `fsync`.
+    async fn commit(&self, file: &Handle) -> Result<()> {
+        let file = file.clone();
+        self.run("commit", move |inner| inner.commit(file.as_bytes()))
+            .await
+    }
+
+    async fn create(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+        exclusive: bool,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (dir, name) = (dir.clone(), name.to_vec());
+        self.run("create", move |inner| {
+            inner.create(dir.as_bytes(), &name, mode, owner, exclusive)
+        })
+        .await
+    }
+
+    async fn mkdir(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (dir, name) = (dir.clone(), name.to_vec());
+        self.run("mkdir", move |inner| {
+            inner.mkdir(dir.as_bytes(), &name, mode, owner)
+        })
+        .await
+    }
+
+    async fn symlink(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (dir, name, target) = (dir.clone(), name.to_vec(), target.to_vec());
+        self.run("symlink", move |inner| {
+            inner.symlink(dir.as_bytes(), &name, &target, owner)
+        })
+        .await
+    }
+
+    async fn remove(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let (dir, name) = (dir.clone(), name.to_vec());
+        self.run("remove", move |inner| {
+            inner.unlink("remove", dir.as_bytes(), &name, UnlinkatFlags::NoRemoveDir)
+        })
+        .await
+    }
+
+    async fn rmdir(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let (dir, name) = (dir.clone(), name.to_vec());
+        self.run("rmdir", move |inner| {
+            inner.unlink("rmdir", dir.as_bytes(), &name, UnlinkatFlags::RemoveDir)
+        })
+        .await
+    }
+
+    async fn rename(
+        &self,
+        from_dir: &Handle,
+        from: &[u8],
+        to_dir: &Handle,
+        to: &[u8],
+    ) -> Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        let (from_dir, from, to_dir, to) =
+            (from_dir.clone(), from.to_vec(), to_dir.clone(), to.to_vec());
+        self.run("rename", move |inner| {
+            inner.rename(from_dir.as_bytes(), &from, to_dir.as_bytes(), &to)
+        })
+        .await
+    }
+
+    async fn setattr(&self, node: &Handle, changes: &SetAttr) -> Result<Attr> {
+        let (node, changes) = (node.clone(), changes.clone());
+        self.run("setattr", move |inner| {
+            inner.setattr(node.as_bytes(), &changes)
         })
         .await
     }

@@ -9,14 +9,28 @@
 //! - **Calls** go over a pool of NFS connections, created on demand. `nfs3_client` carries one call
 //!   at a time per connection, so a call takes a connection, uses it and puts it back. Every call is
 //!   bounded by the source timeout. A connection whose call timed out or failed in transport is
-//!   dropped, never reused (a late reply would desynchronise it). All our calls are idempotent, so
-//!   one that failed in transport on a pooled connection (which may have gone stale, e.g. the
-//!   server restarted) is retried once on a fresh connection. A server that is down makes calls
-//!   fail fast (connection refused) or at the timeout (no answer); when it is back, calls work again.
+//!   dropped, never reused (a late reply would desynchronise it). A call that failed in transport
+//!   on a pooled connection (which may have gone stale, e.g. the server restarted) is retried once
+//!   on a fresh connection, within the same deadline; a call that timed out is never retried. A
+//!   server that is down makes calls fail fast (connection refused) or at the timeout (no answer);
+//!   when it is back, calls work again.
+//! - **Writes**: see [`Source::write`] and [`Source::commit`] on [`NfsSource`]. WRITE is UNSTABLE,
+//!   split into pieces of at most `min(wtmax, MAX_WRITE_PIECE)` issued concurrently over the pool;
+//!   the write verifier of every unstable reply is remembered per file until COMMIT, which fails
+//!   with EIO when the server's verifier changed in between (it restarted and may have lost the
+//!   unstable data: we keep no copy to send again).
+//! - **Retries of non-idempotent calls** (CREATE, MKDIR, SYMLINK, REMOVE, RMDIR, RENAME): the one
+//!   retry after a transport failure may meet the effect of a first attempt whose reply was lost.
+//!   As the Linux client does without a duplicate request cache, such outcomes are interpreted:
+//!   NOENT from a retried REMOVE/RMDIR is success; EXIST from a retried CREATE/MKDIR/SYMLINK is
+//!   success when a LOOKUP finds an object that looks like ours (same type, owner, mode, and for a
+//!   symlink the same target); NOENT from a retried RENAME is success when the target name exists.
+//!   A timed-out call is never retried, so its outcome is unknown to the caller (an error).
 //! - **Credentials**: AUTH_SYS as uid 0 / gid 0 with this machine's name, from a privileged source
 //!   port when running as root, so the daemon reads like a root kernel client does on a
 //!   `no_root_squash` export.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -26,12 +40,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::nfs3_types::mount::{self, dirpath};
 use nfs3_client::nfs3_types::nfs3::{
-    self, FSINFO3args, GETATTR3args, LOOKUP3args, Nfs3Option, Nfs3Result, READ3args,
-    READDIRPLUS3args, READDIRPLUS3res, READLINK3args, cookieverf3, diropargs3, fattr3, filename3,
-    ftype3, nfs_fh3, nfsstat3, nfstime3, specdata3,
+    self, COMMIT3args, CREATE3args, FSINFO3args, GETATTR3args, LOOKUP3args, MKDIR3args, Nfs3Option,
+    Nfs3Result, READ3args, READDIRPLUS3args, READDIRPLUS3res, READLINK3args, REMOVE3args,
+    RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args, cookieverf3, createhow3,
+    diropargs3, fattr3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, post_op_attr,
+    sattr3, set_atime, set_mtime, specdata3, stable_how, symlinkdata3, writeverf3,
 };
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
@@ -44,14 +62,20 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{
-    Attr, DirEntry, Handle, Kind, NfsUrl, Result, Source, SourceError, SourceOptions, Timestamp,
-    check_name,
+    Attr, DirEntry, Handle, Kind, NfsUrl, Owner, Result, SetAttr, SetTime, Source, SourceError,
+    SourceOptions, Timestamp, check_name,
 };
 
 /// The largest single READ we issue, even when the server accepts more (ganesha announces
 /// `rtmax` = 64 MiB): larger reads are split into pieces of this size and fetched in parallel over
 /// the pool, which is faster than one large READ and bounds each reply's buffer.
 pub const MAX_READ_PIECE: u32 = 1 << 20;
+/// The largest single WRITE we issue, even when the server accepts more: larger writes are split
+/// into pieces of this size (or `wtmax` if smaller) sent concurrently over the pool.
+pub const MAX_WRITE_PIECE: u32 = 1 << 20;
+/// How often a non-exclusive CREATE goes round when the name it found is removed before it could
+/// be looked up.
+const CREATE_ATTEMPTS: u32 = 3;
 /// READDIRPLUS sizes: ganesha returns about 3,000 entries with attributes and handles per page.
 const READDIR_DIRCOUNT: u32 = 64 * 1024;
 const READDIR_MAXCOUNT: u32 = 1 << 20;
@@ -72,6 +96,8 @@ pub struct NfsSource {
     export: String,
     read_size: u32,
     rtmax: u32,
+    write_size: u32,
+    wtmax: u32,
 }
 
 type Client = Nfs3Client<Conn>;
@@ -88,6 +114,79 @@ struct Inner {
     idle: Mutex<Vec<Client>>,
     /// One permit per connection that may exist (idle or busy).
     slots: Arc<Semaphore>,
+    /// Files with UNSTABLE writes not yet committed, by file handle.
+    unstable: Mutex<Pending>,
+}
+
+/// What COMMIT has to check for one file: the write verifier its unstable writes were answered
+/// with since the last commit.
+#[derive(Clone, Copy, Debug)]
+struct Unstable {
+    /// The verifier of the latest unstable write.
+    verf: writeverf3,
+    /// Two unstable writes got different verifiers: the server restarted in between and may have
+    /// lost the earlier data.
+    lost: bool,
+    /// Unstable writes recorded so far (tells a commit whether more came in meanwhile).
+    writes: u64,
+}
+
+/// Files with unstable writes not yet committed, by file handle. An entry lives from a file's
+/// first unstable write until a COMMIT covers it: files written and never committed stay (one
+/// small entry each) until they are.
+#[derive(Debug, Default)]
+struct Pending(HashMap<Box<[u8]>, Unstable>);
+
+impl Pending {
+    /// Records an unstable write answered with `verf`; true if the verifier changed since the
+    /// previous one (the server restarted in between).
+    fn note(&mut self, fh: &[u8], verf: writeverf3) -> bool {
+        match self.0.get_mut(fh) {
+            Some(entry) => {
+                let changed = entry.verf != verf;
+                if changed {
+                    entry.lost = true;
+                    entry.verf = verf;
+                }
+                entry.writes += 1;
+                changed
+            }
+            None => {
+                self.0.insert(
+                    fh.into(),
+                    Unstable {
+                        verf,
+                        lost: false,
+                        writes: 1,
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    fn get(&self, fh: &[u8]) -> Option<Unstable> {
+        self.0.get(fh).copied()
+    }
+
+    /// Settles a COMMIT answered with `verf` that started when the file's state was `before`;
+    /// true if data written before it may have been lost.
+    fn committed(&mut self, fh: &[u8], before: Option<Unstable>, verf: writeverf3) -> bool {
+        let Some(before) = before else {
+            // No unstable write of ours was pending when the commit started.
+            return false;
+        };
+        if let Some(entry) = self.0.get_mut(fh) {
+            if entry.writes == before.writes {
+                self.0.remove(fh);
+            } else {
+                // Writes answered while the commit was in flight may not be covered by it: they
+                // stay pending, checked against the verifier seen now.
+                entry.lost = entry.verf != verf;
+            }
+        }
+        before.lost || before.verf != verf
+    }
 }
 
 impl NfsSource {
@@ -114,6 +213,17 @@ impl NfsSource {
     /// `min(rtmax, MAX_READ_PIECE)`.
     pub fn read_size(&self) -> u32 {
         self.read_size
+    }
+
+    /// The largest WRITE the server accepts, as announced by FSINFO.
+    pub fn wtmax(&self) -> u32 {
+        self.wtmax
+    }
+
+    /// The size of the WRITE calls a large [`Source::write`] is split into:
+    /// `min(wtmax, MAX_WRITE_PIECE)`.
+    pub fn write_size(&self) -> u32 {
+        self.write_size
     }
 
     fn deadline(&self) -> Instant {
@@ -158,13 +268,19 @@ async fn connect(url: &NfsUrl, id: String, options: &SourceOptions) -> Result<Nf
         timeout,
         idle: Mutex::new(Vec::new()),
         slots: Arc::new(Semaphore::new(options.connections.max(1))),
+        unstable: Mutex::new(Pending::default()),
     });
 
-    let rtmax = inner.fsinfo(&export_fh).await?;
+    let (rtmax, wtmax) = inner.fsinfo(&export_fh).await?;
     let read_size = if rtmax == 0 {
         64 * 1024
     } else {
         rtmax.min(MAX_READ_PIECE)
+    };
+    let write_size = if wtmax == 0 {
+        64 * 1024
+    } else {
+        wtmax.min(MAX_WRITE_PIECE)
     };
 
     // Walk from the export to the volume root.
@@ -209,13 +325,15 @@ async fn connect(url: &NfsUrl, id: String, options: &SourceOptions) -> Result<Nf
             display_dir(&walked)
         )));
     }
-    debug!(rtmax, read_size, "volume root found");
+    debug!(rtmax, read_size, wtmax, write_size, "volume root found");
     Ok(NfsSource {
         inner,
         root: Handle(fh.data.into_owned().into_boxed_slice()),
         export,
         read_size,
         rtmax,
+        write_size,
+        wtmax,
     })
 }
 
@@ -659,7 +777,25 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = (Client, std::result::Result<R, RpcError>)>,
     {
+        Ok(self.call_tracked(op, deadline, call).await?.0)
+    }
+
+    /// [`Inner::call`], also telling whether the reply answers a retry after a transport failure,
+    /// i.e. whether an earlier attempt may have been carried out by the server without us
+    /// getting its reply (what non-idempotent calls need to know).
+    async fn call_tracked<R, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        call: F,
+    ) -> Result<(R, bool)>
+    where
+        R: Reply,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = (Client, std::result::Result<R, RpcError>)>,
+    {
         let mut may_retry_stale = true;
+        let mut retried = false;
         let mut fresh = false;
         let mut jukebox_delay = JUKEBOX_FIRST_DELAY;
         loop {
@@ -685,7 +821,7 @@ impl Inner {
                         jukebox_delay = (jukebox_delay * 2).min(JUKEBOX_MAX_DELAY);
                         continue;
                     }
-                    return Ok(reply);
+                    return Ok((reply, retried));
                 }
                 Ok((client, Err(e))) => {
                     if e.is_connection_reusable() {
@@ -704,6 +840,7 @@ impl Inner {
                     drop(stale);
                     if reused && may_retry_stale {
                         may_retry_stale = false;
+                        retried = true;
                         fresh = true;
                         continue;
                     }
@@ -726,7 +863,8 @@ impl Inner {
         )
     }
 
-    async fn fsinfo(&self, fh: &nfs_fh3) -> Result<u32> {
+    /// FSINFO: (rtmax, wtmax).
+    async fn fsinfo(&self, fh: &nfs_fh3) -> Result<(u32, u32)> {
         let args = FSINFO3args { fsroot: fh.clone() };
         let reply = self
             .call("fsinfo", Instant::now() + self.timeout, |mut c| {
@@ -738,7 +876,7 @@ impl Inner {
             })
             .await?;
         match reply {
-            Nfs3Result::Ok(ok) => Ok(ok.rtmax),
+            Nfs3Result::Ok(ok) => Ok((ok.rtmax, ok.wtmax)),
             Nfs3Result::Err((status, _)) => {
                 Err(self.status_error("fsinfo", status, format_args!("{}", Fh(&fh.data))))
             }
@@ -974,6 +1112,675 @@ impl Inner {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Writing.
+
+/// `'name' in directory fh:...`, for messages.
+struct InDir<'a> {
+    dir: &'a nfs_fh3,
+    name: &'a [u8],
+}
+
+impl fmt::Display for InDir<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "'{}' in directory {}",
+            String::from_utf8_lossy(self.name).escape_debug(),
+            Fh(&self.dir.data)
+        )
+    }
+}
+
+fn dirop<'a>(dir: &nfs_fh3, name: &'a [u8]) -> diropargs3<'a> {
+    diropargs3 {
+        dir: dir.clone(),
+        name: filename3(Opaque::borrowed(name)),
+    }
+}
+
+/// The attributes of a new object: its permission bits (none for a symlink) and its owner.
+fn new_sattr(perm: Option<u16>, owner: Owner) -> sattr3 {
+    sattr3 {
+        mode: match perm {
+            Some(perm) => Nfs3Option::Some(u32::from(perm & 0o7777)),
+            None => Nfs3Option::None,
+        },
+        uid: Nfs3Option::Some(owner.uid),
+        gid: Nfs3Option::Some(owner.gid),
+        ..sattr3::default()
+    }
+}
+
+/// NFSv3 times are unsigned 32-bit seconds: anything else cannot be sent.
+fn nfstime_of(time: Timestamp) -> Result<nfstime3> {
+    let seconds = u32::try_from(time.secs).map_err(|_| {
+        SourceError::status(
+            "setattr",
+            libc::EINVAL,
+            format!(
+                "time {}s is outside what NFSv3 can carry (0 to {})",
+                time.secs,
+                u32::MAX
+            ),
+        )
+    })?;
+    Ok(nfstime3 {
+        seconds,
+        nseconds: time.nanos.min(999_999_999),
+    })
+}
+
+fn sattr_of(changes: &SetAttr) -> Result<sattr3> {
+    let option = |value: Option<u32>| match value {
+        Some(v) => Nfs3Option::Some(v),
+        None => Nfs3Option::None,
+    };
+    Ok(sattr3 {
+        mode: option(changes.perm.map(|p| u32::from(p & 0o7777))),
+        uid: option(changes.uid),
+        gid: option(changes.gid),
+        size: match changes.size {
+            Some(size) => Nfs3Option::Some(size),
+            None => Nfs3Option::None,
+        },
+        atime: match changes.atime {
+            None => set_atime::DONT_CHANGE,
+            Some(SetTime::Now) => set_atime::SET_TO_SERVER_TIME,
+            Some(SetTime::At(t)) => set_atime::SET_TO_CLIENT_TIME(nfstime_of(t)?),
+        },
+        mtime: match changes.mtime {
+            None => set_mtime::DONT_CHANGE,
+            Some(SetTime::Now) => set_mtime::SET_TO_SERVER_TIME,
+            Some(SetTime::At(t)) => set_mtime::SET_TO_CLIENT_TIME(nfstime_of(t)?),
+        },
+    })
+}
+
+fn post_op(attr: post_op_attr) -> Option<Attr> {
+    match attr {
+        Nfs3Option::Some(attr) => Some(attr_from_fattr(&attr)),
+        Nfs3Option::None => None,
+    }
+}
+
+/// What a retried CREATE, MKDIR or SYMLINK expects to find under its name if its first attempt
+/// (whose reply was lost) went through: an object of its type, owned by the caller, with the mode
+/// asked for, and for a symlink the same target.
+struct Ours<'a> {
+    kind: Kind,
+    perm: Option<u16>,
+    owner: Owner,
+    target: Option<&'a [u8]>,
+}
+
+impl Ours<'_> {
+    fn looks_like(&self, attr: &Attr) -> bool {
+        attr.kind == self.kind
+            && attr.uid == self.owner.uid
+            && attr.gid == self.owner.gid
+            && self.perm.is_none_or(|perm| attr.perm == perm & 0o7777)
+    }
+}
+
+/// The most recent of two snapshots of one file's attributes (pieces of a write finish in any
+/// order): the later change, then the larger size.
+fn newest(a: Option<Attr>, b: Option<Attr>) -> Option<Attr> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            if (b.ctime, b.mtime, b.size) >= (a.ctime, a.mtime, a.size) {
+                Some(b)
+            } else {
+                Some(a)
+            }
+        }
+        (a, b) => a.or(b),
+    }
+}
+
+impl Inner {
+    fn unstable(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.unstable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Remembers the verifier of an UNSTABLE write to `fh`.
+    fn note_unstable(&self, fh: &[u8], verf: writeverf3) {
+        if self.unstable().note(fh, verf) {
+            warn!(file = %Fh(fh), "the write verifier changed between two unstable writes: the server restarted and may have lost data");
+        }
+    }
+
+    /// Writes `data` at `offset` in as many UNSTABLE WRITEs as the server needs (it may write
+    /// fewer bytes than asked). Returns the attributes after the last one, when reported.
+    async fn write_range(
+        &self,
+        fh: &nfs_fh3,
+        offset: u64,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<Attr>> {
+        let mut done = 0usize;
+        let mut attr = None;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let rest = &data[done..];
+            let args = WRITE3args {
+                file: fh.clone(),
+                offset: at,
+                count: rest.len() as u32,
+                stable: stable_how::UNSTABLE,
+                data: Opaque::borrowed(rest),
+            };
+            // WRITE at an offset is idempotent: the transport retry of `call` is safe.
+            let reply = self
+                .call("write", deadline, |mut c| {
+                    let args = &args;
+                    async move {
+                        let r = c.write(args).await;
+                        (c, r)
+                    }
+                })
+                .await?;
+            let ok = match reply {
+                Nfs3Result::Ok(ok) => ok,
+                Nfs3Result::Err((status, _)) => {
+                    return Err(self.status_error(
+                        "write",
+                        status,
+                        format_args!("{} at {at}+{}", Fh(&fh.data), rest.len()),
+                    ));
+                }
+            };
+            let count = (ok.count as usize).min(rest.len());
+            if count == 0 {
+                return Err(SourceError::status(
+                    "write",
+                    libc::EIO,
+                    format!(
+                        "{}: {} at {at}: the server wrote nothing",
+                        self.id,
+                        Fh(&fh.data)
+                    ),
+                ));
+            }
+            if ok.committed == stable_how::UNSTABLE {
+                self.note_unstable(&fh.data, ok.verf);
+            }
+            if count < rest.len() {
+                debug!(at, asked = rest.len(), written = count, "short write");
+            }
+            attr = newest(attr, post_op(ok.file_wcc.after));
+            done += count;
+        }
+        Ok(attr)
+    }
+
+    /// COMMIT of the whole file, checked against the verifiers of its unstable writes.
+    async fn commit_fh(&self, fh: &nfs_fh3, deadline: Instant) -> Result<()> {
+        let before = self.unstable().get(&fh.data);
+        let args = COMMIT3args {
+            file: fh.clone(),
+            offset: 0,
+            count: 0,
+        };
+        let reply = self
+            .call("commit", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.commit(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        let verf = match reply {
+            Nfs3Result::Ok(ok) => ok.verf,
+            Nfs3Result::Err((status, _)) => {
+                return Err(self.status_error("commit", status, format_args!("{}", Fh(&fh.data))));
+            }
+        };
+        let lost = self.unstable().committed(&fh.data, before, verf);
+        if lost {
+            warn!(file = %Fh(&fh.data), "COMMIT: the server's write verifier changed since the unstable writes");
+            return Err(SourceError::status(
+                "commit",
+                libc::EIO,
+                format!(
+                    "{}: {}: the server restarted since the last writes (write verifier changed): \
+                     data written since the previous commit may be lost",
+                    self.id,
+                    Fh(&fh.data)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The handle and attributes of an object just made, asking for what the reply left out.
+    async fn made(
+        &self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        obj: Nfs3Option<nfs_fh3>,
+        attr: post_op_attr,
+        deadline: Instant,
+    ) -> Result<(nfs_fh3, Attr)> {
+        match (obj, post_op(attr)) {
+            (Nfs3Option::Some(fh), Some(attr)) if !fh.data.is_empty() => Ok((fh, attr)),
+            (Nfs3Option::Some(fh), None) if !fh.data.is_empty() => {
+                let attr = self.getattr_fh(&fh, deadline).await?;
+                Ok((fh, attr))
+            }
+            _ => self.lookup_fh(dir, name, deadline).await,
+        }
+    }
+
+    /// Gives a new object to its owner (and mode) when the server did not apply them at creation.
+    async fn settle_owner(
+        &self,
+        op: &'static str,
+        fh: &nfs_fh3,
+        attr: Attr,
+        perm: Option<u16>,
+        owner: Owner,
+        deadline: Instant,
+    ) -> Result<Attr> {
+        let perm = perm.map(|p| p & 0o7777);
+        let wrong_owner = attr.uid != owner.uid || attr.gid != owner.gid;
+        let wrong_perm = perm.is_some_and(|p| attr.perm != p);
+        if !wrong_owner && !wrong_perm {
+            return Ok(attr);
+        }
+        debug!(
+            op,
+            uid = attr.uid,
+            gid = attr.gid,
+            perm = attr.perm,
+            "the server did not apply the attributes of a new object; setting them"
+        );
+        let changes = SetAttr {
+            // Changing the owner may clear set-id bits: the mode goes with it.
+            perm,
+            uid: Some(owner.uid),
+            gid: Some(owner.gid),
+            ..SetAttr::default()
+        };
+        self.setattr_fh(fh, &changes, deadline).await
+    }
+
+    async fn setattr_fh(&self, fh: &nfs_fh3, changes: &SetAttr, deadline: Instant) -> Result<Attr> {
+        let args = SETATTR3args {
+            object: fh.clone(),
+            new_attributes: sattr_of(changes)?,
+            guard: Nfs3Option::None,
+        };
+        // SETATTR without a guard is idempotent (times set to "now" move a little on a retry).
+        let reply = self
+            .call("setattr", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.setattr(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        match reply {
+            Nfs3Result::Ok(ok) => match post_op(ok.obj_wcc.after) {
+                Some(attr) => Ok(attr),
+                None => self.getattr_fh(fh, deadline).await,
+            },
+            Nfs3Result::Err((status, _)) => {
+                Err(self.status_error("setattr", status, format_args!("{}", Fh(&fh.data))))
+            }
+        }
+    }
+
+    /// CREATE, always GUARDED so that the attributes we send (mode, owner) only ever apply to a
+    /// file this call made: an UNCHECKED create of an existing file would, on some servers, chmod
+    /// and chown someone else's file. Without `exclusive`, EXIST is answered by looking the name
+    /// up and opening the existing file as it is.
+    async fn create_fh(
+        &self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        perm: u16,
+        owner: Owner,
+        exclusive: bool,
+        deadline: Instant,
+    ) -> Result<(nfs_fh3, Attr)> {
+        let target = InDir { dir, name };
+        let exists = || {
+            SourceError::status(
+                "create",
+                libc::EEXIST,
+                format!("{}: {target}: {}", self.id, nfsstat3::NFS3ERR_EXIST),
+            )
+        };
+        for _ in 0..CREATE_ATTEMPTS {
+            let args = CREATE3args {
+                where_: dirop(dir, name),
+                how: createhow3::GUARDED(new_sattr(Some(perm), owner)),
+            };
+            let (reply, retried) = self
+                .call_tracked("create", deadline, |mut c| {
+                    let args = &args;
+                    async move {
+                        let r = c.create(args).await;
+                        (c, r)
+                    }
+                })
+                .await?;
+            match reply {
+                Nfs3Result::Ok(ok) => {
+                    let (fh, attr) = self
+                        .made(dir, name, ok.obj, ok.obj_attributes, deadline)
+                        .await?;
+                    let attr = self
+                        .settle_owner("create", &fh, attr, Some(perm), owner, deadline)
+                        .await?;
+                    return Ok((fh, attr));
+                }
+                Nfs3Result::Err((nfsstat3::NFS3ERR_EXIST, _)) => {
+                    let (fh, attr) = match self.lookup_fh(dir, name, deadline).await {
+                        Ok(found) => found,
+                        // Removed since: create again (an exclusive create did meet a file).
+                        Err(SourceError::Status { errno, .. })
+                            if errno == libc::ENOENT && !exclusive =>
+                        {
+                            continue;
+                        }
+                        Err(SourceError::Status { errno, .. }) if errno == libc::ENOENT => {
+                            return Err(exists());
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let ours = Ours {
+                        kind: Kind::File,
+                        perm: Some(perm),
+                        owner,
+                        target: None,
+                    };
+                    if retried && ours.looks_like(&attr) {
+                        debug!(%target, "a retried CREATE found the file of its first attempt");
+                        return Ok((fh, attr));
+                    }
+                    return match attr.kind {
+                        _ if exclusive => Err(exists()),
+                        Kind::File => Ok((fh, attr)),
+                        Kind::Directory => Err(SourceError::status(
+                            "create",
+                            libc::EISDIR,
+                            format!("{}: {target} is a directory", self.id),
+                        )),
+                        _ => Err(exists()),
+                    };
+                }
+                Nfs3Result::Err((status, _)) => {
+                    return Err(self.status_error("create", status, format_args!("{target}")));
+                }
+            }
+        }
+        Err(exists())
+    }
+
+    /// On EXIST from a retried MKDIR/SYMLINK: the object of the first attempt, if it is there.
+    async fn ours_after_retry(
+        &self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        ours: Ours<'_>,
+        deadline: Instant,
+    ) -> Result<Option<(nfs_fh3, Attr)>> {
+        let (fh, attr) = match self.lookup_fh(dir, name, deadline).await {
+            Ok(found) => found,
+            Err(SourceError::Status { errno, .. }) if errno == libc::ENOENT => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !ours.looks_like(&attr) {
+            return Ok(None);
+        }
+        if let Some(target) = ours.target {
+            if self.readlink_fh(&fh, deadline).await? != target {
+                return Ok(None);
+            }
+        }
+        debug!(target = %InDir { dir, name }, kind = ?ours.kind, "a retried call found the object of its first attempt");
+        Ok(Some((fh, attr)))
+    }
+
+    async fn readlink_fh(&self, fh: &nfs_fh3, deadline: Instant) -> Result<Vec<u8>> {
+        let args = READLINK3args {
+            symlink: fh.clone(),
+        };
+        let reply = self
+            .call("readlink", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.readlink(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        match reply {
+            Nfs3Result::Ok(ok) => Ok(ok.data.0.into_owned()),
+            Nfs3Result::Err((status, _)) => {
+                Err(self.status_error("readlink", status, format_args!("{}", Fh(&fh.data))))
+            }
+        }
+    }
+
+    async fn mkdir_fh(
+        &self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        perm: u16,
+        owner: Owner,
+        deadline: Instant,
+    ) -> Result<(nfs_fh3, Attr)> {
+        let args = MKDIR3args {
+            where_: dirop(dir, name),
+            attributes: new_sattr(Some(perm), owner),
+        };
+        let (reply, retried) = self
+            .call_tracked("mkdir", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.mkdir(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        match reply {
+            Nfs3Result::Ok(ok) => {
+                let (fh, attr) = self
+                    .made(dir, name, ok.obj, ok.obj_attributes, deadline)
+                    .await?;
+                let attr = self
+                    .settle_owner("mkdir", &fh, attr, Some(perm), owner, deadline)
+                    .await?;
+                Ok((fh, attr))
+            }
+            Nfs3Result::Err((status, _)) => {
+                if status == nfsstat3::NFS3ERR_EXIST && retried {
+                    let found = self
+                        .ours_after_retry(
+                            dir,
+                            name,
+                            Ours {
+                                kind: Kind::Directory,
+                                perm: Some(perm),
+                                owner,
+                                target: None,
+                            },
+                            deadline,
+                        )
+                        .await?;
+                    if let Some(found) = found {
+                        return Ok(found);
+                    }
+                }
+                Err(self.status_error("mkdir", status, format_args!("{}", InDir { dir, name })))
+            }
+        }
+    }
+
+    async fn symlink_fh(
+        &self,
+        dir: &nfs_fh3,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+        deadline: Instant,
+    ) -> Result<(nfs_fh3, Attr)> {
+        let args = SYMLINK3args {
+            where_: dirop(dir, name),
+            symlink: symlinkdata3 {
+                symlink_attributes: new_sattr(None, owner),
+                symlink_data: nfspath3(Opaque::borrowed(target)),
+            },
+        };
+        let (reply, retried) = self
+            .call_tracked("symlink", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.symlink(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        match reply {
+            Nfs3Result::Ok(ok) => {
+                let (fh, attr) = self
+                    .made(dir, name, ok.obj, ok.obj_attributes, deadline)
+                    .await?;
+                let attr = self
+                    .settle_owner("symlink", &fh, attr, None, owner, deadline)
+                    .await?;
+                Ok((fh, attr))
+            }
+            Nfs3Result::Err((status, _)) => {
+                if status == nfsstat3::NFS3ERR_EXIST && retried {
+                    let found = self
+                        .ours_after_retry(
+                            dir,
+                            name,
+                            Ours {
+                                kind: Kind::Symlink,
+                                perm: None,
+                                owner,
+                                target: Some(target),
+                            },
+                            deadline,
+                        )
+                        .await?;
+                    if let Some(found) = found {
+                        return Ok(found);
+                    }
+                }
+                Err(self.status_error("symlink", status, format_args!("{}", InDir { dir, name })))
+            }
+        }
+    }
+
+    /// REMOVE or RMDIR. NOENT in answer to a retry is the first attempt's success.
+    async fn remove_name(
+        &self,
+        op: &'static str,
+        dir: &nfs_fh3,
+        name: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        let object = dirop(dir, name);
+        let (status, retried) = if op == "rmdir" {
+            let args = RMDIR3args { object };
+            let (reply, retried) = self
+                .call_tracked(op, deadline, |mut c| {
+                    let args = &args;
+                    async move {
+                        let r = c.rmdir(args).await;
+                        (c, r)
+                    }
+                })
+                .await?;
+            (reply.status(), retried)
+        } else {
+            let args = REMOVE3args { object };
+            let (reply, retried) = self
+                .call_tracked(op, deadline, |mut c| {
+                    let args = &args;
+                    async move {
+                        let r = c.remove(args).await;
+                        (c, r)
+                    }
+                })
+                .await?;
+            (reply.status(), retried)
+        };
+        match status {
+            nfsstat3::NFS3_OK => Ok(()),
+            nfsstat3::NFS3ERR_NOENT if retried => {
+                debug!(op, target = %InDir { dir, name }, "NOENT after a retry: the first attempt removed it");
+                Ok(())
+            }
+            status => Err(self.status_error(op, status, format_args!("{}", InDir { dir, name }))),
+        }
+    }
+
+    async fn rename_names(
+        &self,
+        from_dir: &nfs_fh3,
+        from: &[u8],
+        to_dir: &nfs_fh3,
+        to: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        let args = RENAME3args {
+            from: dirop(from_dir, from),
+            to: dirop(to_dir, to),
+        };
+        let (reply, retried) = self
+            .call_tracked("rename", deadline, |mut c| {
+                let args = &args;
+                async move {
+                    let r = c.rename(args).await;
+                    (c, r)
+                }
+            })
+            .await?;
+        let status = reply.status();
+        if status == nfsstat3::NFS3_OK {
+            return Ok(());
+        }
+        if status == nfsstat3::NFS3ERR_NOENT && retried {
+            // The first attempt may have moved it: the source name is gone and the target is there.
+            match self.lookup_fh(to_dir, to, deadline).await {
+                Ok(_) => {
+                    debug!(from = %InDir { dir: from_dir, name: from }, "NOENT after a retried RENAME, and the target exists: the first attempt renamed it");
+                    return Ok(());
+                }
+                Err(SourceError::Status { errno, .. }) if errno == libc::ENOENT => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(self.status_error(
+            "rename",
+            status,
+            format_args!(
+                "{} to {}",
+                InDir {
+                    dir: from_dir,
+                    name: from
+                },
+                InDir {
+                    dir: to_dir,
+                    name: to
+                }
+            ),
+        ))
+    }
+}
+
 fn rpc_failure(id: &str, op: &'static str, e: RpcError) -> SourceError {
     let errno = match e {
         RpcError::Auth(_) => libc::EACCES,
@@ -1177,6 +1984,113 @@ impl Source for NfsSource {
         .await
     }
 
+    /// UNSTABLE WRITEs; the verifier of each reply is remembered for [`Source::commit`]. Returns
+    /// the attributes after the write (the latest reported by the pieces).
+    async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
+        let span = debug_span!("nfs_write", file = %Fh(file.as_bytes()), offset, len = data.len());
+        self.write_impl(file, offset, data).instrument(span).await
+    }
+
+    /// COMMIT of the whole file. Fails with EIO when the server's write verifier differs from the
+    /// one the unstable writes since the last commit were answered with (or when those writes saw
+    /// two verifiers): the server restarted and may have dropped data we no longer hold. The loss
+    /// is reported once; the next commit starts afresh.
+    async fn commit(&self, file: &Handle) -> Result<()> {
+        let span = debug_span!("nfs_commit", file = %Fh(file.as_bytes()));
+        self.inner
+            .commit_fh(&fh_of(file), self.deadline())
+            .instrument(span)
+            .await
+    }
+
+    async fn create(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+        exclusive: bool,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (fh, attr) = self
+            .inner
+            .create_fh(&fh_of(dir), name, mode, owner, exclusive, self.deadline())
+            .instrument(Self::span("create", dir, name))
+            .await?;
+        Ok((handle_of(fh), attr))
+    }
+
+    async fn mkdir(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (fh, attr) = self
+            .inner
+            .mkdir_fh(&fh_of(dir), name, mode, owner, self.deadline())
+            .instrument(Self::span("mkdir", dir, name))
+            .await?;
+        Ok((handle_of(fh), attr))
+    }
+
+    async fn symlink(
+        &self,
+        dir: &Handle,
+        name: &[u8],
+        target: &[u8],
+        owner: Owner,
+    ) -> Result<(Handle, Attr)> {
+        check_name(name)?;
+        let (fh, attr) = self
+            .inner
+            .symlink_fh(&fh_of(dir), name, target, owner, self.deadline())
+            .instrument(Self::span("symlink", dir, name))
+            .await?;
+        Ok((handle_of(fh), attr))
+    }
+
+    async fn remove(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.inner
+            .remove_name("remove", &fh_of(dir), name, self.deadline())
+            .instrument(Self::span("remove", dir, name))
+            .await
+    }
+
+    async fn rmdir(&self, dir: &Handle, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.inner
+            .remove_name("rmdir", &fh_of(dir), name, self.deadline())
+            .instrument(Self::span("rmdir", dir, name))
+            .await
+    }
+
+    async fn rename(
+        &self,
+        from_dir: &Handle,
+        from: &[u8],
+        to_dir: &Handle,
+        to: &[u8],
+    ) -> Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        self.inner
+            .rename_names(&fh_of(from_dir), from, &fh_of(to_dir), to, self.deadline())
+            .instrument(Self::span("rename", from_dir, from))
+            .await
+    }
+
+    async fn setattr(&self, node: &Handle, changes: &SetAttr) -> Result<Attr> {
+        let span = debug_span!("nfs_setattr", node = %Fh(node.as_bytes()), ?changes);
+        self.inner
+            .setattr_fh(&fh_of(node), changes, self.deadline())
+            .instrument(span)
+            .await
+    }
+
     async fn read_link(&self, link: &Handle) -> Result<Vec<u8>> {
         let span = debug_span!("nfs_read_link", link = %Fh(link.as_bytes()));
         async move {
@@ -1204,6 +2118,55 @@ impl Source for NfsSource {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl NfsSource {
+    fn span(op: &'static str, dir: &Handle, name: &[u8]) -> tracing::Span {
+        debug_span!("nfs_write_op", op, dir = %Fh(dir.as_bytes()), name = %String::from_utf8_lossy(name).escape_debug())
+    }
+}
+
+fn handle_of(fh: nfs_fh3) -> Handle {
+    Handle(fh.data.into_owned().into_boxed_slice())
+}
+
+/// The write half. Every call reaches the server before it returns; each is bounded by one
+/// deadline (the source timeout) for all the RPCs it makes.
+impl NfsSource {
+    async fn write_impl(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        if offset.checked_add(data.len() as u64).is_none() {
+            return Err(SourceError::status(
+                "write",
+                libc::EFBIG,
+                format!(
+                    "{}: {}: write beyond the largest offset",
+                    self.inner.id,
+                    Fh(file.as_bytes())
+                ),
+            ));
+        }
+        let deadline = self.deadline();
+        let fh = fh_of(file);
+        let piece = self.write_size.max(1) as usize;
+        // Pieces concurrently over the pool (one connection each), all within the one deadline.
+        // On the first error the others are dropped, which drops their connections.
+        let mut pieces: FuturesUnordered<_> = data
+            .chunks(piece)
+            .enumerate()
+            .map(|(index, chunk)| {
+                let at = offset + (index * piece) as u64;
+                self.inner.write_range(&fh, at, chunk, deadline)
+            })
+            .collect();
+        let mut attr = None;
+        while let Some(result) = pieces.next().await {
+            attr = newest(attr, result?);
+        }
+        Ok(attr)
     }
 }
 
@@ -1325,6 +2288,82 @@ mod tests {
             (ftype3::NF3FIFO, Kind::Fifo),
         ] {
             assert_eq!(kind_of(nfs), kind);
+        }
+    }
+
+    #[test]
+    fn commit_reports_a_verifier_change_since_the_unstable_writes() {
+        let (a, b) = (writeverf3([1; 8]), writeverf3([2; 8]));
+        let fh = &b"file"[..];
+        let mut pending = Pending::default();
+        // Nothing written: nothing to report, whatever the verifier.
+        let before = pending.get(fh);
+        assert!(!pending.committed(fh, before, b));
+
+        // Same verifier at the writes and at the commit: durable, and forgotten.
+        assert!(!pending.note(fh, a));
+        assert!(!pending.note(fh, a));
+        let before = pending.get(fh);
+        assert!(!pending.committed(fh, before, a));
+        assert!(pending.get(fh).is_none());
+
+        // The server restarted between the writes and the commit.
+        pending.note(fh, a);
+        let before = pending.get(fh);
+        assert!(pending.committed(fh, before, b));
+        assert!(pending.get(fh).is_none(), "reported once");
+
+        // ...or between two writes, even if the commit then agrees with the last one.
+        pending.note(fh, a);
+        assert!(pending.note(fh, b));
+        let before = pending.get(fh);
+        assert!(pending.committed(fh, before, b));
+
+        // A write answered while the commit was in flight stays pending: the next commit checks
+        // it, and the loss of the earlier data is reported only once.
+        pending.note(fh, a);
+        let before = pending.get(fh);
+        pending.note(fh, b);
+        assert!(pending.committed(fh, before, b));
+        let before = pending.get(fh);
+        assert!(before.is_some_and(|u| !u.lost));
+        assert!(!pending.committed(fh, before, b));
+        assert!(pending.get(fh).is_none());
+    }
+
+    #[test]
+    fn attribute_changes_map_to_sattr3() {
+        let changes = SetAttr {
+            perm: Some(0o104755),
+            uid: Some(1),
+            gid: None,
+            size: Some(7),
+            atime: Some(SetTime::Now),
+            mtime: Some(SetTime::At(Timestamp { secs: 5, nanos: 6 })),
+        };
+        let sattr = sattr_of(&changes).unwrap();
+        assert!(matches!(sattr.mode, Nfs3Option::Some(0o4755)));
+        assert!(matches!(sattr.uid, Nfs3Option::Some(1)));
+        assert!(matches!(sattr.gid, Nfs3Option::None));
+        assert!(matches!(sattr.size, Nfs3Option::Some(7)));
+        assert!(matches!(sattr.atime, set_atime::SET_TO_SERVER_TIME));
+        assert!(matches!(
+            sattr.mtime,
+            set_mtime::SET_TO_CLIENT_TIME(nfstime3 {
+                seconds: 5,
+                nseconds: 6
+            })
+        ));
+        let empty = sattr_of(&SetAttr::default()).unwrap();
+        assert!(matches!(empty.atime, set_atime::DONT_CHANGE));
+        assert!(matches!(empty.mode, Nfs3Option::None));
+        // NFSv3 carries unsigned 32-bit seconds.
+        for secs in [-1, i64::from(u32::MAX) + 1] {
+            let changes = SetAttr {
+                atime: Some(SetTime::At(Timestamp { secs, nanos: 0 })),
+                ..SetAttr::default()
+            };
+            assert_eq!(sattr_of(&changes).unwrap_err().errno(), libc::EINVAL);
         }
     }
 

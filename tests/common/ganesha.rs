@@ -54,6 +54,8 @@ pub struct Ganesha {
     /// process group.
     child: Option<Child>,
     paused: bool,
+    /// Exports are `Access_Type = RO` (see [`Ganesha::start_read_only`]).
+    read_only: bool,
 }
 
 impl Ganesha {
@@ -63,8 +65,17 @@ impl Ganesha {
         Ganesha::start_exports(&[export_dir])
     }
 
+    /// Starts a server exporting `export_dir` read-only (`Access_Type = RO`, no root squash).
+    pub fn start_read_only(export_dir: &Path) -> Ganesha {
+        Ganesha::start_with(&[export_dir], true)
+    }
+
     /// Starts a server with several exports (which may be nested).
     pub fn start_exports(export_dirs: &[&Path]) -> Ganesha {
+        Ganesha::start_with(export_dirs, false)
+    }
+
+    fn start_with(export_dirs: &[&Path], read_only: bool) -> Ganesha {
         preflight();
         SWEEP.call_once(sweep_leftovers);
         let exports: Vec<PathBuf> = export_dirs
@@ -93,6 +104,7 @@ impl Ganesha {
             state,
             child: None,
             paused: false,
+            read_only,
         };
         server.create_network();
         server.write_config();
@@ -281,13 +293,16 @@ impl Ganesha {
             server = self.server,
             recovery = state.join("recovery").display(),
         );
+        // Attr_Expiration_Time = 0: files the tests change directly on the exported directory
+        // must show their new attributes at once, as a kernel NFS server's would.
         for (n, export) in self.exports.iter().enumerate() {
             config.push_str(&format!(
                 "EXPORT {{\n  Export_Id = {id};\n  Path = \"{path}\";\n  Pseudo = \"/export{id}\";\n  \
-                 Protocols = 3, 4;\n  Transports = TCP;\n  Access_Type = RW;\n  \
-                 Squash = No_Root_Squash;\n  SecType = sys;\n  FSAL {{\n    Name = VFS;\n  }}\n}}\n",
+                 Protocols = 3, 4;\n  Transports = TCP;\n  Access_Type = {access};\n  \
+                 Squash = No_Root_Squash;\n  SecType = sys;\n  Attr_Expiration_Time = 0;\n  FSAL {{\n    Name = VFS;\n  }}\n}}\n",
                 id = n + 1,
                 path = export.display(),
+                access = if self.read_only { "RO" } else { "RW" },
             ));
         }
         fs::write(state.join("ganesha.conf"), config).expect("write ganesha.conf");

@@ -81,6 +81,22 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
+/// Detaches every mount at or under `root`, deepest first (cleanup after a test).
+pub fn unmount_all_under(root: &Path) {
+    let prefix = root.to_string_lossy().replace(' ', "\\040");
+    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| *point == prefix || point.starts_with(&format!("{prefix}/")))
+        .map(|point| point.replace("\\040", " "))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in points {
+        let _ = Command::new("umount").arg("-l").arg(&point).status();
+    }
+}
+
 /// A running `reservoir mount`.
 pub struct Mount {
     child: Option<Child>,
@@ -194,6 +210,13 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of the mount at {} ---\n{}",
+                self.mountpoint.display(),
+                self.log_text()
+            );
+        }
     }
 }
 
