@@ -1,4 +1,5 @@
-//! `reservoir status` and `reservoir warm`: clients of a mount's control socket.
+//! `reservoir status` and `reservoir warm`: clients of a mount's control socket, or of the
+//! node daemon's (every volume; `--volume ID` for one).
 
 use std::io::IsTerminal;
 use std::path::{Component, Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use reservoir::control::{Client, MountStatus, Request, Response};
+use reservoir::control::{Client, DaemonStatus, MountStatus, Request, Response};
 use reservoir::fs::warm::Progress;
 use reservoir::units::human_bytes;
 
@@ -28,6 +29,125 @@ pub fn status(mountpoint: &Path, json: bool, socket: Option<&Path>) -> anyhow::R
         print!("{}", render_status(&status));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reservoir status --socket PATH`: a daemon's volumes (or the one mount behind the socket).
+pub fn status_socket(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect_to(socket)?;
+    client.send(&Request::Status)?;
+    match client.receive()? {
+        Response::DaemonStatus(status) if json => {
+            println!("{}", serde_json::to_string_pretty(&status)?)
+        }
+        Response::DaemonStatus(status) => print!("{}", render_daemon_status(&status)),
+        Response::Status(status) if json => {
+            println!("{}", serde_json::to_string_pretty(&status)?)
+        }
+        Response::Status(status) => print!("{}", render_status(&status)),
+        other => bail!("unexpected answer from {}: {other:?}", socket.display()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_daemon_status(s: &DaemonStatus) -> String {
+    let c = &s.cache;
+    let mut out = format!(
+        "daemon         pid {}, socket {}\n",
+        s.pid,
+        s.socket.display()
+    );
+    out.push_str(&format!(
+        "cache          {}: {} used of {} ({}), {} files ({} complete)\n",
+        c.dir.display(),
+        human_bytes(c.used),
+        human_bytes(c.capacity),
+        percent(c.used, c.capacity),
+        c.files,
+        c.complete_files
+    ));
+    out.push_str(&format!(
+        "cache activity {} admitted, {} not admitted, {} evicted ({}), {} checksum failures\n",
+        c.admitted,
+        c.rejected,
+        c.evicted_files,
+        human_bytes(c.evicted_bytes),
+        c.verify_failures
+    ));
+    if s.volumes.is_empty() {
+        out.push_str("volumes        none\n");
+    } else {
+        let mut rows = vec![
+            [
+                "VOLUME", "TARGET", "SOURCE", "STATE", "CACHED", "QUOTA", "FILES", "HIT", "PRELOAD",
+            ]
+            .map(String::from),
+        ];
+        for v in &s.volumes {
+            let owner = v.volume.cache.as_ref().and_then(|c| c.owner.as_ref());
+            rows.push([
+                v.volume_id.clone(),
+                v.target_path.display().to_string(),
+                v.volume.source.clone(),
+                format!(
+                    "{}{}",
+                    if v.volume.online { "online" } else { "OFFLINE" },
+                    if v.read_write { ",rw" } else { "" }
+                ),
+                owner.map_or("-".into(), |o| human_bytes(o.used)),
+                v.cache_size.map_or("node".into(), human_bytes),
+                owner.map_or("-".into(), |o| o.files.to_string()),
+                v.volume
+                    .hit_ratio
+                    .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+                match &v.volume.preload {
+                    None => "-".into(),
+                    Some(p) if p.done => format!("done {}/{}", p.files_done(), p.files_total),
+                    Some(p) => format!(
+                        "{}/{}{}",
+                        p.files_done(),
+                        p.files_total,
+                        if p.scanning { "+" } else { "" }
+                    ),
+                },
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    for p in &s.pending {
+        out.push_str(&format!(
+            "{} {} at {}\n",
+            p.state,
+            p.volume_id,
+            p.target_path.display()
+        ));
+    }
+    let orphans: Vec<_> = s.owners.iter().filter(|o| o.name.is_none()).collect();
+    if !orphans.is_empty() {
+        out.push_str(&format!(
+            "not mounted    {} in {} files of volumes no longer mounted (kept for the next reader)\n",
+            human_bytes(orphans.iter().map(|o| o.used).sum()),
+            orphans.iter().map(|o| o.files).sum::<u64>()
+        ));
+    }
+    out
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn percent(part: u64, whole: u64) -> String {
@@ -181,8 +301,43 @@ pub fn warm(
 ) -> anyhow::Result<ExitCode> {
     let paths = relative_paths(mountpoint, paths)?;
     let mut client = Client::connect(mountpoint, socket)?;
-    client.send(&Request::Warm { paths, parallel })?;
+    client.send(&Request::Warm {
+        paths,
+        parallel,
+        volume_id: None,
+        detach: false,
+    })?;
+    follow_warm(client, &mountpoint.display().to_string(), json)
+}
 
+/// `reservoir warm --volume ID [PATHS]`: paths inside a volume of the daemon at `socket`.
+pub fn warm_volume(
+    socket: &Path,
+    volume: &str,
+    paths: &[PathBuf],
+    parallel: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let paths = paths
+        .iter()
+        .map(|p| {
+            p.to_str()
+                .map(str::to_string)
+                .with_context(|| format!("{} is not valid UTF-8", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut client = Client::connect_to(socket)?;
+    client.send(&Request::Warm {
+        paths,
+        parallel,
+        volume_id: Some(volume.to_string()),
+        detach: false,
+    })?;
+    follow_warm(client, &format!("volume {volume}"), json)
+}
+
+/// Shows a preload's progress until it is done, then its account.
+fn follow_warm(mut client: Client, what: &str, json: bool) -> anyhow::Result<ExitCode> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -224,7 +379,7 @@ pub fn warm(
     if json {
         println!("{}", serde_json::to_string_pretty(&done)?);
     } else {
-        print!("{}", render_account(mountpoint, &done));
+        print!("{}", render_account(what, &done));
     }
     Ok(if done.files_failed == 0 {
         ExitCode::SUCCESS
@@ -262,13 +417,9 @@ fn progress_line(p: &Progress, elapsed: Duration) -> String {
     )
 }
 
-fn render_account(mountpoint: &Path, p: &Progress) -> String {
+fn render_account(what: &str, p: &Progress) -> String {
     let elapsed = Duration::from_millis(p.elapsed_ms);
-    let mut out = format!(
-        "warmed {} in {:.1}s\n",
-        mountpoint.display(),
-        elapsed.as_secs_f64()
-    );
+    let mut out = format!("warmed {what} in {:.1}s\n", elapsed.as_secs_f64());
     out.push_str(&format!(
         "  loaded:          {} files, {} ({})\n",
         p.files_loaded,

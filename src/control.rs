@@ -1,6 +1,12 @@
-//! The control socket of a mount: status and preload requests as JSON lines over a unix
-//! socket. One request per connection; the answer is one line (status) or a stream of
-//! progress lines ending with a final one (warm).
+//! Control sockets: JSON lines over a unix socket (mode 0600), one request per connection.
+//! The answer is one line, or for a followed preload (warm) a stream of progress lines ending
+//! with a final one. Two kinds of process serve this protocol:
+//!
+//! - a `reservoir mount` (one volume): `status`, `warm`;
+//! - a `reservoir daemon` (the node's volumes, see [`crate::daemon`]): `status` of every
+//!   volume, `mount`, `unmount`, and `warm` of one volume named by `volume_id`.
+//!
+//! Every bad request gets an `{"kind":"error","message":...}` line that names the problem.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -13,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
+use crate::cache::{OwnerUsage, Usage};
 use crate::fs::warm::{Progress, Request as WarmRequest};
 use crate::fs::{Volume, VolumeStatus};
+use crate::units::{Size, Ttl};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 << 10;
@@ -36,17 +44,134 @@ pub enum ControlError {
         socket: PathBuf,
         cause: std::io::Error,
     },
+    #[error("no reservoir daemon answers on {socket}: {cause}")]
+    DaemonNotRunning {
+        socket: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("control socket {socket}: unexpected answer: {detail}")]
     Protocol { socket: PathBuf, detail: String },
     #[error("{0}")]
     Refused(String),
 }
 
+/// Files a preload fetches at once unless the request says otherwise.
+pub const DEFAULT_PARALLEL: usize = 16;
+
+fn default_parallel() -> usize {
+    DEFAULT_PARALLEL
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// A mount: its status. A daemon: every volume's.
     Status,
-    Warm { paths: Vec<String>, parallel: usize },
+    /// Loads `paths` (relative to the volume's root; none: all of it) into the cache.
+    Warm {
+        #[serde(default)]
+        paths: Vec<String>,
+        #[serde(default = "default_parallel")]
+        parallel: usize,
+        /// The volume (daemon sockets); a mount's socket serves its one volume.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume_id: Option<String>,
+        /// Answer at once with the preload's progress instead of following it to the end.
+        #[serde(default, skip_serializing_if = "is_false")]
+        detach: bool,
+    },
+    /// Daemon: mount a volume (idempotent).
+    Mount(MountRequest),
+    /// Daemon: unmount whatever volume is at `target_path` (idempotent).
+    Unmount { target_path: PathBuf },
+}
+
+/// A volume to mount, as the CSI node service asks for it. Field names are the protocol's;
+/// unknown fields are refused, so that a misspelt setting is an error and not a default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    pub volume_id: String,
+    /// An absolute path; created if missing.
+    pub target_path: PathBuf,
+    /// `nfs://HOST[:PORT]/PATH[?nfsport=N&mountport=N]`, `local:///PATH` or `/PATH`.
+    pub source: String,
+    /// A relative directory inside the source that becomes the volume's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+    /// The volume's quota inside the node's cache, in bytes (a number, or a quantity such as
+    /// `"10Gi"`). Absent: only the node's cache size bounds it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "size_or_quantity"
+    )]
+    pub cache_size: Option<u64>,
+    /// Fractions of `cache_size` at which the volume's own files start / stop being evicted.
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+    /// How long names and attributes are trusted: `"60s"`, `"5m"`, `"forever"`.
+    #[serde(default = "default_metadata_ttl", with = "ttl_text")]
+    pub metadata_ttl: Ttl,
+    /// Writes go through to the source; otherwise the mount is read-only.
+    #[serde(default)]
+    pub read_write: bool,
+    /// Paths inside the volume loaded into the cache in the background after mounting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preload: Vec<String>,
+}
+
+fn default_high_watermark() -> f64 {
+    0.95
+}
+
+fn default_low_watermark() -> f64 {
+    0.85
+}
+
+fn default_metadata_ttl() -> Ttl {
+    Ttl::Finite(Duration::from_secs(60))
+}
+
+fn size_or_quantity<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Bytes(u64),
+        Quantity(String),
+    }
+    match Option::<Value>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Value::Bytes(bytes)) => Ok(Some(bytes)),
+        Some(Value::Quantity(text)) => text
+            .parse::<Size>()
+            .map(|size| Some(size.0))
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+mod ttl_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::units::Ttl;
+
+    pub fn serialize<S: Serializer>(ttl: &Ttl, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(ttl)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ttl, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,7 +180,61 @@ pub enum Response {
     Status(Box<MountStatus>),
     Progress(Progress),
     Done(Progress),
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    DaemonStatus(Box<DaemonStatus>),
+    /// The volume is mounted; `already_mounted` when it was before this request.
+    Mounted {
+        volume_id: String,
+        target_path: PathBuf,
+        already_mounted: bool,
+    },
+    /// Nothing is mounted at `target_path` any more; `was_mounted` when something was.
+    Unmounted {
+        target_path: PathBuf,
+        was_mounted: bool,
+    },
+}
+
+/// A daemon's account of the node's cache and of every volume it serves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub socket: PathBuf,
+    /// The node's cache, all volumes together.
+    pub cache: Usage,
+    /// Each owner's part of the cache: the volumes, and files of volumes no longer mounted.
+    pub owners: Vec<OwnerUsage>,
+    pub volumes: Vec<DaemonVolume>,
+    /// Volumes being mounted or unmounted right now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingVolume>,
+}
+
+/// One mounted volume of a daemon. `cache.owner` is the volume's own part of the cache.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonVolume {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    /// The source as requested (`source` in the flattened status is the volume's root, with
+    /// the sub-path joined).
+    pub requested_source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<u64>,
+    pub read_write: bool,
+    #[serde(flatten)]
+    pub volume: VolumeStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingVolume {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    /// `mounting` or `unmounting`.
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,22 +314,68 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Reads the one request of a connection. A request that cannot be read is answered with an
+/// error line here, and `None` returned.
+pub(crate) async fn read_request(
+    stream: tokio::net::UnixStream,
+) -> std::io::Result<(Option<Request>, tokio::net::unix::OwnedWriteHalf)> {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
+    reader.read_until(b'\n', &mut line).await?;
+    if !line.ends_with(b"\n") && line.len() >= MAX_REQUEST {
+        let message = format!("bad request: longer than {MAX_REQUEST} bytes");
+        send(&mut write, &Response::Error { message }).await?;
+        return Ok((None, write));
+    }
+    match serde_json::from_slice(line.trim_ascii()) {
+        Ok(request) => Ok((Some(request), write)),
+        Err(e) => {
+            let message = format!("bad request: {e}");
+            send(&mut write, &Response::Error { message }).await?;
+            Ok((None, write))
+        }
+    }
+}
+
+/// Reports a preload's progress every [`PROGRESS_EVERY`] until it is done (or, `detach`ed, its
+/// progress once). A client that goes away does not stop the preload.
+pub(crate) async fn follow_warm(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    tracker: &crate::fs::warm::Tracker,
+    detach: bool,
+) -> std::io::Result<()> {
+    if detach {
+        return send(write, &Response::Progress(tracker.snapshot())).await;
+    }
+    loop {
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        let progress = tracker.snapshot();
+        if progress.done {
+            return send(write, &Response::Done(progress)).await;
+        }
+        send(write, &Response::Progress(progress)).await?;
+    }
+}
+
+/// Sends an error line.
+pub(crate) async fn refuse(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    message: impl Into<String>,
+) -> std::io::Result<()> {
+    let message = message.into();
+    send(write, &Response::Error { message }).await
+}
+
 #[tracing::instrument(skip_all)]
 async fn handle(
     stream: tokio::net::UnixStream,
     volume: &Arc<Volume>,
     mountpoint: &Path,
 ) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
-    reader.read_line(&mut line).await?;
-    let request: Request = match serde_json::from_str(line.trim()) {
-        Ok(request) => request,
-        Err(e) => {
-            let message = format!("bad request: {e}");
-            return send(&mut write, &Response::Error { message }).await;
-        }
+    let (request, mut write) = read_request(stream).await?;
+    let Some(request) = request else {
+        return Ok(());
     };
     tracing::debug!(?request, "control request");
     match request {
@@ -162,10 +387,16 @@ async fn handle(
             };
             send(&mut write, &Response::Status(Box::new(status))).await
         }
-        Request::Warm { paths, parallel } => {
+        // A mount's socket serves its one volume, whatever volume id the request names.
+        Request::Warm {
+            paths,
+            parallel,
+            detach,
+            volume_id: _,
+        } => {
             if volume.cache().is_none() {
-                let message = "this mount has no cache (--no-cache): nothing to warm".to_string();
-                return send(&mut write, &Response::Error { message }).await;
+                let message = "this mount has no cache (--no-cache): nothing to warm";
+                return refuse(&mut write, message).await;
             }
             let paths = if paths.is_empty() {
                 vec![String::new()]
@@ -173,20 +404,19 @@ async fn handle(
                 paths
             };
             let tracker = volume.start_warm(WarmRequest { paths, parallel });
-            loop {
-                tokio::time::sleep(PROGRESS_EVERY).await;
-                let progress = tracker.snapshot();
-                if progress.done {
-                    return send(&mut write, &Response::Done(progress)).await;
-                }
-                // A client that went away does not stop the preload.
-                send(&mut write, &Response::Progress(progress)).await?;
-            }
+            follow_warm(&mut write, &tracker, detach).await
+        }
+        Request::Mount(_) | Request::Unmount { .. } => {
+            let message = format!(
+                "this socket serves the single `reservoir mount` at {}; mount and unmount requests go to a `reservoir daemon`",
+                mountpoint.display()
+            );
+            refuse(&mut write, message).await
         }
     }
 }
 
-async fn send(
+pub(crate) async fn send(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     response: &Response,
 ) -> std::io::Result<()> {
@@ -202,6 +432,19 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to the control socket at `socket`: a daemon's, or a mount's.
+    pub fn connect_to(socket: &Path) -> Result<Client, ControlError> {
+        let stream =
+            UnixStream::connect(socket).map_err(|cause| ControlError::DaemonNotRunning {
+                socket: socket.to_path_buf(),
+                cause,
+            })?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            reader: BufReader::new(stream),
+        })
+    }
+
     /// Connects to the mount at `mountpoint`, or to an explicit socket.
     pub fn connect(mountpoint: &Path, socket: Option<&Path>) -> Result<Client, ControlError> {
         let socket = socket.map_or_else(|| socket_for(mountpoint), Path::to_path_buf);

@@ -5,6 +5,8 @@
 
 pub mod cache;
 pub mod control;
+pub mod csi;
+pub mod daemon;
 pub mod fs;
 pub mod journal;
 pub mod mount;

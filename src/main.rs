@@ -31,6 +31,10 @@ enum Command {
     Warm(WarmArgs),
     /// Show a mount's source, cache use, hit ratio and any preload in progress.
     Status(StatusArgs),
+    /// The node's cache daemon: one cache, one FUSE session per volume, a control socket.
+    Daemon(DaemonArgs),
+    /// CSI Identity and Controller services on a unix socket (the cluster's provisioner).
+    Controller(ControllerArgs),
 }
 
 #[derive(Args)]
@@ -82,9 +86,18 @@ struct MountArgs {
 
 #[derive(Args)]
 struct WarmArgs {
-    mountpoint: PathBuf,
-    /// Files or directories inside the mount (absolute, or relative to the current directory).
+    /// The mount (without --volume).
+    #[arg(required_unless_present = "volume")]
+    mountpoint: Option<PathBuf>,
+    /// Files or directories inside the mount (absolute, or relative to the current directory);
+    /// with --volume, paths inside the volume (relative to its root).
     paths: Vec<PathBuf>,
+    /// Warm a volume of the daemon at --socket; every positional argument is a path inside it.
+    #[arg(long)]
+    volume: Option<String>,
+    /// The daemon's control socket (with --volume; else like --control-socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// Files loaded at once.
     #[arg(long, default_value_t = 16)]
     parallel: usize,
@@ -97,11 +110,63 @@ struct WarmArgs {
 
 #[derive(Args)]
 struct StatusArgs {
-    mountpoint: PathBuf,
+    /// A mount point; without it, every volume of the daemon at --socket.
+    mountpoint: Option<PathBuf>,
     #[arg(long)]
     json: bool,
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// A control socket: a daemon's (default /run/reservoir/daemon.sock) or a mount's.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// The node's cache directory, owned by this daemon alone (a host path on an SSD).
+    #[arg(long, default_value = "/var/cache/reservoir")]
+    cache_dir: PathBuf,
+    /// Most the cache directory may occupy, all volumes together (each volume's cacheSize is
+    /// a quota inside it).
+    #[arg(long, default_value = "50Gi")]
+    cache_size: Size,
+    /// The control socket (mode 0600).
+    #[arg(long, default_value = reservoir::daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Fraction of --cache-size at which node-wide eviction starts.
+    #[arg(long, default_value_t = 0.95)]
+    high_watermark: f64,
+    /// Fraction of --cache-size at which node-wide eviction stops.
+    #[arg(long, default_value_t = 0.85)]
+    low_watermark: f64,
+    /// Unit of fetching, caching and checksumming.
+    #[arg(long, default_value = "1Mi")]
+    block_size: Size,
+    /// Threads serving FUSE requests, per volume (default: twice the CPUs, 4 to 16).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Longest wait for any single call to a source.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    source_timeout: std::time::Duration,
+    /// Connections to each NFS server (each carries one call at a time).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Where to serve: unix:///PATH, unix:/PATH or a socket path.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = reservoir::csi::server::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// Directory for the controller's volume records (one controller per directory).
+    #[arg(long, default_value = "/var/lib/reservoir/controller")]
+    state_dir: PathBuf,
+    /// CSI driver name: the `provisioner` of StorageClasses and `driver` of PersistentVolumes.
+    #[arg(long, default_value = reservoir::csi::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// Longest wait for an NFS server while CreateVolume checks a source.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    source_check_timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -120,7 +185,7 @@ fn main() -> ExitCode {
         }
     };
     let default_level = match cli.command {
-        Command::Mount(_) => "info",
+        Command::Mount(_) | Command::Controller(_) | Command::Daemon(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -133,15 +198,32 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Mount(args) => mount_command(args),
-        Command::Warm(args) => cli::warm(
-            &args.mountpoint,
-            &args.paths,
-            args.parallel,
-            args.json,
-            args.control_socket.as_deref(),
-        ),
-        Command::Status(args) => {
-            cli::status(&args.mountpoint, args.json, args.control_socket.as_deref())
+        Command::Warm(args) => warm_command(args),
+        Command::Status(args) => match &args.mountpoint {
+            Some(mountpoint) => cli::status(
+                mountpoint,
+                args.json,
+                args.socket.as_deref().or(args.control_socket.as_deref()),
+            ),
+            None => cli::status_socket(
+                args.socket
+                    .as_deref()
+                    .or(args.control_socket.as_deref())
+                    .unwrap_or(std::path::Path::new(reservoir::daemon::DEFAULT_SOCKET)),
+                args.json,
+            ),
+        },
+        Command::Daemon(args) => daemon_command(args),
+        Command::Controller(args) => {
+            reservoir::csi::server::run_controller(reservoir::csi::server::ControllerConfig {
+                endpoint: args.endpoint,
+                state_dir: args.state_dir,
+                driver_name: args.driver_name,
+                options: reservoir::csi::controller::ControllerOptions {
+                    source_check_timeout: args.source_check_timeout,
+                },
+            })
+            .map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
@@ -207,5 +289,56 @@ fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
         control_socket: args.control_socket,
     };
     mount::run(options)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warm_command(args: WarmArgs) -> anyhow::Result<ExitCode> {
+    match (args.volume, args.mountpoint) {
+        (Some(volume), first) => {
+            let socket = args
+                .socket
+                .or(args.control_socket)
+                .unwrap_or_else(|| PathBuf::from(reservoir::daemon::DEFAULT_SOCKET));
+            let paths: Vec<PathBuf> = first.into_iter().chain(args.paths).collect();
+            cli::warm_volume(&socket, &volume, &paths, args.parallel, args.json)
+        }
+        (None, Some(mountpoint)) => cli::warm(
+            &mountpoint,
+            &args.paths,
+            args.parallel,
+            args.json,
+            args.socket.as_deref().or(args.control_socket.as_deref()),
+        ),
+        (None, None) => anyhow::bail!("give a MOUNTPOINT, or --volume ID for a daemon's volume"),
+    }
+}
+
+fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    // SAFETY: as in mount_command: allocator tuning, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+    let block_size = u32::try_from(args.block_size.0)
+        .map_err(|_| anyhow::anyhow!("--block-size {} is too large", args.block_size))?;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    reservoir::daemon::run(reservoir::daemon::DaemonConfig {
+        cache: CacheConfig {
+            dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir),
+            capacity: args.cache_size.0,
+            high_watermark: args.high_watermark,
+            low_watermark: args.low_watermark,
+            block_size,
+        },
+        socket: std::path::absolute(&args.socket).unwrap_or(args.socket),
+        source_options: SourceOptions {
+            timeout: args.source_timeout,
+            connections: args.connections.clamp(1, 256),
+        },
+        threads: args
+            .threads
+            .unwrap_or((cpus * 2).clamp(4, 16))
+            .clamp(1, 256),
+        passthrough: true,
+    })?;
     Ok(ExitCode::SUCCESS)
 }

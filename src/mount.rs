@@ -246,7 +246,7 @@ async fn flush_periodically(volume: Arc<Volume>) {
 
 /// Raises the kernel's readahead on the mount (the FUSE default is 128 KiB), so that a
 /// sequential cold read keeps several block fetches in flight.
-fn set_read_ahead(mountpoint: &Path) {
+pub(crate) fn set_read_ahead(mountpoint: &Path) {
     let Ok(meta) = std::fs::metadata(mountpoint) else {
         return;
     };

@@ -267,3 +267,210 @@ fn bad_settings_are_refused() {
         assert!(matches!(Cache::open(config), Err(CacheError::Config(_))));
     }
 }
+
+fn quota(bytes: u64) -> Option<Quota> {
+    Some(Quota {
+        bytes,
+        high_watermark: 0.95,
+        low_watermark: 0.85,
+    })
+}
+
+fn owner_usage_of(cache: &Cache) -> OwnerUsage {
+    cache
+        .usage()
+        .owner
+        .expect("a volume's view reports its owner")
+}
+
+#[test]
+fn a_volume_over_its_quota_evicts_its_own_files_and_the_others_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 32 << 20;
+    let node = Cache::open(config(dir.path(), capacity)).unwrap();
+    let limit = 4u64 << 20;
+    let a = node.for_owner("volume-a", quota(limit)).unwrap();
+    let b = node.for_owner("volume-b", quota(limit)).unwrap();
+    let size = 256 << 10;
+    // B caches a few files, used once each: the least valuable files in the cache.
+    for n in 0..8u64 {
+        let lease = b.lease(key(n), size, Priority::Access).unwrap().unwrap();
+        fill(&b, &lease, &content(n, size as usize));
+    }
+    // A reads many more files than its quota holds, each more often than the one before.
+    let mut admitted = 0;
+    for n in 100..200u64 {
+        for _ in 0..n {
+            a.record_access(key(n));
+        }
+        if let Some(lease) = a.lease(key(n), size, Priority::Access).unwrap() {
+            fill(&a, &lease, &content(n, size as usize));
+            admitted += 1;
+        }
+        a.flush(false).unwrap();
+        let mine = owner_usage_of(&a);
+        assert!(
+            mine.used <= (limit as f64 * 0.95) as u64,
+            "volume A holds {} over its quota {limit}",
+            mine.used
+        );
+        for m in 0..8u64 {
+            assert!(
+                b.contains_complete(key(m), size),
+                "volume B lost file {m} to volume A"
+            );
+        }
+        let usage = node.usage();
+        assert!(usage.used <= capacity);
+        assert!(du(dir.path()) <= capacity);
+    }
+    let mine = owner_usage_of(&a);
+    assert!(admitted > 50, "only {admitted} files admitted");
+    assert!(mine.evicted_files > 30, "{mine:?}");
+    assert!(mine.files >= 10, "{mine:?}");
+    let theirs = owner_usage_of(&b);
+    assert_eq!((theirs.files, theirs.evicted_files), (8, 0), "{theirs:?}");
+    assert_eq!(theirs.data_bytes, 8 * size);
+    // The node's books are the sum of the owners'.
+    let owners = node.owners();
+    assert_eq!(owners.len(), 2);
+    assert_eq!(
+        owners.iter().map(|o| o.files).sum::<u64>(),
+        node.usage().files
+    );
+}
+
+#[test]
+fn the_node_capacity_holds_across_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 8 << 20;
+    let node = Cache::open(config(dir.path(), capacity)).unwrap();
+    // Quotas as large as the node: only the node's capacity bounds them.
+    let a = node.for_owner("volume-a", quota(capacity)).unwrap();
+    let b = node.for_owner("volume-b", quota(capacity)).unwrap();
+    let size = 256 << 10;
+    let check = |what: &str| {
+        let usage = node.usage();
+        assert!(usage.used <= capacity, "{what}: accounted {}", usage.used);
+        let on_disk = du(dir.path());
+        assert!(on_disk <= capacity, "{what}: du says {on_disk}");
+        let owners = node.owners();
+        assert_eq!(
+            owners.iter().map(|o| o.files).sum::<u64>(),
+            usage.files,
+            "{what}: {owners:?}"
+        );
+    };
+    for n in 0..40u64 {
+        for _ in 0..n + 2 {
+            a.record_access(key(n));
+        }
+        if let Some(lease) = a.lease(key(n), size, Priority::Access).unwrap() {
+            fill(&a, &lease, &content(n, size as usize));
+        }
+        a.flush(false).unwrap();
+        check("volume A filling the node");
+    }
+    let a_before = owner_usage_of(&a).files;
+    assert!(a_before > 20);
+    // B's files are read more than A's: they displace A's across the node.
+    for n in 1000..1040u64 {
+        for _ in 0..100 {
+            b.record_access(key(n));
+        }
+        if let Some(lease) = b.lease(key(n), size, Priority::Access).unwrap() {
+            fill(&b, &lease, &content(n, size as usize));
+        }
+        b.flush(false).unwrap();
+        check("volume B displacing volume A");
+    }
+    let (mine, theirs) = (owner_usage_of(&b), owner_usage_of(&a));
+    assert!(mine.files > 20, "{mine:?}");
+    assert!(theirs.files < a_before, "{theirs:?}");
+    assert_eq!(
+        mine.used + theirs.used + layout::fixed_overhead(),
+        node.usage().used - node.usage().index_bytes.div_ceil(FS_BLOCK) * FS_BLOCK
+    );
+}
+
+#[test]
+fn owners_persist_share_files_and_adopt_those_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 100_000u64;
+    let a_tag = OwnerTag::of("volume-a");
+    {
+        let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+        let a = node.for_owner("volume-a", quota(16 << 20)).unwrap();
+        let b = node.for_owner("volume-b", None).unwrap();
+        assert_eq!(a.owner(), a_tag);
+        let lease = a.lease(key(1), size, Priority::Access).unwrap().unwrap();
+        fill(&a, &lease, &content(1, size as usize));
+        // The same file through another volume: shared bytes, charged to the first admitter.
+        let shared = b.lease(key(1), size, Priority::Access).unwrap().unwrap();
+        assert!(shared.complete);
+        assert_eq!(owner_usage_of(&a).files, 1);
+        assert_eq!(owner_usage_of(&b).files, 0);
+        // Each volume has its own metadata journals.
+        let (journal, _) = a.open_journal::<u64>("0123").unwrap();
+        journal.append(&7).unwrap();
+        journal.flush(true).unwrap();
+        assert!(
+            dir.path()
+                .join(layout::METADATA_DIR)
+                .join(format!("{a_tag}-0123"))
+                .exists()
+        );
+        node.flush(true).unwrap();
+    }
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    // A journal nobody has open still counts.
+    assert!(node.usage().metadata_bytes > 0);
+    let a = node.for_owner("volume-a", quota(16 << 20)).unwrap();
+    assert_eq!(owner_usage_of(&a).files, 1, "the owner tag persisted");
+    drop(a);
+    // Its volume gone, the file is taken over by the next volume that reads it.
+    let b = node.for_owner("volume-b", quota(16 << 20)).unwrap();
+    let lease = b.lease(key(1), size, Priority::Access).unwrap().unwrap();
+    assert!(lease.complete);
+    assert_eq!(owner_usage_of(&b).files, 1);
+    node.flush(true).unwrap();
+    drop((lease, b, node));
+
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let b = node.for_owner("volume-b", None).unwrap();
+    assert_eq!(owner_usage_of(&b).files, 1, "the adoption persisted");
+    // An unmounted volume's metadata goes with it.
+    let a = node.for_owner("volume-a", None).unwrap();
+    let (journal, records) = a.open_journal::<u64>("0123").unwrap();
+    assert_eq!(records, [7]);
+    a.discard_journals_on_release();
+    drop((journal, a));
+    assert_eq!(node.usage().metadata_bytes, 0);
+    assert!(
+        std::fs::read_dir(dir.path().join(layout::METADATA_DIR))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn bad_quotas_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    for (bytes, high, low) in [
+        (64 << 20, 0.8, 0.9),
+        (64 << 20, 1.5, 0.5),
+        (512 << 10, 0.9, 0.8),
+    ] {
+        let quota = Quota {
+            bytes,
+            high_watermark: high,
+            low_watermark: low,
+        };
+        assert!(matches!(
+            node.for_owner("v", Some(quota)),
+            Err(CacheError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,876 @@
+//! The node's cache daemon (`reservoir daemon`): one process that owns the node's cache and
+//! hosts one FUSE session per volume, driven through a control socket (see [`crate::control`]
+//! for the protocol and [`Client`] for the typed client the CSI node service uses).
+//!
+//! Each volume is a [`Volume`] over its source, seen through its own owner's view of the shared
+//! cache (so that its quota holds inside the node-wide capacity), mounted by a FUSE session
+//! whose request loop runs on its own thread. A volume also has its own small async runtime:
+//! everything it starts in the background (source requests, readahead, preloads, reconnects)
+//! runs there, so unmounting it stops all of that at once, and a volume whose source hangs
+//! cannot starve the others.
+//!
+//! Operations are idempotent and may run concurrently. The registry of volumes records each
+//! one's phase (mounting, mounted, unmounting); a request that finds its volume (or its target)
+//! in the middle of a change waits for the change to finish, then decides.
+//!
+//! Nothing but the cache outlives the daemon: its volumes are unmounted when it stops
+//! (SIGTERM), and a daemon that crashed leaves dead mounts that the next `unmount` (or a
+//! `mount` at the same path) clears.
+
+mod client;
+mod spec;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::cache::{Cache, CacheConfig, CacheError};
+use crate::control::{
+    self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Request, Response,
+};
+use crate::fs::fuse::{self as fuse_adapter, MountConfig};
+use crate::fs::warm::Request as WarmRequest;
+use crate::fs::{Volume, VolumeConfig};
+use crate::mount::{check_mountpoint, mount_at, set_read_ahead};
+use crate::source::SourceOptions;
+
+pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
+pub use spec::VolumeSpec;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/reservoir/daemon.sock";
+/// Worker threads of each volume's runtime.
+const VOLUME_WORKERS: usize = 2;
+/// How long an unmount waits for the kernel to end a FUSE session before aborting it.
+const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+/// How long background work of an unmounted volume gets to stop.
+const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+/// How long SIGTERM waits for mounts and unmounts in progress.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start the daemon: {0}")]
+    Cache(#[from] CacheError),
+    #[error(
+        "cannot start the daemon: socket {path}: {cause} (is another reservoir daemon running? one daemon per socket and per cache directory)"
+    )]
+    Socket {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("cannot start the daemon's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Everything `reservoir daemon` needs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The node's cache: its size is the node-wide cap of all volumes together.
+    pub cache: CacheConfig,
+    pub socket: PathBuf,
+    pub source_options: SourceOptions,
+    /// Threads serving FUSE requests, per volume.
+    pub threads: usize,
+    pub passthrough: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then unmounts every volume, flushes the cache and
+/// removes the socket.
+pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // The cache lock first: a second daemon on the same cache directory is refused before it
+    // touches the socket of the first.
+    let cache = Cache::open(config.cache.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("reservoir-daemon")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let listener = {
+        let _guard = runtime.enter();
+        control::bind(&config.socket).map_err(|cause| DaemonError::Socket {
+            path: config.socket.clone(),
+            cause,
+        })?
+    };
+    let socket = config.socket.clone();
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+    let daemon = Arc::new(Daemon {
+        cache,
+        config,
+        registry: Mutex::new(Registry::default()),
+        changed: Notify::new(),
+        shutting_down: AtomicBool::new(false),
+        ended: ended_tx,
+    });
+    tracing::info!(
+        socket = %socket.display(),
+        cache = %daemon.cache.config().dir.display(),
+        capacity = daemon.cache.config().capacity,
+        "daemon ready"
+    );
+    let reason = runtime.block_on(async {
+        let server = tokio::spawn(serve(listener, daemon.clone()));
+        let flusher = tokio::spawn(daemon.clone().flush_periodically());
+        let reaper = tokio::spawn(daemon.clone().reap(ended_rx));
+        let reason = wait_for_signal().await;
+        tracing::info!(reason, "stopping: unmounting every volume");
+        server.abort();
+        daemon.shutdown().await;
+        flusher.abort();
+        reaper.abort();
+        reason
+    });
+    if let Err(e) = daemon.cache.flush(true) {
+        tracing::warn!(error = %e, "cannot flush the cache index");
+    }
+    let _ = std::fs::remove_file(&socket);
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    tracing::info!(reason, "daemon stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            tracing::warn!("cannot handle signals; the daemon will stop only when killed");
+            std::future::pending().await
+        }
+    }
+}
+
+/// The daemon's state: the node's cache and its volumes.
+pub struct Daemon {
+    /// The default owner's view; each volume has its own view ([`Cache::for_owner`]).
+    cache: Arc<Cache>,
+    config: DaemonConfig,
+    registry: Mutex<Registry>,
+    /// Signalled whenever a volume changes phase.
+    changed: Notify,
+    shutting_down: AtomicBool,
+    /// FUSE session threads report here when their session ends: `(volume id, generation)`.
+    ended: mpsc::UnboundedSender<(String, u64)>,
+}
+
+#[derive(Default)]
+struct Registry {
+    volumes: HashMap<String, Slot>,
+    next_generation: u64,
+}
+
+struct Slot {
+    spec: Arc<VolumeSpec>,
+    /// Tells apart successive mounts of one volume id.
+    generation: u64,
+    phase: Phase,
+}
+
+enum Phase {
+    Mounting,
+    Mounted(Box<Hosted>),
+    Unmounting,
+}
+
+/// A mounted volume: what serving it holds.
+struct Hosted {
+    target: PathBuf,
+    volume: Arc<Volume>,
+    runtime: tokio::runtime::Runtime,
+    unmounter: fuser::SessionUnmounter,
+    session: std::thread::JoinHandle<()>,
+    /// Receives (or disconnects) when the session's request loop has ended.
+    session_ended: std::sync::mpsc::Receiver<()>,
+    /// The mount's device number, to abort its FUSE connection if it will not end.
+    dev: Option<u64>,
+}
+
+/// An operation's refusal, sent to the client as an error line.
+type Refusal = String;
+
+enum Found {
+    Done(Result<bool, Refusal>),
+    Wait,
+    Proceed(u64),
+}
+
+impl Daemon {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mounts a volume; `Ok(true)` when it was mounted already with these parameters.
+    pub async fn mount(self: &Arc<Self>, request: MountRequest) -> Result<bool, Refusal> {
+        let spec = Arc::new(VolumeSpec::new(request).map_err(|e| e.to_string())?);
+        let id = spec.request.volume_id.clone();
+        let target = spec.request.target_path.clone();
+        let generation = loop {
+            let notified = self.changed.notified();
+            let found = {
+                let mut registry = self.lock();
+                if self.shutting_down.load(Ordering::Relaxed) {
+                    return Err("the daemon is shutting down".into());
+                }
+                self.find_for_mount(&mut registry, &spec)
+            };
+            match found {
+                Found::Done(result) => return result,
+                Found::Wait => notified.await,
+                Found::Proceed(generation) => break generation,
+            }
+        };
+        tracing::info!(volume = %id, target = %target.display(), source = %spec.root, "mounting");
+        let result = self.start(&spec, generation).await;
+        let mut registry = self.lock();
+        let outcome = match result {
+            Ok(hosted) => {
+                if let Some(slot) = registry.volumes.get_mut(&id) {
+                    slot.phase = Phase::Mounted(hosted);
+                }
+                tracing::info!(volume = %id, target = %target.display(), "mounted");
+                Ok(false)
+            }
+            Err(message) => {
+                registry.volumes.remove(&id);
+                tracing::warn!(volume = %id, target = %target.display(), error = %message, "mount failed");
+                Err(message)
+            }
+        };
+        drop(registry);
+        self.changed.notify_waiters();
+        outcome
+    }
+
+    fn find_for_mount(&self, registry: &mut Registry, spec: &Arc<VolumeSpec>) -> Found {
+        let id = &spec.request.volume_id;
+        let target = &spec.request.target_path;
+        if let Some(slot) = registry.volumes.get(id) {
+            if slot.spec.request.target_path != *target {
+                return Found::Done(Err(format!(
+                    "volume {id} is already mounted with other parameters: at {} (asked: {}); unmount it first",
+                    slot.spec.request.target_path.display(),
+                    target.display()
+                )));
+            }
+            let differences = slot.spec.differences(spec);
+            if !differences.is_empty() {
+                return Found::Done(Err(format!(
+                    "volume {id} is already mounted at {} with other parameters ({}); unmount it first",
+                    target.display(),
+                    differences.join(", ")
+                )));
+            }
+            return match slot.phase {
+                Phase::Mounted(_) => Found::Done(Ok(true)),
+                Phase::Mounting | Phase::Unmounting => Found::Wait,
+            };
+        }
+        if let Some((other, slot)) = registry
+            .volumes
+            .iter()
+            .find(|(_, slot)| slot.spec.request.target_path == *target)
+        {
+            return match slot.phase {
+                // Being unmounted: the path is about to be free.
+                Phase::Unmounting => Found::Wait,
+                _ => Found::Done(Err(format!(
+                    "{} is already used by volume {other}",
+                    target.display()
+                ))),
+            };
+        }
+        registry.next_generation += 1;
+        let generation = registry.next_generation;
+        registry.volumes.insert(
+            id.clone(),
+            Slot {
+                spec: spec.clone(),
+                generation,
+                phase: Phase::Mounting,
+            },
+        );
+        Found::Proceed(generation)
+    }
+
+    /// Opens the volume and mounts it; on failure, leaves nothing behind.
+    async fn start(
+        self: &Arc<Self>,
+        spec: &Arc<VolumeSpec>,
+        generation: u64,
+    ) -> Result<Box<Hosted>, Refusal> {
+        let target = spec.request.target_path.clone();
+        let prepared = tokio::task::spawn_blocking(move || prepare_target(&target))
+            .await
+            .map_err(|e| format!("preparing the target path failed: {e}"))?;
+        let target = prepared?;
+
+        let id = &spec.request.volume_id;
+        let view = self
+            .cache
+            .for_owner(id, spec.quota)
+            .map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(VOLUME_WORKERS)
+            .thread_name(format!("rsv-{}", short(id)))
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the volume's runtime: {e}"))?;
+        let opened = runtime
+            .spawn(Volume::open(
+                spec.root.clone(),
+                self.config.source_options.clone(),
+                Some(view),
+                VolumeConfig {
+                    metadata_ttl: spec.request.metadata_ttl,
+                    read_write: spec.request.read_write,
+                },
+            ))
+            .await;
+        let volume = match opened {
+            Ok(Ok(volume)) => volume,
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                return Err(format!("volume {id}: {e}"));
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(format!("volume {id}: opening the source failed: {e}"));
+            }
+        };
+
+        let mount_config = MountConfig {
+            fs_name: spec.root.id(),
+            threads: self.config.threads,
+            passthrough: self.config.passthrough,
+            read_write: spec.request.read_write,
+        };
+        let (volume_for_mount, ended) = (volume.clone(), self.ended.clone());
+        let (id_owned, target_owned) = (id.clone(), target.clone());
+        let mounted = tokio::task::spawn_blocking(move || {
+            mount_session(
+                volume_for_mount,
+                &target_owned,
+                &mount_config,
+                id_owned,
+                generation,
+                ended,
+            )
+        })
+        .await;
+        let (unmounter, session, session_ended, dev) = match mounted {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(message)) => {
+                volume.cache().inspect(|c| c.discard_journals_on_release());
+                drop(volume);
+                runtime.shutdown_background();
+                return Err(message);
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(format!("mounting {} failed: {e}", target.display()));
+            }
+        };
+        if !spec.preload.is_empty() {
+            volume.start_warm(WarmRequest {
+                paths: spec.preload.clone(),
+                parallel: control::DEFAULT_PARALLEL,
+            });
+        }
+        Ok(Box::new(Hosted {
+            target,
+            volume,
+            runtime,
+            unmounter,
+            session,
+            session_ended,
+            dev,
+        }))
+    }
+
+    /// Unmounts whatever volume is at `target`; `Ok(false)` when nothing was mounted there.
+    pub async fn unmount(self: &Arc<Self>, target: &Path) -> Result<bool, Refusal> {
+        let target = spec::target_path(target).map_err(|e| e.to_string())?;
+        let (id, hosted) = loop {
+            let notified = self.changed.notified();
+            let found = {
+                let mut registry = self.lock();
+                let slot = registry
+                    .volumes
+                    .iter_mut()
+                    .find(|(_, slot)| slot.spec.request.target_path == target);
+                match slot {
+                    None => None,
+                    Some((id, slot)) => match std::mem::replace(&mut slot.phase, Phase::Unmounting)
+                    {
+                        Phase::Mounted(hosted) => Some(Some((id.clone(), hosted))),
+                        other => {
+                            slot.phase = other;
+                            Some(None)
+                        }
+                    },
+                }
+            };
+            match found {
+                None => {
+                    let target = target.clone();
+                    let cleared = tokio::task::spawn_blocking(move || clear_dead_mount(&target))
+                        .await
+                        .unwrap_or(false);
+                    return Ok(cleared);
+                }
+                Some(None) => notified.await,
+                Some(Some(found)) => break found,
+            }
+        };
+        tracing::info!(volume = %id, target = %target.display(), "unmounting");
+        let _ = tokio::task::spawn_blocking(move || teardown(*hosted, true)).await;
+        self.lock().volumes.remove(&id);
+        self.changed.notify_waiters();
+        tracing::info!(volume = %id, target = %target.display(), "unmounted");
+        Ok(true)
+    }
+
+    /// Every mounted volume's status.
+    pub fn status(&self) -> DaemonStatus {
+        let (mounted, pending): (Vec<_>, Vec<_>) = {
+            let registry = self.lock();
+            registry
+                .volumes
+                .values()
+                .map(|slot| match &slot.phase {
+                    Phase::Mounted(hosted) => Ok((slot.spec.clone(), hosted.volume.clone())),
+                    Phase::Mounting => Err((slot.spec.clone(), "mounting")),
+                    Phase::Unmounting => Err((slot.spec.clone(), "unmounting")),
+                })
+                .partition(Result::is_ok)
+        };
+        let mut volumes: Vec<DaemonVolume> = mounted
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|(spec, volume)| DaemonVolume {
+                volume_id: spec.request.volume_id.clone(),
+                target_path: spec.request.target_path.clone(),
+                requested_source: spec.request.source.clone(),
+                sub_path: spec.request.sub_path.clone(),
+                cache_size: spec.request.cache_size,
+                read_write: spec.request.read_write,
+                volume: volume.status(),
+            })
+            .collect();
+        volumes.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        let mut pending: Vec<PendingVolume> = pending
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|(spec, state)| PendingVolume {
+                volume_id: spec.request.volume_id.clone(),
+                target_path: spec.request.target_path.clone(),
+                state: state.into(),
+            })
+            .collect();
+        pending.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        DaemonStatus {
+            pid: std::process::id(),
+            socket: self.config.socket.clone(),
+            cache: self.cache.usage(),
+            owners: self.cache.owners(),
+            volumes,
+            pending,
+        }
+    }
+
+    /// The volume called `id`, once mounted.
+    async fn volume(&self, id: &str) -> Result<Arc<Volume>, Refusal> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let registry = self.lock();
+                match registry.volumes.get(id).map(|slot| &slot.phase) {
+                    Some(Phase::Mounted(hosted)) => return Ok(hosted.volume.clone()),
+                    Some(Phase::Unmounting) => {
+                        return Err(format!("volume {id} is being unmounted"));
+                    }
+                    Some(Phase::Mounting) => {}
+                    None => {
+                        let mut known: Vec<&str> =
+                            registry.volumes.keys().map(String::as_str).collect();
+                        known.sort_unstable();
+                        return Err(format!(
+                            "no volume {id:?} is mounted by this daemon (mounted: {})",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ));
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// SIGTERM: refuses new mounts, lets the operations in progress finish, and unmounts
+    /// every volume (their metadata stays in the cache for a later mount of the same volume).
+    async fn shutdown(self: &Arc<Self>) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        let hosted: Vec<(String, Box<Hosted>)> = loop {
+            let notified = self.changed.notified();
+            {
+                let mut registry = self.lock();
+                let busy = registry
+                    .volumes
+                    .values()
+                    .any(|slot| !matches!(slot.phase, Phase::Mounted(_)));
+                if !busy || tokio::time::Instant::now() >= deadline {
+                    break registry
+                        .volumes
+                        .iter_mut()
+                        .filter_map(|(id, slot)| {
+                            match std::mem::replace(&mut slot.phase, Phase::Unmounting) {
+                                Phase::Mounted(hosted) => Some((id.clone(), hosted)),
+                                other => {
+                                    slot.phase = other;
+                                    None
+                                }
+                            }
+                        })
+                        .collect();
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        };
+        let teardowns: Vec<_> = hosted
+            .into_iter()
+            .map(|(id, hosted)| {
+                tokio::task::spawn_blocking(move || {
+                    let target = teardown(*hosted, false);
+                    tracing::info!(volume = %id, target = %target.display(), "unmounted");
+                })
+            })
+            .collect();
+        for teardown in teardowns {
+            let _ = teardown.await;
+        }
+        self.lock().volumes.clear();
+        self.changed.notify_waiters();
+    }
+
+    /// Forgets volumes whose FUSE session ended without an unmount request (unmounted from
+    /// outside, or the connection was aborted).
+    async fn reap(self: Arc<Self>, mut ended: mpsc::UnboundedReceiver<(String, u64)>) {
+        while let Some((id, generation)) = ended.recv().await {
+            let hosted = {
+                let mut registry = self.lock();
+                match registry.volumes.get_mut(&id) {
+                    Some(slot)
+                        if slot.generation == generation
+                            && matches!(slot.phase, Phase::Mounted(_)) =>
+                    {
+                        match std::mem::replace(&mut slot.phase, Phase::Unmounting) {
+                            Phase::Mounted(hosted) => Some(hosted),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            let Some(hosted) = hosted else {
+                continue;
+            };
+            tracing::warn!(volume = %id, "the volume was unmounted from outside the daemon; forgetting it");
+            let _ = tokio::task::spawn_blocking(move || teardown(*hosted, false)).await;
+            self.lock().volumes.remove(&id);
+            self.changed.notify_waiters();
+        }
+    }
+
+    async fn flush_periodically(self: Arc<Self>) {
+        let mut ticks = 0u64;
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            interval.tick().await;
+            ticks += 1;
+            let sync = ticks % 30 == 0;
+            let volumes: Vec<Arc<Volume>> = self
+                .lock()
+                .volumes
+                .values()
+                .filter_map(|slot| match &slot.phase {
+                    Phase::Mounted(hosted) => Some(hosted.volume.clone()),
+                    _ => None,
+                })
+                .collect();
+            let cache = self.cache.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for volume in volumes {
+                    volume.flush(sync);
+                }
+                if let Err(e) = cache.flush(sync) {
+                    tracing::warn!(error = %e, "cannot flush the cache index");
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// A short, path-safe form of a volume id for thread names.
+fn short(id: &str) -> String {
+    let cleaned: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let tail = cleaned.len().saturating_sub(10);
+    cleaned[tail..].to_string()
+}
+
+/// Makes the target a directory that nothing is mounted on: creates it if missing, and
+/// detaches a dead mount left there by an earlier daemon. Returns its canonical path.
+fn prepare_target(target: &Path) -> Result<PathBuf, Refusal> {
+    match std::fs::metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target)
+                .map_err(|e| format!("cannot create the target {}: {e}", target.display()))?;
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            clear_dead_mount(target);
+        }
+        _ => {}
+    }
+    check_mountpoint(target).map_err(|e| e.to_string())
+}
+
+/// Detaches a reservoir FUSE mount at `target` that no live session of this daemon serves
+/// (left by a daemon that died). Returns whether there was one.
+fn clear_dead_mount(target: &Path) -> bool {
+    let Some(existing) = mount_at(target) else {
+        return false;
+    };
+    if !existing.starts_with("fuse.reservoir ") {
+        tracing::warn!(target = %target.display(), mount = existing, "not unmounting a mount this daemon did not make");
+        return false;
+    }
+    tracing::info!(target = %target.display(), "detaching a reservoir mount left by an earlier daemon");
+    match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(target = %target.display(), error = %e, "cannot detach the dead mount");
+            false
+        }
+    }
+}
+
+type SessionParts = (
+    fuser::SessionUnmounter,
+    std::thread::JoinHandle<()>,
+    std::sync::mpsc::Receiver<()>,
+    Option<u64>,
+);
+
+/// Mounts `volume` at `target` and starts its session's request loop on a thread.
+fn mount_session(
+    volume: Arc<Volume>,
+    target: &Path,
+    config: &MountConfig,
+    id: String,
+    generation: u64,
+    ended: mpsc::UnboundedSender<(String, u64)>,
+) -> Result<SessionParts, Refusal> {
+    let mut session = fuse_adapter::mount(volume, target, config)
+        .map_err(|e| format!("cannot mount {}: {e}", target.display()))?;
+    let unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("fuse-{}", short(&id)))
+        .spawn(move || {
+            if let Err(e) = session.run() {
+                tracing::warn!(volume = %id, error = %e, "FUSE session ended with an error");
+            }
+            let _ = done_tx.send(());
+            let _ = ended.send((id, generation));
+        });
+    let thread = match thread {
+        Ok(thread) => thread,
+        Err(e) => {
+            // The session was moved into the closure that failed to start: dropping it
+            // unmounted it.
+            return Err(format!("cannot start the FUSE session thread: {e}"));
+        }
+    };
+    set_read_ahead(target);
+    let dev = std::fs::metadata(target).ok().map(|m| m.dev());
+    Ok((unmounter, thread, done_rx, dev))
+}
+
+/// Unmounts a hosted volume and stops everything it runs; returns its target path. With
+/// `discard`, the volume's metadata journals are removed from the cache (it was unmounted for
+/// good); its cached files stay.
+fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
+    let Hosted {
+        target,
+        volume,
+        runtime,
+        mut unmounter,
+        session,
+        session_ended,
+        dev,
+    } = hosted;
+    if let Err(e) = unmounter.unmount() {
+        // Busy (files still open): detach it. The kernel ends the session when the last
+        // file is closed, or when the connection is aborted below.
+        tracing::info!(target = %target.display(), error = %e, "unmount refused; detaching the mount");
+        if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(target = %target.display(), error = %e, "cannot detach the mount");
+        }
+    }
+    let mut ended = !matches!(
+        session_ended.recv_timeout(SESSION_END_WAIT),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+    );
+    if !ended {
+        // Files still open keep a detached mount's connection alive: abort it, so that the
+        // session ends (those files' readers get ENOTCONN).
+        if let Some(dev) = dev {
+            abort_connection(dev);
+        }
+        ended = !matches!(
+            session_ended.recv_timeout(SESSION_END_WAIT),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+    }
+    if ended {
+        let _ = session.join();
+    } else {
+        tracing::warn!("the FUSE session did not end; leaving its thread behind");
+    }
+    volume.flush(true);
+    if discard {
+        if let Some(cache) = volume.cache() {
+            cache.discard_journals_on_release();
+        }
+    }
+    drop(volume);
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    target
+}
+
+/// Aborts the FUSE connection of the mount with device number `dev` (fusectl).
+fn abort_connection(dev: u64) {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let id = (u64::from(major) << 20) | u64::from(minor);
+    let path = format!("/sys/fs/fuse/connections/{id}/abort");
+    match std::fs::write(&path, "1") {
+        Ok(()) => tracing::warn!(
+            connection = id,
+            "aborted a FUSE connection that would not end"
+        ),
+        Err(e) => tracing::warn!(path, error = %e, "cannot abort the FUSE connection"),
+    }
+}
+
+/// Serves the control socket until the task is dropped.
+async fn serve(listener: tokio::net::UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &daemon).await {
+                tracing::debug!(error = %e, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
+    let (request, mut write) = control::read_request(stream).await?;
+    let Some(request) = request else {
+        return Ok(());
+    };
+    tracing::debug!(?request, "control request");
+    let response = match request {
+        Request::Status => Response::DaemonStatus(Box::new(daemon.status())),
+        Request::Mount(request) => {
+            let (volume_id, target_path) = (request.volume_id.clone(), request.target_path.clone());
+            // Run to the end even if the client goes away: a half-done mount helps nobody,
+            // and the client's retry finds the volume mounted.
+            let daemon = daemon.clone();
+            let mounted = tokio::spawn(async move { daemon.mount(request).await }).await;
+            match mounted {
+                Ok(Ok(already_mounted)) => Response::Mounted {
+                    volume_id,
+                    target_path,
+                    already_mounted,
+                },
+                Ok(Err(message)) => Response::Error { message },
+                Err(e) => Response::Error {
+                    message: format!("mount of volume {volume_id} failed: {e}"),
+                },
+            }
+        }
+        Request::Unmount { target_path } => {
+            let daemon = daemon.clone();
+            let target = target_path.clone();
+            let unmounted = tokio::spawn(async move { daemon.unmount(&target).await }).await;
+            match unmounted {
+                Ok(Ok(was_mounted)) => Response::Unmounted {
+                    target_path,
+                    was_mounted,
+                },
+                Ok(Err(message)) => Response::Error { message },
+                Err(e) => Response::Error {
+                    message: format!("unmount of {} failed: {e}", target_path.display()),
+                },
+            }
+        }
+        Request::Warm {
+            paths,
+            parallel,
+            volume_id,
+            detach,
+        } => {
+            let Some(volume_id) = volume_id else {
+                return control::refuse(
+                    &mut write,
+                    "warm needs a volume_id: this daemon serves many volumes",
+                )
+                .await;
+            };
+            let paths = match spec::volume_paths(&paths) {
+                Ok(paths) if paths.is_empty() => vec![String::new()],
+                Ok(paths) => paths,
+                Err(e) => return control::refuse(&mut write, format!("warm: {e}")).await,
+            };
+            let volume = match daemon.volume(&volume_id).await {
+                Ok(volume) => volume,
+                Err(message) => return control::refuse(&mut write, message).await,
+            };
+            let tracker = volume.start_warm(WarmRequest {
+                paths,
+                parallel: parallel.clamp(1, 256),
+            });
+            return control::follow_warm(&mut write, &tracker, detach).await;
+        }
+    };
+    control::send(&mut write, &response).await
+}
