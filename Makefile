@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test lint deploy-check sanity bench-quick bench build release clean
+.PHONY: demo test lint deploy-check sanity bench-quick bench bench-writes build release clean
 
 release:
 	$(CARGO) build --release --locked
@@ -54,6 +54,12 @@ bench:
 	scripts/install-deps.sh bench
 	$(BENCH_BUILD)
 	python3 bench/run.py --scale full $(BENCH_ARGS)
+
+## Read-write volumes: 1 GiB checkpoint-like writes through the mount against writing to the
+## source directly (a directory, and our NFS client against ganesha); prints a Markdown table.
+bench-writes:
+	scripts/install-deps.sh test
+	$(CARGO) test --release --locked --test write_bench -- --ignored --nocapture
 
 clean:
 	$(CARGO) clean
