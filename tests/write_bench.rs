@@ -110,7 +110,10 @@ fn sequential_checkpoint_write() {
     let (mut direct, mut mounted) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         direct.push(write_file(&src.join(format!("direct-{round}")), &data));
-        mounted.push(write_file(&dirs.mnt.join(format!("mounted-{round}")), &data));
+        mounted.push(write_file(
+            &dirs.mnt.join(format!("mounted-{round}")),
+            &data,
+        ));
         eprintln!(
             "directory round {round}: direct {:.0} MiB/s, through the mount {:.0} MiB/s",
             mib_s(direct[round]),
@@ -146,7 +149,10 @@ fn sequential_checkpoint_write() {
     let (mut direct, mut mounted) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         direct.push(runtime.block_on(write_nfs(&client, &format!("direct-{round}"), &data)));
-        mounted.push(write_file(&dirs.mnt.join(format!("mounted-{round}")), &data));
+        mounted.push(write_file(
+            &dirs.mnt.join(format!("mounted-{round}")),
+            &data,
+        ));
         eprintln!(
             "NFS round {round}: NfsSource {:.0} MiB/s, through the mount {:.0} MiB/s",
             mib_s(direct[round]),
