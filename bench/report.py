@@ -325,8 +325,10 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
     add("### 6. Resources of each daemon during workloads 1-2")
     add("")
     add("CPU seconds (user + system) summed over every mount made for workloads 1 and 2; peak "
-        "RSS (VmHWM) the largest of those mounts. Read from `/proc/PID/stat` and "
-        "`/proc/PID/status` just before each unmount.")  # fmt: skip
+        "RSS (VmHWM) of the largest of those mounts. Both cover every process of a system: "
+        "JuiceFS's foreground mount is a supervisor and a worker, and rclone's numbers include "
+        "the `reservoir mount --no-cache` view it reads. Read from `/proc/PID/stat` and "
+        "`/proc/PID/status` of the process tree just before each unmount.")  # fmt: skip
     add("")
     add("| system | processes | CPU seconds | peak RSS |")
     add("|---|---|---|---|")

@@ -208,20 +208,41 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every live descendant (JuiceFS's foreground mount is a supervisor whose
+    child does the work)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int(proc_stat(int(entry.name))[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
 def cpu_and_peak(pid: int) -> tuple[float, int]:
-    """CPU seconds (user + system, with reaped children) and VmHWM bytes of a live process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
-        cpu = ticks / os.sysconf("SC_CLK_TCK")
-        peak = 0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * KiB
-        return cpu, peak
-    except (OSError, ValueError):
-        return 0.0, 0
+    """CPU seconds (user + system) and peak RSS (VmHWM) of a live process and its descendants:
+    CPU summed (with children already reaped), peaks added up (each process's own memory)."""
+    cpu_ticks, peak = 0, 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = proc_stat(member)
+            # utime, stime, and cutime, cstime for children that have already exited.
+            cpu_ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak += int(line.split()[1]) * KiB
+    return cpu_ticks / os.sysconf("SC_CLK_TCK"), peak
 
 
 def netns_pids(name: str) -> list[int]:
@@ -403,10 +424,11 @@ class Usage:
     peak: int = 0
     procs: set[str] = field(default_factory=set)
 
-    def add(self, name: str, cpu: float, peak: int) -> None:
+    def add(self, names: str, cpu: float, peak: int) -> None:
         self.cpu += cpu
         self.peak = max(self.peak, peak)
-        self.procs.add(name)
+        if names:
+            self.procs.add(names)
 
 
 class System:
@@ -477,10 +499,17 @@ class FuseDaemon(System):
         return proc.pid
 
     def unmount(self, usage: Usage | None = None) -> None:
+        # One mount's processes together (rclone and the reservoir view under it): CPU and
+        # peak memory are added up, so a peak is that of the whole mount.
+        if usage is not None:
+            cpu = peak = 0
+            for label, proc, _ in self.procs:
+                if proc.poll() is None:
+                    proc_cpu, proc_peak = cpu_and_peak(self.daemon_pid(proc))
+                    cpu, peak = cpu + proc_cpu, peak + proc_peak
+            usage.add(", ".join(label for label, _, _ in self.procs), cpu, peak)
         # Outermost mount first (rclone sits on a reservoir view).
         for label, proc, mountpoint in reversed(self.procs):
-            if usage is not None and proc.poll() is None:
-                usage.add(label, *cpu_and_peak(self.daemon_pid(proc)))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
