@@ -35,6 +35,10 @@ enum Command {
     Daemon(DaemonArgs),
     /// CSI Identity and Controller services on a unix socket (the cluster's provisioner).
     Controller(ControllerArgs),
+    /// CSI Identity and Node services on a unix socket (one per node, beside its cache daemon).
+    Node(NodeArgs),
+    /// All three CSI services on one socket: single-host use and conformance runs.
+    Csi(CsiArgs),
 }
 
 #[derive(Args)]
@@ -169,6 +173,51 @@ struct ControllerArgs {
     source_check_timeout: std::time::Duration,
 }
 
+#[derive(Args)]
+struct NodeArgs {
+    /// Where to serve: unix:///PATH, unix:/PATH or a socket path.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = reservoir::csi::server::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// This node's name (in Kubernetes: spec.nodeName); also its topology segment.
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// CSI driver name: the `provisioner` of StorageClasses and `driver` of PersistentVolumes.
+    #[arg(long, default_value = reservoir::csi::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// The node cache daemon's control socket.
+    #[arg(long, default_value = reservoir::daemon::DEFAULT_SOCKET)]
+    daemon_socket: PathBuf,
+    /// Start a detached cache daemon when none answers on --daemon-socket. Turn it off where
+    /// the daemon runs in its own container (the Kubernetes DaemonSet).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spawn_daemon: bool,
+    /// For a daemon this command starts: its cache directory (a host path on an SSD).
+    #[arg(long, default_value = "/var/cache/reservoir")]
+    cache_dir: PathBuf,
+    /// For a daemon this command starts: the node-wide cache size.
+    #[arg(long, default_value = "50Gi")]
+    cache_size: Size,
+    /// For a daemon this command starts: where its log goes (appended).
+    #[arg(long, default_value = "/var/log/reservoir/daemon.log")]
+    daemon_log: PathBuf,
+    /// Sources inline (ephemeral) volumes may name: comma-separated prefixes such as
+    /// nfs://filer/datasets,/mnt/shared. Empty: no inline volumes.
+    #[arg(long, default_value = "")]
+    allowed_sources: String,
+}
+
+#[derive(Args)]
+struct CsiArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Directory for the controller's volume records (one controller per directory).
+    #[arg(long, default_value = "/var/lib/reservoir/controller")]
+    state_dir: PathBuf,
+    /// Longest wait for an NFS server while CreateVolume checks a source.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    source_check_timeout: std::time::Duration,
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -185,7 +234,11 @@ fn main() -> ExitCode {
         }
     };
     let default_level = match cli.command {
-        Command::Mount(_) | Command::Controller(_) | Command::Daemon(_) => "info",
+        Command::Mount(_)
+        | Command::Controller(_)
+        | Command::Daemon(_)
+        | Command::Node(_)
+        | Command::Csi(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -225,6 +278,16 @@ fn main() -> ExitCode {
             })
             .map(|()| ExitCode::SUCCESS)
         }
+        Command::Node(args) => node_command(args, None),
+        Command::Csi(args) => node_command(
+            args.node,
+            Some((
+                args.state_dir,
+                reservoir::csi::controller::ControllerOptions {
+                    source_check_timeout: args.source_check_timeout,
+                },
+            )),
+        ),
     };
     match result {
         Ok(code) => code,
@@ -339,6 +402,45 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or((cpus * 2).clamp(4, 16))
             .clamp(1, 256),
         passthrough: true,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_command(
+    args: NodeArgs,
+    controller: Option<(PathBuf, reservoir::csi::controller::ControllerOptions)>,
+) -> anyhow::Result<ExitCode> {
+    use reservoir::csi::node::{AllowedSources, NodeOptions};
+    let allowed_sources =
+        AllowedSources::parse(&args.allowed_sources).map_err(anyhow::Error::msg)?;
+    let daemon_socket = std::path::absolute(&args.daemon_socket).unwrap_or(args.daemon_socket);
+    let spawn = args.spawn_daemon.then(|| {
+        let cache_dir = std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir);
+        reservoir::daemon::SpawnOptions {
+            program: None,
+            args: vec![
+                "daemon".into(),
+                "--cache-dir".into(),
+                cache_dir.into_os_string(),
+                "--cache-size".into(),
+                args.cache_size.to_string().into(),
+                "--socket".into(),
+                daemon_socket.clone().into_os_string(),
+            ],
+            log: std::path::absolute(&args.daemon_log).unwrap_or(args.daemon_log),
+            wait: std::time::Duration::from_secs(30),
+        }
+    });
+    reservoir::csi::server::run_node(reservoir::csi::server::NodeConfig {
+        endpoint: args.endpoint,
+        driver_name: args.driver_name,
+        node: NodeOptions {
+            node_id: args.node_id,
+            daemon_socket,
+            spawn,
+            allowed_sources,
+        },
+        controller,
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,15 +3,18 @@
 //! - [`proto`]: the code generated from `proto/csi.proto` (messages, server traits, clients).
 //! - [`params`]: the one parser of volume parameters (StorageClass, PV and inline volumes).
 //! - [`capability`]: which volume capabilities a volume supports.
-//! - [`identity`], [`controller`]: the services; the node service lives beside them.
+//! - [`identity`], [`controller`], [`node`]: the services ([`mounts`]: the node's mount table).
 //! - [`state`]: the controller's durable volume records.
-//! - [`server`]: serving services on a unix socket, and the `reservoir controller` command.
+//! - [`server`]: serving services on a unix socket, and the `reservoir controller`, `node` and
+//!   `csi` commands.
 //!
 //! `docs/csi.md` describes the behaviour and every parameter.
 
 pub mod capability;
 pub mod controller;
 pub mod identity;
+pub mod mounts;
+pub mod node;
 pub mod params;
 pub mod server;
 pub mod state;

@@ -17,8 +17,10 @@ use tracing::{info, warn};
 
 use super::controller::{ControllerOptions, ControllerService};
 use super::identity::IdentityService;
+use super::node::{Node, NodeOptions, NodeService};
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
+use super::proto::node_server::NodeServer;
 use super::state::StateStore;
 
 /// The endpoint kubelet and the sidecars use by default.
@@ -233,6 +235,75 @@ pub fn run_controller(config: ControllerConfig) -> anyhow::Result<()> {
         let result = serve(listener, routes.routes(), termination(), SHUTDOWN_GRACE).await;
         drop(socket_file);
         info!("controller stopped");
+        result
+    })
+}
+
+/// Settings of `reservoir node` and of the all-in-one `reservoir csi`.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub endpoint: String,
+    pub driver_name: String,
+    pub node: NodeOptions,
+    /// `reservoir csi`: also serve the Controller service, with its state directory.
+    pub controller: Option<(PathBuf, ControllerOptions)>,
+}
+
+/// Runs Identity and Node (and, for `reservoir csi`, Controller) on the endpoint until
+/// SIGTERM/SIGINT, then removes the socket. Starts a detached cache daemon first when none
+/// answers and starting one is allowed; stopping leaves the daemon and every mount alone.
+pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+    super::validate_driver_name(&config.driver_name).map_err(anyhow::Error::msg)?;
+    if config.node.node_id.is_empty() {
+        bail!("--node-id is required (in Kubernetes: the node's name, spec.nodeName)");
+    }
+    let socket = parse_endpoint(&config.endpoint).map_err(anyhow::Error::msg)?;
+    let store = match &config.controller {
+        Some((state_dir, _)) => Some(
+            StateStore::open(state_dir)
+                .with_context(|| format!("state directory {}", state_dir.display()))?,
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let node = Node::new(config.node.clone());
+        if config.node.spawn.is_some() {
+            // Start the daemon before serving, rather than at the first stage (so that a
+            // socket that answers means a node that is ready); a failure is retried then.
+            if let Err(e) = node.daemon().await {
+                warn!(error = %e, "the cache daemon is not running yet");
+            }
+        }
+        let (listener, socket_file) = bind(&socket)?;
+        let identity = IdentityService::new(config.driver_name.clone(), store.is_some());
+        let mut routes = RoutesBuilder::default();
+        routes
+            .add_service(IdentityServer::new(identity))
+            .add_service(NodeServer::new(NodeService::new(node)));
+        if let (Some(store), Some((_, options))) = (store.clone(), &config.controller) {
+            routes.add_service(ControllerServer::new(ControllerService::new(
+                store,
+                options.clone(),
+            )));
+        }
+        info!(
+            endpoint = %socket_file.path().display(),
+            driver = %config.driver_name,
+            node_id = %config.node.node_id,
+            daemon_socket = %config.node.daemon_socket.display(),
+            allowed_sources = %config.node.allowed_sources.describe(),
+            controller = store.is_some(),
+            version = env!("CARGO_PKG_VERSION"),
+            "node serving"
+        );
+        let result = serve(listener, routes.routes(), termination(), SHUTDOWN_GRACE).await;
+        drop(socket_file);
+        info!("node stopped (the cache daemon and the mounts are left running)");
         result
     })
 }

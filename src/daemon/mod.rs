@@ -40,7 +40,7 @@ use crate::mount::{check_mountpoint, mount_at, set_read_ahead};
 use crate::source::SourceOptions;
 
 pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
-pub use spec::VolumeSpec;
+pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target};
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/reservoir/daemon.sock";

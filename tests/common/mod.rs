@@ -1,3 +1,4 @@
+pub mod csi;
 pub mod data;
 pub mod ganesha;
 pub mod mount;

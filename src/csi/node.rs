@@ -1,0 +1,1041 @@
+//! The Node service: gives pods the volumes of this node.
+//!
+//! - NodeStageVolume asks the node's cache daemon to mount the volume at the staging path: one
+//!   FUSE session per volume, shared by every pod of the node that uses it.
+//! - NodePublishVolume bind-mounts the staged volume into the pod's target path (created if
+//!   missing), remounted `nosuid,nodev` and, for reader access modes or `readonly`, `ro`; the
+//!   flags are checked in /proc/self/mountinfo before the call succeeds.
+//! - Inline ephemeral volumes (`csi.storage.k8s.io/ephemeral=true`, or a publish without a
+//!   staging path) are mounted by the daemon at the target path directly and released at
+//!   unpublish. Their sources must match `--allowed-sources`.
+//! - NodeUnpublishVolume unmounts and removes the target; NodeUnstageVolume asks the daemon to
+//!   unmount once no publish is left.
+//!
+//! The node holds no state of its own: the mount table and the daemon's status are the truth,
+//! so `reservoir node` can restart at any time without touching a mount. [`Node`] holds the
+//! logic (callable without gRPC); [`NodeService`] is the thin gRPC adapter.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tonic::{Request, Response, Status};
+use tracing::Level;
+
+use super::capability;
+use super::mounts::{self, MountEntry};
+use super::params::{EPHEMERAL, METADATA_TTL, VolumeParams, render_source};
+use super::proto::node_server::Node as NodeRpc;
+use super::proto::node_service_capability::Rpc;
+use super::proto::node_service_capability::rpc::Type as RpcType;
+use super::proto::volume_usage::Unit;
+use super::proto::*;
+use super::traced;
+use crate::control::{DaemonStatus, DaemonVolume, MountRequest};
+use crate::daemon::{Client, ClientError, SpawnOptions, ensure_running};
+use crate::source::SourceSpec;
+use crate::units::Ttl;
+
+/// The topology key NodeGetInfo reports, with the node id as its value.
+pub const TOPOLOGY_KEY: &str = "topology.reservoir.csi.dev/node";
+
+/// The setting that lists the sources inline volumes may use (named in refusals).
+pub const ALLOWED_SOURCES_FLAG: &str = "--allowed-sources";
+
+/// A refusal of a node call; each variant is one gRPC status code, the text says why.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<NodeError> for Status {
+    fn from(error: NodeError) -> Status {
+        match error {
+            NodeError::InvalidArgument(m) => Status::invalid_argument(m),
+            NodeError::NotFound(m) => Status::not_found(m),
+            NodeError::AlreadyExists(m) => Status::already_exists(m),
+            NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
+            NodeError::PermissionDenied(m) => Status::permission_denied(m),
+            NodeError::Aborted(m) => Status::aborted(m),
+            NodeError::Unavailable(m) => Status::unavailable(m),
+            NodeError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// The sources inline volumes may name: prefixes, matched by path component (`/data` admits
+/// `/data/x`, not `/data2`). Empty: no inline volumes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AllowedSources(Vec<SourceSpec>);
+
+impl AllowedSources {
+    /// Parses a comma-separated list of sources (`nfs://HOST/PATH`, `/PATH`); empty entries
+    /// are ignored.
+    pub fn parse(list: &str) -> Result<AllowedSources, String> {
+        let mut out = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let spec: SourceSpec = item
+                .parse()
+                .map_err(|e: crate::source::SpecError| format!("{ALLOWED_SOURCES_FLAG}: {e}"))?;
+            out.push(spec);
+        }
+        Ok(AllowedSources(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `root` (a volume's root, sub-path joined; a directory already resolved) lies
+    /// under one of the prefixes. NFS: same host, same explicit ports if the prefix has any,
+    /// and the path under the prefix's.
+    pub fn permits(&self, root: &SourceSpec) -> bool {
+        self.0.iter().any(|allowed| match (allowed, root) {
+            (SourceSpec::Local(prefix), SourceSpec::Local(path)) => path.starts_with(prefix),
+            (SourceSpec::Nfs(prefix), SourceSpec::Nfs(url)) => {
+                prefix.host.eq_ignore_ascii_case(&url.host)
+                    && prefix.nfs_port.is_none_or(|p| url.nfs_port == Some(p))
+                    && prefix.mount_port.is_none_or(|p| url.mount_port == Some(p))
+                    && Path::new(&url.path).starts_with(&prefix.path)
+            }
+            _ => false,
+        })
+    }
+
+    /// The prefixes as the user wrote them (for messages).
+    pub fn describe(&self) -> String {
+        if self.0.is_empty() {
+            return "none".to_string();
+        }
+        self.0
+            .iter()
+            .map(render_source)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Settings of the node service.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// This node's name (NodeGetInfo).
+    pub node_id: String,
+    /// The cache daemon's control socket.
+    pub daemon_socket: PathBuf,
+    /// How to start a daemon when none answers; `None`: never start one (in Kubernetes the
+    /// daemon has its own container).
+    pub spawn: Option<SpawnOptions>,
+    pub allowed_sources: AllowedSources,
+}
+
+/// The node service's logic, callable without gRPC.
+#[derive(Clone)]
+pub struct Node {
+    options: Arc<NodeOptions>,
+    /// Paths (staging or target) with a call in progress.
+    busy: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// Marks a path as having a call in progress until dropped.
+struct Busy {
+    set: Arc<Mutex<HashSet<PathBuf>>>,
+    path: PathBuf,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.path);
+    }
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, NodeError> {
+    if value.is_empty() {
+        Err(NodeError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+/// A path the CO gave: absolute, no `..`, normalised like the daemon records it.
+fn path_field(value: &str, field: &str) -> Result<PathBuf, NodeError> {
+    let path = Path::new(required(value, field)?);
+    crate::daemon::normalize_target(path)
+        .map_err(|e| NodeError::InvalidArgument(format!("{field}: {}", e.message)))
+}
+
+fn params_of(
+    context: &std::collections::HashMap<String, String>,
+) -> Result<VolumeParams, NodeError> {
+    VolumeParams::parse(context)
+        .map_err(|e| NodeError::InvalidArgument(format!("volume_context (volume attributes): {e}")))
+}
+
+fn daemon_error(error: ClientError) -> NodeError {
+    match error {
+        ClientError::Refused(message)
+            if message.contains("already mounted") || message.contains("already used by") =>
+        {
+            NodeError::AlreadyExists(message)
+        }
+        ClientError::Refused(message) => NodeError::FailedPrecondition(message),
+        ClientError::Spawn { .. } => NodeError::Unavailable(error.to_string()),
+        e => NodeError::Unavailable(e.to_string()),
+    }
+}
+
+/// Runs a synchronous file-system or mount operation off the async threads.
+async fn blocking<T, F>(work: F) -> Result<T, NodeError>
+where
+    F: FnOnce() -> Result<T, NodeError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| NodeError::Internal(format!("a mount operation failed: {e}")))?
+}
+
+fn mount_table() -> Result<Vec<MountEntry>, NodeError> {
+    mounts::all().map_err(|e| NodeError::Internal(format!("cannot read the mount table: {e}")))
+}
+
+fn mount_at(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
+    table.iter().rev().find(|m| m.mount_point == path).cloned()
+}
+
+/// What the daemon is asked to mount for these parameters.
+fn mount_request(
+    volume_id: &str,
+    target: &Path,
+    params: &VolumeParams,
+    read_write: bool,
+) -> MountRequest {
+    MountRequest {
+        volume_id: volume_id.to_string(),
+        target_path: target.to_path_buf(),
+        source: render_source(&params.source),
+        sub_path: params.sub_path.clone(),
+        cache_size: params.cache_size.map(|s| s.0),
+        high_watermark: params.high_watermark,
+        low_watermark: params.low_watermark,
+        metadata_ttl: params.metadata_ttl,
+        read_write,
+        preload: params.preload.clone(),
+    }
+}
+
+/// A directory source lives on the node: check it here (the controller cannot).
+fn check_directory(root: &SourceSpec) -> Result<(), NodeError> {
+    let SourceSpec::Local(path) = root else {
+        return Ok(());
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(NodeError::FailedPrecondition(format!(
+            "source {}: not a directory",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NodeError::NotFound(format!(
+            "source {}: no such directory on node",
+            path.display()
+        ))),
+        Err(e) => Err(NodeError::FailedPrecondition(format!(
+            "source {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// The capability's access mode, checked against the volume (InvalidArgument otherwise).
+fn access_mode(
+    capability: Option<&VolumeCapability>,
+    params: &VolumeParams,
+) -> Result<volume_capability::access_mode::Mode, NodeError> {
+    let capability = capability
+        .ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".to_string()))?;
+    capability::check(capability, params).map_err(NodeError::InvalidArgument)
+}
+
+/// A writable mount needs a finite metadata TTL (`forever` declares the dataset immutable).
+fn check_writable(params: &VolumeParams, read_write: bool) -> Result<(), NodeError> {
+    if read_write && params.metadata_ttl == Ttl::Forever {
+        return Err(NodeError::InvalidArgument(format!(
+            "parameter {METADATA_TTL:?} = \"forever\" declares the dataset immutable, but the \
+             access mode writes: use a reader-only access mode (ReadOnlyMany) or a finite TTL"
+        )));
+    }
+    Ok(())
+}
+
+impl Node {
+    pub fn new(options: NodeOptions) -> Node {
+        Node {
+            options: Arc::new(options),
+            busy: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub fn options(&self) -> &NodeOptions {
+        &self.options
+    }
+
+    fn begin(&self, path: &Path) -> Result<Busy, NodeError> {
+        let mut set = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(path.to_path_buf()) {
+            return Err(NodeError::Aborted(format!(
+                "another call on {} is in progress",
+                path.display()
+            )));
+        }
+        Ok(Busy {
+            set: self.busy.clone(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A client of the daemon, starting one if none answers (and starting is allowed).
+    pub async fn daemon(&self) -> Result<Client, NodeError> {
+        let socket = &self.options.daemon_socket;
+        match &self.options.spawn {
+            Some(spawn) => ensure_running(socket, spawn).await.map_err(daemon_error),
+            None => {
+                let client = Client::new(socket);
+                client.status().await.map_err(|e| {
+                    NodeError::Unavailable(format!(
+                        "{e} (this node does not start a daemon itself: check the daemon container)"
+                    ))
+                })?;
+                Ok(client)
+            }
+        }
+    }
+
+    /// The daemon's status, without starting one.
+    async fn daemon_status(&self) -> Result<DaemonStatus, ClientError> {
+        Client::new(&self.options.daemon_socket).status().await
+    }
+
+    pub async fn stage(&self, request: NodeStageVolumeRequest) -> Result<(), NodeError> {
+        let volume_id = required(&request.volume_id, "volume_id")?.to_string();
+        let staging = path_field(&request.staging_target_path, "staging_target_path")?;
+        let capability = request.volume_capability.as_ref().ok_or_else(|| {
+            NodeError::InvalidArgument("volume_capability is required".to_string())
+        })?;
+        let params = params_of(&request.volume_context)?;
+        let mode = access_mode(Some(capability), &params)?;
+        let read_write = capability::writes(mode) && !params.read_only;
+        check_writable(&params, read_write)?;
+        let _busy = self.begin(&staging)?;
+        let root = params.root();
+        blocking(move || check_directory(&root)).await?;
+        let client = self.daemon().await?;
+        let status = client.status().await.map_err(daemon_error)?;
+        if let Some(other) = status
+            .volumes
+            .iter()
+            .find(|v| v.volume_id == volume_id && v.target_path != staging)
+        {
+            return Err(NodeError::AlreadyExists(format!(
+                "volume {volume_id} is already staged at {} on this node",
+                other.target_path.display()
+            )));
+        }
+        let mounted = client
+            .mount(&mount_request(&volume_id, &staging, &params, read_write))
+            .await
+            .map_err(daemon_error)?;
+        tracing::info!(
+            staging = %staging.display(),
+            read_write,
+            already = mounted.already_mounted,
+            "staged"
+        );
+        Ok(())
+    }
+
+    pub async fn unstage(&self, request: NodeUnstageVolumeRequest) -> Result<(), NodeError> {
+        required(&request.volume_id, "volume_id")?;
+        let staging = path_field(&request.staging_target_path, "staging_target_path")?;
+        let _busy = self.begin(&staging)?;
+        let staging_for_check = staging.clone();
+        let staged = blocking(move || {
+            let table = mount_table()?;
+            let Some(entry) = mount_at(&table, &staging_for_check).filter(|m| m.is_reservoir())
+            else {
+                return Ok(None);
+            };
+            let published: Vec<String> = table
+                .iter()
+                .filter(|m| m.dev == entry.dev && m.mount_point != staging_for_check)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !published.is_empty() {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "the volume is still published at {}: unpublish it first",
+                    published.join(", ")
+                )));
+            }
+            Ok(Some(entry))
+        })
+        .await?;
+        match Client::new(&self.options.daemon_socket)
+            .unmount(&staging)
+            .await
+        {
+            Ok(_) => {}
+            Err(ClientError::Refused(message)) => return Err(NodeError::Internal(message)),
+            Err(e) => {
+                // No daemon: whatever it left at the staging path is dead; detach it.
+                tracing::warn!(error = %e, "the daemon does not answer; detaching the staging mount");
+            }
+        }
+        if staged.is_some() {
+            let path = staging.clone();
+            blocking(move || {
+                if mounts::at(&path)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.is_reservoir())
+                {
+                    mounts::detach(&path).map_err(|e| {
+                        NodeError::Internal(format!("cannot unmount {}: {e}", path.display()))
+                    })?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), NodeError> {
+        let volume_id = required(&request.volume_id, "volume_id")?.to_string();
+        let target = path_field(&request.target_path, "target_path")?;
+        let capability = request.volume_capability.as_ref().ok_or_else(|| {
+            NodeError::InvalidArgument("volume_capability is required".to_string())
+        })?;
+        let ephemeral = request
+            .volume_context
+            .get(EPHEMERAL)
+            .is_some_and(|v| v == "true")
+            || request.staging_target_path.is_empty();
+        let params = params_of(&request.volume_context)?;
+        let mode = access_mode(Some(capability), &params)?;
+        let read_only = request.readonly || !capability::writes(mode) || params.read_only;
+        if ephemeral {
+            return self
+                .publish_inline(volume_id, target, params, read_only)
+                .await;
+        }
+        let staging = path_field(&request.staging_target_path, "staging_target_path")?;
+        let _busy = self.begin(&target)?;
+        let client = self.daemon().await?;
+        let status = client.status().await.map_err(daemon_error)?;
+        match served_at(&status, &staging) {
+            Some(v) if v.volume_id != volume_id => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "{} holds volume {}, not {volume_id}",
+                    staging.display(),
+                    v.volume_id
+                )));
+            }
+            Some(_) => {}
+            None => {
+                // A reservoir mount the daemon does not serve was left by a daemon that
+                // stopped: stage the volume again (the daemon clears the dead mount).
+                let path = staging.clone();
+                let dead = blocking(move || Ok(mount_at(&mount_table()?, &path))).await?;
+                if !dead.is_some_and(|m| m.is_reservoir()) {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "volume {volume_id} is not staged at {}: call NodeStageVolume first",
+                        staging.display()
+                    )));
+                }
+                let read_write = capability::writes(mode) && !params.read_only;
+                check_writable(&params, read_write)?;
+                tracing::warn!(staging = %staging.display(), "the daemon lost the staged volume; staging it again");
+                // The kernel may still answer for the dead mount from its attribute cache:
+                // detach it here rather than rely on the daemon noticing.
+                let path = staging.clone();
+                blocking(move || {
+                    mounts::detach(&path).map_err(|e| {
+                        NodeError::Internal(format!("cannot detach {}: {e}", path.display()))
+                    })
+                })
+                .await?;
+                client
+                    .mount(&mount_request(&volume_id, &staging, &params, read_write))
+                    .await
+                    .map_err(daemon_error)?;
+            }
+        }
+        // The file systems the daemon serves now: a reservoir mount of any other is dead.
+        let live: Vec<PathBuf> = client
+            .status()
+            .await
+            .map_err(daemon_error)?
+            .volumes
+            .into_iter()
+            .map(|v| v.target_path)
+            .collect();
+        let (staging2, target2) = (staging.clone(), target.clone());
+        blocking(move || bind_into(&staging2, &target2, read_only, &live)).await?;
+        tracing::info!(target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    async fn publish_inline(
+        &self,
+        volume_id: String,
+        target: PathBuf,
+        mut params: VolumeParams,
+        read_only: bool,
+    ) -> Result<(), NodeError> {
+        if self.options.allowed_sources.is_empty() {
+            return Err(NodeError::PermissionDenied(format!(
+                "inline volumes are disabled on this node: {ALLOWED_SOURCES_FLAG} lists no \
+                 sources (the node's administrator decides which sources pods may name)"
+            )));
+        }
+        let _busy = self.begin(&target)?;
+        // A directory is resolved first, so that a symbolic link cannot lead outside the
+        // allowed prefixes; the resolved directory is what gets mounted.
+        let root = params.root();
+        let root = match root {
+            SourceSpec::Local(path) => {
+                let resolved = blocking(move || {
+                    std::fs::canonicalize(&path)
+                        .map_err(|e| NodeError::NotFound(format!("source {}: {e}", path.display())))
+                })
+                .await?;
+                params.source = SourceSpec::Local(resolved.clone());
+                params.sub_path = None;
+                SourceSpec::Local(resolved)
+            }
+            nfs => nfs,
+        };
+        if !self.options.allowed_sources.permits(&root) {
+            return Err(NodeError::PermissionDenied(format!(
+                "source {} is not allowed for inline volumes on this node: it is under none of \
+                 the prefixes of {ALLOWED_SOURCES_FLAG} ({})",
+                render_source(&root),
+                self.options.allowed_sources.describe()
+            )));
+        }
+        let check = root.clone();
+        blocking(move || check_directory(&check)).await?;
+        let read_write = !read_only;
+        check_writable(&params, read_write)?;
+        let client = self.daemon().await?;
+        client
+            .mount(&mount_request(&volume_id, &target, &params, read_write))
+            .await
+            .map_err(daemon_error)?;
+        let path = target.clone();
+        blocking(move || {
+            let entry = mounts::at(&path)
+                .map_err(|e| NodeError::Internal(format!("cannot read the mount table: {e}")))?
+                .ok_or_else(|| {
+                    NodeError::Internal(format!("{} is not mounted after all", path.display()))
+                })?;
+            check_flags(&entry, read_only)
+        })
+        .await?;
+        tracing::info!(target = %target.display(), read_only, "published inline volume");
+        Ok(())
+    }
+
+    pub async fn unpublish(&self, request: NodeUnpublishVolumeRequest) -> Result<(), NodeError> {
+        required(&request.volume_id, "volume_id")?;
+        let target = path_field(&request.target_path, "target_path")?;
+        let _busy = self.begin(&target)?;
+        // An inline volume is the daemon's own mount: the daemon ends its session.
+        if let Ok(status) = self.daemon_status().await {
+            if served_at(&status, &target).is_some() {
+                Client::new(&self.options.daemon_socket)
+                    .unmount(&target)
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))?;
+            }
+        }
+        blocking(move || {
+            // Mounts may be stacked: unmount until nothing is left (bounded).
+            for _ in 0..16 {
+                let Some(entry) = mount_at(&mount_table()?, &target) else {
+                    break;
+                };
+                let unmounted = if entry.is_reservoir()
+                    && std::fs::metadata(&target)
+                        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+                {
+                    mounts::detach(&target).map(|()| true)
+                } else {
+                    mounts::unmount(&target)
+                };
+                match unmounted {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        return Err(NodeError::Internal(format!(
+                            "cannot unmount {}: {e}",
+                            target.display()
+                        )));
+                    }
+                }
+            }
+            match std::fs::remove_dir(&target) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(NodeError::Internal(format!(
+                    "cannot remove the target {}: {e}",
+                    target.display()
+                ))),
+            }
+        })
+        .await
+    }
+
+    pub async fn volume_stats(
+        &self,
+        request: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, NodeError> {
+        let volume_id = required(&request.volume_id, "volume_id")?.to_string();
+        let path = path_field(&request.volume_path, "volume_path")?;
+        let lookup = path.clone();
+        let table = blocking(mount_table).await?;
+        let Some(entry) = mount_at(&table, &lookup).filter(|m| m.is_reservoir()) else {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} is not published or staged at {}",
+                path.display()
+            )));
+        };
+        let abnormal = |message: String| NodeGetVolumeStatsResponse {
+            usage: Vec::new(),
+            volume_condition: Some(VolumeCondition {
+                abnormal: true,
+                message,
+            }),
+        };
+        let status = match self.daemon_status().await {
+            Ok(status) => status,
+            Err(e) => {
+                return Ok(abnormal(format!(
+                    "the node's cache daemon is down ({e}): reads of this volume fail until the \
+                     pod is started again on a running daemon"
+                )));
+            }
+        };
+        // The daemon's volume whose mount is this one (the same file system).
+        let served = status.volumes.iter().find(|v| {
+            v.target_path == path
+                || mount_at(&table, &v.target_path).is_some_and(|m| m.dev == entry.dev)
+        });
+        let Some(volume) = served else {
+            return Ok(abnormal(
+                "the node's cache daemon no longer serves this mount (it was restarted since \
+                 the volume was mounted): reads fail until the pod is started again"
+                    .to_string(),
+            ));
+        };
+        if volume.volume_id != volume_id {
+            return Err(NodeError::NotFound(format!(
+                "{} holds volume {}, not {volume_id}",
+                path.display(),
+                volume.volume_id
+            )));
+        }
+        let condition = if volume.volume.online {
+            VolumeCondition {
+                abnormal: false,
+                message: "ok".to_string(),
+            }
+        } else {
+            VolumeCondition {
+                abnormal: true,
+                message: format!(
+                    "source {} is unreachable: cached files are still served, others fail \
+                     until it answers again",
+                    volume.volume.source
+                ),
+            }
+        };
+        Ok(NodeGetVolumeStatsResponse {
+            usage: usage(&status, volume),
+            volume_condition: Some(condition),
+        })
+    }
+
+    pub fn info(&self) -> NodeGetInfoResponse {
+        NodeGetInfoResponse {
+            node_id: self.options.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(Topology {
+                segments: [(TOPOLOGY_KEY.to_string(), self.options.node_id.clone())].into(),
+            }),
+        }
+    }
+
+    pub fn capabilities() -> NodeGetCapabilitiesResponse {
+        let rpc = |t: RpcType| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(Rpc { r#type: t as i32 })),
+        };
+        NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                rpc(RpcType::StageUnstageVolume),
+                rpc(RpcType::GetVolumeStats),
+                rpc(RpcType::VolumeCondition),
+            ],
+        }
+    }
+}
+
+/// The daemon's volume mounted at `path`.
+fn served_at<'a>(status: &'a DaemonStatus, path: &Path) -> Option<&'a DaemonVolume> {
+    status.volumes.iter().find(|v| v.target_path == path)
+}
+
+/// The cache the volume occupies: bytes against its quota (or the node's cache), and its
+/// cached files as inodes.
+fn usage(status: &DaemonStatus, volume: &DaemonVolume) -> Vec<VolumeUsage> {
+    let owner = volume.volume.cache.as_ref().and_then(|c| c.owner.as_ref());
+    let used = owner.map_or(0, |o| o.used);
+    let files = owner.map_or(0, |o| o.files);
+    let node_free = status.cache.capacity.saturating_sub(status.cache.used);
+    let total = owner
+        .and_then(|o| o.quota)
+        .or(volume.cache_size)
+        .unwrap_or(status.cache.capacity);
+    let available = total.saturating_sub(used).min(node_free);
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    vec![
+        VolumeUsage {
+            available: clamp(available),
+            total: clamp(total),
+            used: clamp(used),
+            unit: Unit::Bytes as i32,
+        },
+        VolumeUsage {
+            available: 0,
+            total: 0,
+            used: clamp(files),
+            unit: Unit::Inodes as i32,
+        },
+    ]
+}
+
+/// Checks that a pod's mount has the flags it must have.
+fn check_flags(entry: &MountEntry, read_only: bool) -> Result<(), NodeError> {
+    let mut missing = Vec::new();
+    if read_only && !entry.read_only() {
+        missing.push("ro");
+    }
+    for flag in ["nosuid", "nodev"] {
+        if !entry.has_option(flag) {
+            missing.push(flag);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(NodeError::Internal(format!(
+            "{} is mounted without {} ({})",
+            entry.mount_point.display(),
+            missing.join(", "),
+            entry.options.join(",")
+        )))
+    }
+}
+
+/// Bind-mounts the staged volume into `target`, or confirms that it is there already.
+/// `live`: the mount points the daemon serves (a reservoir mount of another file system at the
+/// target was left by a daemon that stopped, and is replaced).
+fn bind_into(
+    staging: &Path,
+    target: &Path,
+    read_only: bool,
+    live: &[PathBuf],
+) -> Result<(), NodeError> {
+    let table = mount_table()?;
+    let live_devs: HashSet<&str> = live
+        .iter()
+        .filter_map(|p| table.iter().rev().find(|m| m.mount_point == *p))
+        .map(|m| m.dev.as_str())
+        .collect();
+    let Some(staged) = mount_at(&table, staging).filter(|m| m.is_reservoir()) else {
+        return Err(NodeError::FailedPrecondition(format!(
+            "nothing is staged at {}",
+            staging.display()
+        )));
+    };
+    if staged.read_only() && !read_only {
+        return Err(NodeError::FailedPrecondition(format!(
+            "the volume is staged read-only at {} (staged with a reader access mode or \
+             readOnly): it cannot be published writable",
+            staging.display()
+        )));
+    }
+    if let Some(existing) = mount_at(&table, target) {
+        if existing.dev == staged.dev {
+            if existing.read_only() == read_only {
+                return check_flags(&existing, read_only);
+            }
+            return Err(NodeError::AlreadyExists(format!(
+                "the volume is already published at {} {}",
+                target.display(),
+                if existing.read_only() {
+                    "read-only"
+                } else {
+                    "writable"
+                }
+            )));
+        }
+        let dead = existing.is_reservoir() && !live_devs.contains(existing.dev.as_str());
+        if !dead {
+            return Err(NodeError::AlreadyExists(format!(
+                "{} is already a mount point of something else ({} from {})",
+                target.display(),
+                existing.fs_type,
+                existing.source
+            )));
+        }
+        // Left by a daemon that stopped: replace it.
+        tracing::warn!(target = %target.display(), "replacing a dead mount");
+        mounts::detach(target)
+            .map_err(|e| NodeError::Internal(format!("cannot detach {}: {e}", target.display())))?;
+    }
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(NodeError::FailedPrecondition(format!(
+                "target {} exists and is not a directory",
+                target.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target).map_err(|e| {
+                NodeError::Internal(format!("cannot create {}: {e}", target.display()))
+            })?;
+        }
+        Err(e) => {
+            return Err(NodeError::Internal(format!("{}: {e}", target.display())));
+        }
+    }
+    mounts::bind(staging, target, read_only).map_err(|e| {
+        NodeError::Internal(format!(
+            "cannot bind-mount {} at {}: {e}",
+            staging.display(),
+            target.display()
+        ))
+    })?;
+    let entry = mounts::at(target)
+        .map_err(|e| NodeError::Internal(format!("cannot read the mount table: {e}")))?
+        .ok_or_else(|| NodeError::Internal(format!("{} is not mounted", target.display())))?;
+    if let Err(e) = check_flags(&entry, read_only) {
+        let _ = mounts::detach(target);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The gRPC adapter of [`Node`].
+#[derive(Clone)]
+pub struct NodeService {
+    node: Node,
+}
+
+impl NodeService {
+    pub fn new(node: Node) -> NodeService {
+        NodeService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeRpc for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.volume_id.clone();
+        traced("NodeStageVolume", &id, Level::INFO, async {
+            self.node.stage(request).await?;
+            Ok(NodeStageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.volume_id.clone();
+        traced("NodeUnstageVolume", &id, Level::INFO, async {
+            self.node.unstage(request).await?;
+            Ok(NodeUnstageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.volume_id.clone();
+        traced("NodePublishVolume", &id, Level::INFO, async {
+            self.node.publish(request).await?;
+            Ok(NodePublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.volume_id.clone();
+        traced("NodeUnpublishVolume", &id, Level::INFO, async {
+            self.node.unpublish(request).await?;
+            Ok(NodeUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.volume_id.clone();
+        traced("NodeGetVolumeStats", &id, Level::DEBUG, async {
+            Ok(self.node.volume_stats(request).await?)
+        })
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        traced("NodeExpandVolume", &id, Level::INFO, async {
+            Err(Status::unimplemented(
+                "NodeExpandVolume: reservoir volumes are views of a dataset; nothing to expand",
+            ))
+        })
+        .await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        traced("NodeGetCapabilities", "", Level::DEBUG, async {
+            Ok(Node::capabilities())
+        })
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        traced("NodeGetInfo", "", Level::DEBUG, async {
+            Ok(self.node.info())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_sources_match_by_component() {
+        let allowed = AllowedSources::parse("/data, nfs://filer/exports/ds,,").unwrap();
+        let src = |s: &str| s.parse::<SourceSpec>().unwrap();
+        assert!(allowed.permits(&src("/data")));
+        assert!(allowed.permits(&src("/data/a/b")));
+        assert!(!allowed.permits(&src("/data2")));
+        assert!(!allowed.permits(&src("/")));
+        assert!(allowed.permits(&src("nfs://filer/exports/ds")));
+        assert!(allowed.permits(&src("nfs://FILER/exports/ds/x?nfsport=2049")));
+        assert!(!allowed.permits(&src("nfs://filer/exports/dsx")));
+        assert!(!allowed.permits(&src("nfs://other/exports/ds")));
+        let ported = AllowedSources::parse("nfs://filer:2049/exports").unwrap();
+        assert!(!ported.permits(&src("nfs://filer/exports/x")));
+        assert!(AllowedSources::parse("").unwrap().is_empty());
+        assert!(AllowedSources::parse("relative/dir").is_err());
+        assert_eq!(AllowedSources::default().describe(), "none");
+    }
+
+    #[test]
+    fn mount_flags_are_checked() {
+        let entry = |options: &str| MountEntry {
+            mount_id: 1,
+            dev: "0:50".into(),
+            mount_point: "/t".into(),
+            options: options.split(',').map(String::from).collect(),
+            fs_type: mounts::FS_TYPE.into(),
+            source: "x".into(),
+            super_options: vec!["rw".into()],
+        };
+        assert!(check_flags(&entry("ro,nosuid,nodev"), true).is_ok());
+        assert!(check_flags(&entry("rw,nosuid,nodev"), false).is_ok());
+        assert!(check_flags(&entry("rw,nosuid,nodev"), true).is_err());
+        assert!(check_flags(&entry("ro,nodev"), true).is_err());
+    }
+
+    #[tokio::test]
+    async fn required_fields_are_refused_before_anything_runs() {
+        let node = Node::new(NodeOptions {
+            node_id: "n".into(),
+            daemon_socket: "/nonexistent/daemon.sock".into(),
+            spawn: None,
+            allowed_sources: AllowedSources::default(),
+        });
+        let err = node
+            .stage(NodeStageVolumeRequest::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::InvalidArgument(m) if m.contains("volume_id")));
+        let err = node
+            .publish(NodePublishVolumeRequest {
+                volume_id: "v".into(),
+                target_path: "relative".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::InvalidArgument(m) if m.contains("target_path")));
+        let err = node
+            .volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: "v".into(),
+                volume_path: "/nonexistent/path".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::NotFound(_)));
+    }
+}
