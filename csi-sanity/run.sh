@@ -22,14 +22,19 @@ echo "a file in the dataset" > "$work/data/hello.txt"
 pid=
 cleanup() {
   [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  pkill -TERM -f "reservoir daemon --cache-dir $work/cache" 2>/dev/null || true
+  # The daemon `reservoir csi` started outlives it (its own session): stop it by its pid.
+  dpid=$("$bin" status --socket "$work/daemon.sock" --json 2>/dev/null | grep -o '"pid": *[0-9]*' | head -1 | grep -o '[0-9]*$' || true)
+  if [ -n "$dpid" ]; then
+    kill -TERM "$dpid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
+  fi
   grep -o " $work/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
 
 "$bin" csi --endpoint "unix://$work/csi.sock" --node-id sanity-node --state-dir "$work/state" \
   --daemon-socket "$work/daemon.sock" --cache-dir "$work/cache" --cache-size 1Gi \
-  --allowed-sources "$work/data" 2> "$work/csi.log" &
+  --daemon-log "$work/daemon.log" --allowed-sources "$work/data" 2> "$work/csi.log" &
 pid=$!
 for _ in $(seq 1 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 
