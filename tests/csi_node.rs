@@ -1096,8 +1096,46 @@ async fn kubelet_end_to_end_with_nfs() {
         .into_inner();
     assert!(!stats.volume_condition.unwrap().abnormal);
 
+    // The daemon dies again; a repeated stage (as kubelet does for a new pod) clears the dead
+    // session and stages the volume on a third daemon.
+    signal(new_daemon, libc::SIGKILL);
+    while process_alive(new_daemon) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.node_stage_volume(stage_request(
+        &id,
+        &staging,
+        Mode::MultiNodeReaderOnly,
+        &context,
+    ))
+    .await
+    .unwrap();
+    let third_daemon = plugin.remember_daemon().expect("a third daemon");
+    assert_ne!(third_daemon, new_daemon);
+    let stats = node
+        .node_get_volume_stats(stats_request(&id, &staging))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    let pod5 = pod_target(&plugin, "pod-5");
+    node.node_publish_volume(publish_request(
+        &id,
+        &staging,
+        &pod5,
+        Mode::MultiNodeReaderOnly,
+        true,
+        &context,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_as_nobody(&pod5.join("dir/c.txt")),
+        std::fs::read(export.join("ds/dir/c.txt")).unwrap()
+    );
+
     // kubelet tears everything down: pods, then the staged volume, then the claim.
-    for target in [&pod1, &pod2, &pod4] {
+    for target in [&pod1, &pod2, &pod4, &pod5] {
         node.node_unpublish_volume(unpublish_request(&id, target))
             .await
             .unwrap();
@@ -1114,7 +1152,7 @@ async fn kubelet_end_to_end_with_nfs() {
     .unwrap();
     drop(node);
     assert!(plugin.stop().success());
-    common::csi::stop_process(new_daemon);
+    common::csi::stop_process(third_daemon);
     assert!(
         mounts_under(plugin.dir.path()).is_empty(),
         "{:?}",

@@ -347,6 +347,7 @@ impl Node {
         blocking(move || check_directory(&root)).await?;
         let client = self.daemon().await?;
         let status = client.status().await.map_err(daemon_error)?;
+        clear_dead_mount(&status, &staging).await?;
         if let Some(other) = status
             .volumes
             .iter()
@@ -471,19 +472,17 @@ impl Node {
                 let read_write = capability::writes(mode) && !params.read_only;
                 check_writable(&params, read_write)?;
                 tracing::warn!(staging = %staging.display(), "the daemon lost the staged volume; staging it again");
-                // The kernel may still answer for the dead mount from its attribute cache:
-                // detach it here rather than rely on the daemon noticing.
-                let path = staging.clone();
-                blocking(move || {
-                    mounts::detach(&path).map_err(|e| {
-                        NodeError::Internal(format!("cannot detach {}: {e}", path.display()))
-                    })
-                })
-                .await?;
-                client
-                    .mount(&mount_request(&volume_id, &staging, &params, read_write))
-                    .await
-                    .map_err(daemon_error)?;
+                // Staging again is a stage: exclusive with other stages of this path, and
+                // decided on a fresh status (another publish may have done it meanwhile).
+                let _staging_busy = self.begin(&staging)?;
+                let status = client.status().await.map_err(daemon_error)?;
+                if served_at(&status, &staging).is_none() {
+                    clear_dead_mount(&status, &staging).await?;
+                    client
+                        .mount(&mount_request(&volume_id, &staging, &params, read_write))
+                        .await
+                        .map_err(daemon_error)?;
+                }
             }
         }
         // The file systems the daemon serves now: a reservoir mount of any other is dead.
@@ -544,6 +543,8 @@ impl Node {
         let read_write = !read_only;
         check_writable(&params, read_write)?;
         let client = self.daemon().await?;
+        let status = client.status().await.map_err(daemon_error)?;
+        clear_dead_mount(&status, &target).await?;
         client
             .mount(&mount_request(&volume_id, &target, &params, read_write))
             .await
@@ -704,6 +705,26 @@ impl Node {
             ],
         }
     }
+}
+
+/// Detaches a reservoir mount at `path` that the daemon does not serve: left by a daemon that
+/// stopped. (The kernel may still answer `stat` for such a mount from its attribute cache, so
+/// the daemon's own check for dead mounts cannot be relied on.)
+async fn clear_dead_mount(status: &DaemonStatus, path: &Path) -> Result<(), NodeError> {
+    if served_at(status, path).is_some() || status.pending.iter().any(|p| p.target_path == path) {
+        return Ok(());
+    }
+    let path = path.to_path_buf();
+    blocking(move || {
+        if mount_at(&mount_table()?, &path).is_some_and(|m| m.is_reservoir()) {
+            tracing::warn!(path = %path.display(), "detaching a mount left by a daemon that stopped");
+            mounts::detach(&path).map_err(|e| {
+                NodeError::Internal(format!("cannot detach {}: {e}", path.display()))
+            })?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// The daemon's volume mounted at `path`.
