@@ -71,6 +71,15 @@ class Targets:
         self.rows.append((name, goal, measured, "met" if met else f"**missed** ({by})"))
 
 
+RCLONE_NOTE = ("† rclone has no NFS client: it caches a `reservoir mount --no-cache` view of the "
+               "same export, so its reads cross the same link through our NFS client.")
+
+
+def shown(name: str) -> str:
+    """A system's name in tables; rclone's carries a mark for the note under each table."""
+    return "rclone†" if name == "rclone" else name
+
+
 def readers(threads: str) -> str:
     return f"{threads} reader{'' if threads == '1' else 's'}"
 
@@ -181,9 +190,12 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
                 vs_direct = warm_seconds(direct, mode) / sec if direct else float("nan")
                 vs_local = sec / warm_seconds(local, mode)
                 ratios.append(f"{ratio(vs_direct)}× / {ratio(vs_local)} ({num(ds['small_files'] / sec)} files/s)")
-            add(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios)
+            add(f"| {shown(name)} | " + " | ".join(cells) + " | " + " | ".join(ratios)
                 + f" | {human_bytes(runs['cold']['link_bytes'])} |")
         add("")
+        if "rclone" in epochs:
+            add(RCLONE_NOTE)
+            add("")
         # Targets on the warm epochs.
         if direct and "reservoir" in epochs:
             ours = epochs["reservoir"][threads]
@@ -222,12 +234,15 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
     for name in [n for n in ORDER if n in large]:
         v = large[name]
         local_d = rate(large["local"]["seq_dropped"])
-        add(f"| {name} | {num(rate(v['seq_cold']))} | {num(rate(v['seq_cold']) / link_rate_mib, 2)} "
+        add(f"| {shown(name)} | {num(rate(v['seq_cold']))} | {num(rate(v['seq_cold']) / link_rate_mib, 2)} "
             f"| {num(rate(v.get('seq_kept')))} | {num(rate(v.get('seq_dropped')))} "
             f"| {num(rate(v.get('seq_dropped')) / local_d, 2)} | {num(rate(v.get('rand_cold')))} "
             f"| {num(rate(v.get('rand_dropped')))} "
             f"| {human_bytes(v['seq_cold'].get('link_bytes', 0)) if 'link_bytes' in v['seq_cold'] else '—'} |")  # fmt: skip
     add("")
+    if "rclone" in large:
+        add(RCLONE_NOTE)
+        add("")
     if "reservoir" in large:
         ours = large["reservoir"]
         cold = rate(ours["seq_cold"]) / link_rate_mib
@@ -253,7 +268,7 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
     add("|---|---|---|---|---|---|---|")
     for name in [n for n in ORDER if n in meta]:
         v, loc = meta[name], meta["local"]
-        add(f"| {name} | {v['stat_cold']:.2f} | {v['stat_warm']:.3f} | {v['stat_warm'] / loc['stat_warm']:.2f} "
+        add(f"| {shown(name)} | {v['stat_cold']:.2f} | {v['stat_warm']:.3f} | {v['stat_warm'] / loc['stat_warm']:.2f} "
             f"| {v['ls_cold']:.2f} | {v['ls_warm']:.3f} | {v['ls_warm'] / loc['ls_warm']:.2f} |")  # fmt: skip
     add("")
     if "reservoir" in meta:
@@ -306,8 +321,11 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         for name in [n for n in ORDER if n in half]:
             v = half[name]
             cells = [f"{r['seconds']:.2f} / {1 - r['link_bytes'] / r['bytes']:.2f}" for r in v["runs"]]
-            add(f"| {name} | {human_bytes(v['cache_bytes'])} | " + " | ".join(cells) + " |")
+            add(f"| {shown(name)} | {human_bytes(v['cache_bytes'])} | " + " | ".join(cells) + " |")
         add("")
+        if "rclone" in half:
+            add(RCLONE_NOTE)
+            add("")
         if "reservoir" in half:
             runs = half["reservoir"]["runs"][1:]
             hit = statistics.median(1 - r["link_bytes"] / r["bytes"] for r in runs)
@@ -336,7 +354,7 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         v = usage[name]
         if not v["procs"]:
             continue
-        add(f"| {name} | {', '.join(v['procs'])} | {v['cpu']:.1f} | {human_bytes(v['peak'])} |")
+        add(f"| {shown(name)} | {', '.join(v['procs'])} | {v['cpu']:.1f} | {human_bytes(v['peak'])} |")
     add("")
 
     # Targets.
