@@ -18,6 +18,15 @@ MiB = 1 << 20
 GiB = 1 << 30
 ORDER = ["local", "bindfs", "direct", "reservoir", "juicefs", "rclone", "nfs-cat"]
 CACHING_PEERS = ["juicefs", "rclone"]
+
+# Targets from issue 5, reported (met or missed, by how much), never asserted.
+T_WARM_SPEEDUP = 5.0  # warm epoch at least this many times faster than direct remote reads
+T_LOCAL_KEPT = 2.0  # warm epoch within this factor of local disk, page cache kept
+T_LOCAL_DROPPED = 1.3  # ... and with it dropped
+T_COLD_LARGE = 0.85  # cold large-file read: fraction of the link rate
+T_PRELOAD = 0.85  # preload of the large files: fraction of the link rate
+T_META = 2.0  # warm metadata walk within this factor of local disk
+T_HIT = 0.45  # hit ratio when the dataset is twice the cache
 EPOCH_KEYS = ["cold", "kept2", "kept3", "dropped2", "dropped3"]
 
 
@@ -199,11 +208,11 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         # Targets on the warm epochs.
         if direct and "reservoir" in epochs:
             ours = epochs["reservoir"][threads]
-            for mode, limit in (("kept", 2.0), ("dropped", 1.3)):
+            for mode, limit in (("kept", T_LOCAL_KEPT), ("dropped", T_LOCAL_DROPPED)):
                 sec = warm_seconds(ours, mode)
                 speedup = warm_seconds(direct, mode) / sec
-                t.check(f"1. warm epoch vs direct, {readers(threads)}, page cache {mode}", f"≥ {5.0:g}× faster",
-                        f"{ratio(speedup)}×", speedup >= 5.0, f"{(1 - speedup / 5.0) * 100:.0f}% short")  # fmt: skip
+                t.check(f"1. warm epoch vs direct, {readers(threads)}, page cache {mode}", f"≥ {T_WARM_SPEEDUP:g}× faster",
+                        f"{ratio(speedup)}×", speedup >= T_WARM_SPEEDUP, f"{(1 - speedup / T_WARM_SPEEDUP) * 100:.0f}% short")  # fmt: skip
                 vs_local = sec / warm_seconds(local, mode)
                 t.check(f"1. warm epoch vs local, {readers(threads)}, page cache {mode}", f"≤ {limit}× local",
                         f"{ratio(vs_local)}×", vs_local <= limit, f"{(vs_local / limit - 1) * 100:.0f}% over")  # fmt: skip
@@ -246,8 +255,8 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
     if "reservoir" in large:
         ours = large["reservoir"]
         cold = rate(ours["seq_cold"]) / link_rate_mib
-        t.check("2. cold large-file read", f"≥ {0.85:g} of the link rate", f"{cold:.2f}", cold >= 0.85,
-                f"{(0.85 - cold) * 100:.0f} points short")  # fmt: skip
+        t.check("2. cold large-file read", f"≥ {T_COLD_LARGE:g} of the link rate", f"{cold:.2f}", cold >= T_COLD_LARGE,
+                f"{(T_COLD_LARGE - cold) * 100:.0f} points short")  # fmt: skip
         for peer in CACHING_PEERS:
             if peer in large:
                 for key, label in (("seq_kept", "sequential, page cache kept"),
@@ -275,8 +284,8 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         v, loc = meta["reservoir"], meta["local"]
         for key, label in (("stat_warm", "stat walk"), ("ls_warm", "ls -lR")):
             r = v[key] / loc[key]
-            t.check(f"3. warm {label} vs local", f"≤ {2.0:g}× local", f"{ratio(r)}×", r <= 2.0,
-                    f"{(r / 2.0 - 1) * 100:.0f}% over")  # fmt: skip
+            t.check(f"3. warm {label} vs local", f"≤ {T_META:g}× local", f"{ratio(r)}×", r <= T_META,
+                    f"{(r / T_META - 1) * 100:.0f}% over")  # fmt: skip
             for peer in CACHING_PEERS:
                 if peer in meta:
                     a, b = v[key], meta[peer][key]
@@ -298,8 +307,8 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
                 f"| {mib_s:.0f} | {mib_s / link_rate_mib:.2f} | {human_bytes(v['link_bytes'])} |")  # fmt: skip
             if part == "large":
                 f = mib_s / link_rate_mib
-                t.check("4. preload of the large files", f"≥ {0.85:g} of the link rate", f"{f:.2f}", f >= 0.85,
-                        f"{(0.85 - f) * 100:.0f} points short")  # fmt: skip
+                t.check("4. preload of the large files", f"≥ {T_PRELOAD:g} of the link rate", f"{f:.2f}", f >= T_PRELOAD,
+                        f"{(T_PRELOAD - f) * 100:.0f} points short")  # fmt: skip
         after = p["epoch_after"]
         add("")
         add(f"Verified end: an 8-reader epoch right after the preload (page cache dropped) took "
@@ -329,8 +338,8 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         if "reservoir" in half:
             runs = half["reservoir"]["runs"][1:]
             hit = statistics.median(1 - r["link_bytes"] / r["bytes"] for r in runs)
-            t.check("5. hit ratio, dataset twice the cache (epochs 2-3)", f"≥ {0.45:g}", f"{hit:.2f}",
-                    hit >= 0.45, f"{(0.45 - hit) * 100:.0f} points short")  # fmt: skip
+            t.check("5. hit ratio, dataset twice the cache (epochs 2-3)", f"≥ {T_HIT:g}", f"{hit:.2f}",
+                    hit >= T_HIT, f"{(T_HIT - hit) * 100:.0f} points short")  # fmt: skip
             for peer in CACHING_PEERS:
                 if peer in half:
                     a = statistics.median(r["seconds"] for r in runs)
