@@ -1085,6 +1085,17 @@ async fn kubelet_end_to_end_with_nfs() {
     let new_daemon = daemon_pid(&plugin.daemon_socket).expect("a new daemon");
     assert_ne!(new_daemon, daemon);
     plugin.remember_daemon();
+    // Pod 1 still has the dead session of the first daemon: abnormal, saying why.
+    let stats = node
+        .node_get_volume_stats(stats_request(&id, &pod1))
+        .await
+        .unwrap()
+        .into_inner();
+    let condition = stats.volume_condition.unwrap();
+    assert!(
+        condition.abnormal && condition.message.contains("no longer serves"),
+        "{condition:?}"
+    );
     assert_eq!(
         read_as_nobody(&pod4.join("b.bin")),
         std::fs::read(export.join("ds/b.bin")).unwrap()
