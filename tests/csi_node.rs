@@ -851,6 +851,24 @@ async fn kubelet_end_to_end_with_nfs() {
     let controller = Plugin::controller(&[]);
     let mut ctl = controller.controller_client().await;
     let daemon = plugin.remember_daemon().expect("the node started a daemon");
+    // `reservoir node` serves Identity and Node only.
+    let caps = plugin
+        .identity_client()
+        .await
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.capabilities.is_empty(), "{caps:?}");
+    assert_code(
+        plugin
+            .controller_client()
+            .await
+            .create_volume(CreateVolumeRequest::default())
+            .await,
+        Code::Unimplemented,
+        &[],
+    );
 
     // A bad StorageClass parameter is refused by name before any volume exists.
     assert_code(
