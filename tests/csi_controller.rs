@@ -6,12 +6,13 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::csi::Plugin;
 use common::ganesha::Ganesha;
-use hyper_util::rt::TokioIo;
+use common::mount::bin;
 use reservoir::csi::proto::controller_client::ControllerClient;
 use reservoir::csi::proto::controller_service_capability::rpc::Type as RpcType;
 use reservoir::csi::proto::identity_client::IdentityClient;
@@ -20,149 +21,24 @@ use reservoir::csi::proto::plugin_capability::service::Type as ServiceType;
 use reservoir::csi::proto::volume_capability::access_mode::Mode;
 use reservoir::csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use reservoir::csi::proto::*;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 
-/// A running `reservoir controller`; dropping it kills the process and removes its files.
-struct Controller {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    state: PathBuf,
-    extra: Vec<String>,
-}
-
-impl Controller {
-    fn start() -> Controller {
-        Controller::start_with(&[])
-    }
-
-    fn start_with(extra: &[&str]) -> Controller {
-        let dir = tempfile::Builder::new()
-            .prefix("csi-ctl-")
-            .tempdir()
-            .unwrap();
-        let socket = dir.path().join("csi.sock");
-        let state = dir.path().join("state");
-        let mut controller = Controller {
-            child: None,
-            socket,
-            state,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        controller.spawn();
-        controller
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("controller.log")
-    }
-
-    fn command(&self, socket: &Path, state: &Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reservoir"));
-        cmd.arg("controller")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--state-dir")
-            .arg(state)
-            .args(&self.extra)
-            .env("RUST_LOG", "reservoir=debug")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .unwrap();
-        let child = self
-            .command(&self.socket, &self.state)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start reservoir controller");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "controller exited during start ({status}):\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "controller did not listen:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("controller ignored SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn restart(&mut self) {
-        let status = self.stop();
-        assert!(status.success(), "{status}:\n{}", self.log_text());
-        self.spawn();
-    }
-
-    async fn channel(&self) -> Channel {
-        let path = self.socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .expect("connect to the controller socket")
-    }
-
-    async fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel().await)
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
+/// `reservoir controller` on `socket` with `state`, run to its end (a second instance).
+fn second_controller(socket: &Path, state: &Path) -> Output {
+    Command::new(bin())
+        .arg("controller")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second controller")
 }
 
 fn mount(mode: Mode) -> VolumeCapability {
@@ -228,7 +104,7 @@ fn dataset() -> (tempfile::TempDir, String) {
 
 #[tokio::test]
 async fn identity_and_capabilities() {
-    let ctl = Controller::start_with(&["--driver-name", "datasets.example.com"]);
+    let ctl = Plugin::controller(&["--driver-name", "datasets.example.com"]);
     let mut identity = IdentityClient::new(ctl.channel().await);
     let info = identity
         .get_plugin_info(GetPluginInfoRequest {})
@@ -256,7 +132,7 @@ async fn identity_and_capabilities() {
     let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
 
-    let mut controller = ctl.controller().await;
+    let mut controller = ctl.controller_client().await;
     let caps = controller
         .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
         .await
@@ -329,8 +205,8 @@ async fn a_bad_driver_name_or_endpoint_stops_the_command() {
 
 #[tokio::test]
 async fn create_volume_requires_its_fields() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     let ok = request("pvc-1", &[("source", &source)]);
 
@@ -447,7 +323,7 @@ async fn create_volume_requires_its_fields() {
     .collect();
     let volume = create(&mut client, r).await.unwrap();
     let record = std::fs::read_to_string(
-        ctl.state
+        ctl.path("state")
             .join("volumes")
             .join(format!("{}.json", volume.volume_id)),
     )
@@ -457,8 +333,8 @@ async fn create_volume_requires_its_fields() {
 
 #[tokio::test]
 async fn each_bad_parameter_is_named() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     for (key, value, expected) in [
         ("source", "s3://bucket/data", "unknown scheme"),
@@ -492,8 +368,8 @@ async fn each_bad_parameter_is_named() {
 
 #[tokio::test]
 async fn unknown_keys_are_refused_and_reserved_keys_accepted() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     assert_code(
         create(
@@ -549,8 +425,8 @@ async fn unknown_keys_are_refused_and_reserved_keys_accepted() {
 
 #[tokio::test]
 async fn sub_path_is_expanded_from_the_claim() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     let volume = create(
         &mut client,
@@ -606,8 +482,8 @@ async fn sub_path_is_expanded_from_the_claim() {
 
 #[tokio::test]
 async fn create_is_idempotent_by_name() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     let mut first = request(
         "pvc-idem",
@@ -678,8 +554,8 @@ async fn create_is_idempotent_by_name() {
 
 #[tokio::test]
 async fn delete_is_idempotent_and_leaves_the_source_alone() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (data, source) = dataset();
     let volume = create(&mut client, request("pvc-del", &[("source", &source)]))
         .await
@@ -739,8 +615,8 @@ async fn delete_is_idempotent_and_leaves_the_source_alone() {
 
 #[tokio::test]
 async fn validate_volume_capabilities() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     let ro = create(
         &mut client,
@@ -847,8 +723,8 @@ async fn validate_volume_capabilities() {
 
 #[tokio::test]
 async fn list_volumes_pages() {
-    let ctl = Controller::start();
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&[]);
+    let mut client = ctl.controller_client().await;
     let (_data, source) = dataset();
     let mut created = BTreeSet::new();
     for n in 0..5 {
@@ -922,31 +798,25 @@ async fn list_volumes_pages() {
 // the controller to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_survive_a_restart_and_the_socket_is_owned() {
-    let mut ctl = Controller::start();
+    let mut ctl = Plugin::controller(&[]);
     let (_data, source) = dataset();
     let first = {
-        let mut client = ctl.controller().await;
+        let mut client = ctl.controller_client().await;
         create(&mut client, request("pvc-keep", &[("source", &source)]))
             .await
             .unwrap()
     };
 
     // A second controller may not take over a socket that is being served, nor the state.
-    let other_state = ctl.dir.path().join("other-state");
-    let out = ctl
-        .command(&ctl.socket, &other_state)
-        .output()
-        .expect("run a second controller");
+    let other_state = ctl.path("other-state");
+    let out = second_controller(&ctl.socket, &other_state);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = ctl
-        .command(&ctl.dir.path().join("other.sock"), &ctl.state)
-        .output()
-        .expect("run a second controller");
+    let out = second_controller(&ctl.path("other.sock"), &ctl.path("state"));
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use"),
@@ -960,7 +830,7 @@ async fn volumes_survive_a_restart_and_the_socket_is_owned() {
     assert!(!ctl.socket.exists(), "socket removed on SIGTERM");
     ctl.spawn();
 
-    let mut client = ctl.controller().await;
+    let mut client = ctl.controller_client().await;
     let listed = client
         .list_volumes(ListVolumesRequest::default())
         .await
@@ -982,12 +852,10 @@ async fn volumes_survive_a_restart_and_the_socket_is_owned() {
 
     // A crash leaves the socket file behind: the next start replaces it.
     drop(client);
-    let mut child = ctl.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    ctl.kill();
     assert!(ctl.socket.exists());
     ctl.spawn();
-    let mut client = ctl.controller().await;
+    let mut client = ctl.controller_client().await;
     assert_eq!(
         create(&mut client, request("pvc-keep", &[("source", &source)]))
             .await
@@ -995,7 +863,9 @@ async fn volumes_survive_a_restart_and_the_socket_is_owned() {
         first
     );
     drop(client);
-    ctl.restart();
+    let status = ctl.stop();
+    assert!(status.success(), "{status}:\n{}", ctl.log_text());
+    ctl.spawn();
     assert!(
         ctl.log_text().contains("controller serving"),
         "{}",
@@ -1012,8 +882,8 @@ async fn nfs_sources_are_checked_before_a_volume_exists() {
     std::fs::write(export.join("datasets/not-a-dir"), b"file").unwrap();
     let mut server = Ganesha::start(&export);
     let root = server.exports()[0].clone();
-    let ctl = Controller::start_with(&["--source-check-timeout", "3s"]);
-    let mut client = ctl.controller().await;
+    let ctl = Plugin::controller(&["--source-check-timeout", "3s"]);
+    let mut client = ctl.controller_client().await;
 
     let good = server.url(root.join("datasets"));
     let volume = create(

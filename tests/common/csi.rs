@@ -165,6 +165,13 @@ impl Plugin {
         Some(pid)
     }
 
+    /// SIGKILL, as a crash: the socket file stays behind.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
