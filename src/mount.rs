@@ -202,7 +202,12 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
     });
     tracing::info!(reason = ended_by, "unmounting");
     if let Err(e) = unmounter.unmount() {
-        tracing::warn!(error = %e, "unmount failed");
+        // Busy (a process has a file open or its working directory inside): detach the mount
+        // point now; the session keeps serving what is open and ends with the last close.
+        tracing::info!(error = %e, "mount busy; detaching it lazily, open files keep working until closed");
+        if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(error = %e, mountpoint = %mountpoint.display(), "cannot detach the mount");
+        }
     }
     let _ = session_thread.join();
     volume.flush(true);

@@ -7,7 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::Path;
 
 use common::data::{describe_tree, disk_usage, sha256_file, write_random_file, write_small_tree};
-use common::mount::{Dirs, Mount, as_nobody};
+use common::mount::{Dirs, Mount, as_nobody, is_mounted, signal};
 
 fn fetched(dirs: &Dirs) -> u64 {
     dirs.status()["bytes_fetched"]
@@ -347,4 +347,35 @@ fn status_and_warm_report_exactly() {
     );
     assert_eq!(dirs.status()["bytes_fetched"].as_u64(), Some(0));
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn sigterm_detaches_a_busy_mount_and_open_files_read_to_the_end() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random_file(&src.join("data"), 4 << 20, 11);
+    let expected = std::fs::read(src.join("data")).unwrap();
+    let mut mount = Mount::start(&dirs, src.to_str().unwrap(), &["--cache-size", "64Mi"]);
+
+    let mut open = std::fs::File::open(dirs.mnt.join("data")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    open.read_exact(&mut head).unwrap();
+    signal(mount.pid().expect("running"), libc::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(&dirs.mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a busy mount was not detached on SIGTERM:\n{}",
+            mount.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Detached, yet the open file reads on to the end, with the right bytes.
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).unwrap();
+    head.extend_from_slice(&rest);
+    assert!(head == expected, "wrong bytes after the detach");
+    drop(open);
+    assert_eq!(mount.stop(), Some(0), "{}", mount.log_text());
 }
