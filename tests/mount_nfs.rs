@@ -173,3 +173,30 @@ fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
         sha256_file(&export.join("cold.bin"))
     );
 }
+
+#[test]
+fn the_status_follows_the_source_while_nobody_reads() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::write(export.join("file"), b"data").unwrap();
+    let mut server = Ganesha::start(&export);
+    let url = server.url_with_ports(&server.exports()[0]);
+    let _mount = Mount::start(&dirs, &url, &["--source-timeout", "2s"]);
+    assert_eq!(dirs.status()["online"], true);
+
+    // No reader touches the mount: the volume's own probe notices the hung server, then its
+    // return (the probe runs every 10 s; each call gives up after the 2 s timeout).
+    server.pause();
+    wait_until(
+        "the status shows the source offline",
+        Duration::from_secs(40),
+        || dirs.status()["online"] == false,
+    );
+    server.resume();
+    wait_until(
+        "the status shows the source back",
+        Duration::from_secs(40),
+        || dirs.status()["online"] == true,
+    );
+}

@@ -237,6 +237,7 @@ impl Volume {
         if !online {
             tokio::spawn(reconnect(Arc::downgrade(&volume)));
         }
+        tokio::spawn(probe_source(Arc::downgrade(&volume)));
         Ok(volume)
     }
 
@@ -271,7 +272,11 @@ impl Volume {
     /// Notes the outcome of a source call, to report whether the source is reachable.
     fn observe<T>(&self, result: &Result<T, SourceError>) {
         match result {
-            Ok(_) => self.online.store(true, Ordering::Relaxed),
+            Ok(_) => {
+                if !self.online.swap(true, Ordering::Relaxed) {
+                    tracing::info!(source = %self.source_id, "source reachable again; back online");
+                }
+            }
             Err(e) if e.is_unavailable() => {
                 self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
                 if self.online.swap(false, Ordering::Relaxed) {
@@ -851,6 +856,26 @@ async fn connect(
     let source = source::open(spec, options).await?;
     let (handle, attr) = source.root().await?;
     Ok((source, handle, attr))
+}
+
+/// How often a volume asks its source for the root's attributes, so that its status (and the
+/// CSI volume condition built on it) shows a source gone away, or back, even while nobody reads.
+const SOURCE_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Checks the source of a volume every [`SOURCE_PROBE_INTERVAL`] for as long as the volume lives.
+async fn probe_source(volume: std::sync::Weak<Volume>) {
+    loop {
+        tokio::time::sleep(SOURCE_PROBE_INTERVAL).await;
+        let Some(strong) = volume.upgrade() else {
+            return;
+        };
+        // Not connected yet: `reconnect` is at work.
+        let (Ok(source), Some(root)) = (strong.source(), strong.meta.root_handle()) else {
+            continue;
+        };
+        let result = source.getattr(&root).await;
+        strong.observe(&result);
+    }
 }
 
 /// Keeps trying to reach the source of a volume that started offline.
