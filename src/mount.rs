@@ -201,14 +201,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         reason
     });
     tracing::info!(reason = ended_by, "unmounting");
-    if let Err(e) = unmounter.unmount() {
-        // Busy (a process has a file open or its working directory inside): detach the mount
-        // point now; the session keeps serving what is open and ends with the last close.
-        tracing::info!(error = %e, "mount busy; detaching it lazily, open files keep working until closed");
-        if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(error = %e, mountpoint = %mountpoint.display(), "cannot detach the mount");
-        }
-    }
+    unmount_or_detach(&mut unmounter, &mountpoint);
     let _ = session_thread.join();
     volume.flush(true);
     let _ = std::fs::remove_file(&socket);
@@ -246,6 +239,18 @@ async fn flush_periodically(volume: Arc<Volume>) {
         let volume = volume.clone();
         let sync = ticks % 30 == 0;
         let _ = tokio::task::spawn_blocking(move || volume.flush(sync)).await;
+    }
+}
+
+/// Unmounts a FUSE session's mount point. A busy one (a file open, a working directory inside)
+/// is detached instead: the mount point is free at once, and the session keeps serving what is
+/// open until the last close ends it.
+pub(crate) fn unmount_or_detach(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path) {
+    if let Err(e) = unmounter.unmount() {
+        tracing::info!(mountpoint = %mountpoint.display(), error = %e, "unmount refused; detaching the mount");
+        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot detach the mount");
+        }
     }
 }
 

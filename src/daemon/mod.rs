@@ -36,7 +36,7 @@ use crate::control::{
 use crate::fs::fuse::{self as fuse_adapter, MountConfig};
 use crate::fs::warm::Request as WarmRequest;
 use crate::fs::{Volume, VolumeConfig};
-use crate::mount::{check_mountpoint, mount_at, set_read_ahead};
+use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
 
 pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
@@ -729,14 +729,9 @@ fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
         session_ended,
         dev,
     } = hosted;
-    if let Err(e) = unmounter.unmount() {
-        // Busy (files still open): detach it. The kernel ends the session when the last
-        // file is closed, or when the connection is aborted below.
-        tracing::info!(target = %target.display(), error = %e, "unmount refused; detaching the mount");
-        if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(target = %target.display(), error = %e, "cannot detach the mount");
-        }
-    }
+    // A busy mount is detached; its session ends with the last close, or when the connection
+    // is aborted below.
+    unmount_or_detach(&mut unmounter, &target);
     let mut ended = !matches!(
         session_ended.recv_timeout(SESSION_END_WAIT),
         Err(std::sync::mpsc::RecvTimeoutError::Timeout)
