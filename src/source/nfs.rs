@@ -66,6 +66,18 @@ use super::{
     SourceOptions, Timestamp, check_name,
 };
 
+/// The call [`Inner::call`] makes on each attempt: one NFSv3 procedure of the client on the
+/// borrowed arguments, handing the connection back with the result.
+macro_rules! procedure {
+    ($method:ident, $args:expr) => {{
+        let args = &$args;
+        move |mut c: Client| async move {
+            let r = c.$method(args).await;
+            (c, r)
+        }
+    }};
+}
+
 /// The largest single READ we issue, even when the server accepts more (ganesha announces
 /// `rtmax` = 64 MiB): larger reads are split into pieces of this size and fetched in parallel over
 /// the pool, which is faster than one large READ and bounds each reply's buffer.
@@ -867,13 +879,11 @@ impl Inner {
     async fn fsinfo(&self, fh: &nfs_fh3) -> Result<(u32, u32)> {
         let args = FSINFO3args { fsroot: fh.clone() };
         let reply = self
-            .call("fsinfo", Instant::now() + self.timeout, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.fsinfo(args).await;
-                    (c, r)
-                }
-            })
+            .call(
+                "fsinfo",
+                Instant::now() + self.timeout,
+                procedure!(fsinfo, args),
+            )
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => Ok((ok.rtmax, ok.wtmax)),
@@ -886,13 +896,7 @@ impl Inner {
     async fn getattr_fh(&self, fh: &nfs_fh3, deadline: Instant) -> Result<Attr> {
         let args = GETATTR3args { object: fh.clone() };
         let reply = self
-            .call("getattr", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.getattr(args).await;
-                    (c, r)
-                }
-            })
+            .call("getattr", deadline, procedure!(getattr, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => Ok(attr_from_fattr(&ok.obj_attributes)),
@@ -915,13 +919,7 @@ impl Inner {
             },
         };
         let reply = self
-            .call("lookup", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.lookup(args).await;
-                    (c, r)
-                }
-            })
+            .call("lookup", deadline, procedure!(lookup, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => {
@@ -960,15 +958,7 @@ impl Inner {
                 offset: at,
                 count: want,
             };
-            let reply = self
-                .call("read", deadline, |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.read(args).await;
-                        (c, r)
-                    }
-                })
-                .await?;
+            let reply = self.call("read", deadline, procedure!(read, args)).await?;
             let ok = match reply {
                 Nfs3Result::Ok(ok) => ok,
                 Nfs3Result::Err((status, _)) => {
@@ -1019,13 +1009,11 @@ impl Inner {
             dircount: READDIR_DIRCOUNT,
             maxcount: READDIR_MAXCOUNT,
         };
-        self.call("readdir", Instant::now() + self.timeout, |mut c| {
-            let args = &args;
-            async move {
-                let r = c.readdirplus(args).await;
-                (c, r)
-            }
-        })
+        self.call(
+            "readdir",
+            Instant::now() + self.timeout,
+            procedure!(readdirplus, args),
+        )
         .await
     }
 
@@ -1275,13 +1263,7 @@ impl Inner {
             };
             // WRITE at an offset is idempotent: the transport retry of `call` is safe.
             let reply = self
-                .call("write", deadline, |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.write(args).await;
-                        (c, r)
-                    }
-                })
+                .call("write", deadline, procedure!(write, args))
                 .await?;
             let ok = match reply {
                 Nfs3Result::Ok(ok) => ok,
@@ -1326,13 +1308,7 @@ impl Inner {
             count: 0,
         };
         let reply = self
-            .call("commit", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.commit(args).await;
-                    (c, r)
-                }
-            })
+            .call("commit", deadline, procedure!(commit, args))
             .await?;
         let verf = match reply {
             Nfs3Result::Ok(ok) => ok.verf,
@@ -1417,13 +1393,7 @@ impl Inner {
         };
         // SETATTR without a guard is idempotent (times set to "now" move a little on a retry).
         let reply = self
-            .call("setattr", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.setattr(args).await;
-                    (c, r)
-                }
-            })
+            .call("setattr", deadline, procedure!(setattr, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => match post_op(ok.obj_wcc.after) {
@@ -1463,13 +1433,7 @@ impl Inner {
                 how: createhow3::GUARDED(new_sattr(Some(perm), owner)),
             };
             let (reply, retried) = self
-                .call_tracked("create", deadline, |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.create(args).await;
-                        (c, r)
-                    }
-                })
+                .call_tracked("create", deadline, procedure!(create, args))
                 .await?;
             match reply {
                 Nfs3Result::Ok(ok) => {
@@ -1554,13 +1518,7 @@ impl Inner {
             symlink: fh.clone(),
         };
         let reply = self
-            .call("readlink", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.readlink(args).await;
-                    (c, r)
-                }
-            })
+            .call("readlink", deadline, procedure!(readlink, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => Ok(ok.data.0.into_owned()),
@@ -1583,13 +1541,7 @@ impl Inner {
             attributes: new_sattr(Some(perm), owner),
         };
         let (reply, retried) = self
-            .call_tracked("mkdir", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.mkdir(args).await;
-                    (c, r)
-                }
-            })
+            .call_tracked("mkdir", deadline, procedure!(mkdir, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => {
@@ -1641,13 +1593,7 @@ impl Inner {
             },
         };
         let (reply, retried) = self
-            .call_tracked("symlink", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.symlink(args).await;
-                    (c, r)
-                }
-            })
+            .call_tracked("symlink", deadline, procedure!(symlink, args))
             .await?;
         match reply {
             Nfs3Result::Ok(ok) => {
@@ -1695,25 +1641,13 @@ impl Inner {
         let (status, retried) = if op == "rmdir" {
             let args = RMDIR3args { object };
             let (reply, retried) = self
-                .call_tracked(op, deadline, |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.rmdir(args).await;
-                        (c, r)
-                    }
-                })
+                .call_tracked(op, deadline, procedure!(rmdir, args))
                 .await?;
             (reply.status(), retried)
         } else {
             let args = REMOVE3args { object };
             let (reply, retried) = self
-                .call_tracked(op, deadline, |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.remove(args).await;
-                        (c, r)
-                    }
-                })
+                .call_tracked(op, deadline, procedure!(remove, args))
                 .await?;
             (reply.status(), retried)
         };
@@ -1740,13 +1674,7 @@ impl Inner {
             to: dirop(to_dir, to),
         };
         let (reply, retried) = self
-            .call_tracked("rename", deadline, |mut c| {
-                let args = &args;
-                async move {
-                    let r = c.rename(args).await;
-                    (c, r)
-                }
-            })
+            .call_tracked("rename", deadline, procedure!(rename, args))
             .await?;
         let status = reply.status();
         if status == nfsstat3::NFS3_OK {
@@ -2093,31 +2021,10 @@ impl Source for NfsSource {
 
     async fn read_link(&self, link: &Handle) -> Result<Vec<u8>> {
         let span = debug_span!("nfs_read_link", link = %Fh(link.as_bytes()));
-        async move {
-            let args = READLINK3args {
-                symlink: fh_of(link),
-            };
-            let reply = self
-                .inner
-                .call("readlink", self.deadline(), |mut c| {
-                    let args = &args;
-                    async move {
-                        let r = c.readlink(args).await;
-                        (c, r)
-                    }
-                })
-                .await?;
-            match reply {
-                Nfs3Result::Ok(ok) => Ok(ok.data.0.into_owned()),
-                Nfs3Result::Err((status, _)) => Err(self.inner.status_error(
-                    "readlink",
-                    status,
-                    format_args!("{}", Fh(link.as_bytes())),
-                )),
-            }
-        }
-        .instrument(span)
-        .await
+        self.inner
+            .readlink_fh(&fh_of(link), self.deadline())
+            .instrument(span)
+            .await
     }
 }
 
