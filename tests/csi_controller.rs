@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::csi::Plugin;
+use common::csi::{Plugin, assert_code};
 use common::ganesha::Ganesha;
 use common::mount::bin;
 use reservoir::csi::proto::controller_client::ControllerClient;
@@ -75,22 +75,6 @@ async fn create(
         .create_volume(request)
         .await
         .map(|r| r.into_inner().volume.expect("a volume"))
-}
-
-#[track_caller]
-fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needles: &[&str]) {
-    let status = match result {
-        Ok(value) => panic!("expected {code:?}, got {value:?}"),
-        Err(status) => status,
-    };
-    assert_eq!(status.code(), code, "{}", status.message());
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{needle:?} not in {:?}",
-            status.message()
-        );
-    }
 }
 
 /// A directory source with one file, standing in for a dataset.

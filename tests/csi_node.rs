@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::csi::{Plugin, daemon_pid, mount_entry, mounts_under, process_alive};
+use common::csi::{Plugin, assert_code, daemon_pid, mount_entry, mounts_under, process_alive};
 use common::data::write_random_file;
 use common::ganesha::Ganesha;
 use common::mount::{as_nobody, signal};
@@ -45,23 +45,6 @@ fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-#[track_caller]
-fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needles: &[&str]) {
-    match result {
-        Ok(value) => panic!("expected {code:?}, got Ok({value:?})"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            for needle in needles {
-                assert!(
-                    status.message().contains(needle),
-                    "{:?} does not mention {needle:?}",
-                    status.message()
-                );
-            }
-        }
-    }
 }
 
 /// A dataset directory with a few files, readable by everybody.

@@ -20,6 +20,7 @@ use reservoir::csi::proto::identity_client::IdentityClient;
 use reservoir::csi::proto::node_client::NodeClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
 
 use super::mount::{bin, signal, unmount_all_under};
 
@@ -299,4 +300,22 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
         .map(String::from)
         .collect()
+}
+
+/// Asserts that a call failed with `code` and a message that mentions every needle.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needles: &[&str]) {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got Ok({value:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            for needle in needles {
+                assert!(
+                    status.message().contains(needle),
+                    "{:?} does not mention {needle:?}",
+                    status.message()
+                );
+            }
+        }
+    }
 }
