@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use common::data::{describe_tree, disk_usage, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
-use common::mount::{Dirs, bin, is_mounted, signal, unmount_all_under};
+use common::mount::{Dirs, bin, is_mounted, signal, unmount_all_under, wait_until};
 
 /// A running `reservoir daemon`. Dropping it stops it (SIGTERM, then SIGKILL) and detaches
 /// anything still mounted under the test's directory, also when the test panics.
@@ -194,14 +194,6 @@ fn error_of(answer: &Value) -> String {
 
 fn owner_of(volume: &Value) -> &Value {
     &volume["cache"]["owner"]
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -7,18 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::data::{describe_tree, sha256_file, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
-use common::mount::{Dirs, Mount, as_nobody};
+use common::mount::{Dirs, Mount, as_nobody, wait_until};
 
 fn read_error(path: &Path) -> Option<i32> {
     std::fs::read(path).err().and_then(|e| e.raw_os_error())
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

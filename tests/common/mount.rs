@@ -239,3 +239,12 @@ pub fn as_nobody(program: &str, args: &[&OsStrLike]) -> Output {
 }
 
 pub type OsStrLike = std::ffi::OsStr;
+
+/// Polls `done` every 100 ms; fails the test, naming `what`, after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
