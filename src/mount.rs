@@ -203,7 +203,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
     tracing::info!(reason = ended_by, "unmounting");
     unmount_or_detach(&mut unmounter, &mountpoint);
     let _ = session_thread.join();
-    volume.flush(true);
+    volume.finish();
     let _ = std::fs::remove_file(&socket);
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::data::{describe_tree, sha256_file, write_random_file};
 use common::ganesha::Ganesha;
-use common::mount::{Dirs, Mount};
+use common::mount::{Dirs, Mount, wait_until};
 
 const RW: [&str; 5] = [
     "--read-write",
@@ -330,6 +330,10 @@ fn a_writer_cannot_open_what_is_read_through_passthrough() {
     fs::write(src.join("f"), b"0123456789").unwrap();
     let _mount = Mount::start(&dirs, src.to_str().unwrap(), &RW);
     assert_eq!(fs::read(dirs.mnt.join("f")).unwrap(), b"0123456789");
+    // Cache writes follow the reads that fetched the bytes; passthrough needs them done.
+    wait_until("f is cached", Duration::from_secs(10), || {
+        dirs.status()["cache"]["complete_files"] == 1
+    });
     let reader = fs::File::open(dirs.mnt.join("f")).unwrap();
     assert_eq!(
         errno(OpenOptions::new().write(true).open(dirs.mnt.join("f"))),

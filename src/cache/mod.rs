@@ -31,7 +31,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
@@ -476,7 +476,8 @@ pub struct Usage {
 }
 
 /// What a caller holds while it uses one cached file: the entry's generation and an open
-/// descriptor of its data file.
+/// descriptor of its data file. A file just admitted has no data file until its first block
+/// is stored: creating one costs an inode, which a cold open should not wait for.
 pub struct Lease {
     pub key: ContentKey,
     generation: u64,
@@ -486,7 +487,7 @@ pub struct Lease {
     pub complete: bool,
     /// ... and every block had been verified by this process.
     pub verified: bool,
-    file: File,
+    file: OnceLock<File>,
 }
 
 /// What a lease records about its entry, read under the lock.
@@ -507,7 +508,7 @@ impl LeaseInfo {
         }
     }
 
-    fn lease(self, key: ContentKey, size: u64, file: File) -> Lease {
+    fn lease(self, key: ContentKey, size: u64, file: Option<File>) -> Lease {
         Lease {
             key,
             generation: self.generation,
@@ -515,7 +516,7 @@ impl LeaseInfo {
             block_size: self.block_size,
             complete: self.complete,
             verified: self.verified,
-            file,
+            file: file.map(OnceLock::from).unwrap_or_default(),
         }
     }
 }
@@ -534,8 +535,8 @@ impl Lease {
 
     /// The data file, for FUSE passthrough. Only meaningful once the file is complete and
     /// verified ([`Cache::prepare_passthrough`]).
-    pub fn data_file(&self) -> &File {
-        &self.file
+    pub fn data_file(&self) -> Option<&File> {
+        self.file.get()
     }
 }
 
@@ -741,9 +742,19 @@ impl Cache {
             // Opened outside the lock: the path lookup may wait on the disk.
             let path = node.data_path(key, info.generation);
             match File::options().read(true).write(true).open(&path) {
-                Ok(file) => return Ok(Some(info.lease(key, size, file))),
-                // Evicted meanwhile: admit it again below.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(file) => return Ok(Some(info.lease(key, size, Some(file)))),
+                // Admitted but nothing stored yet (the file comes with the first block), or
+                // evicted meanwhile (then admitted again below).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let state = node.lock_state();
+                    let current = state
+                        .entries
+                        .get(&key)
+                        .is_some_and(|entry| entry.generation == info.generation);
+                    if current {
+                        return Ok(Some(info.lease(key, size, None)));
+                    }
+                }
                 Err(cause) => {
                     return Err(CacheError::Io {
                         dir: node.config.dir.clone(),
@@ -786,69 +797,107 @@ impl Cache {
         }
     }
 
-    /// Admits a file that is not cached, creating its (empty, sparse) data file.
+    /// Admits a file that is not cached. Its data file is created with the first block
+    /// stored ([`Cache::store_block`]).
     fn admit(&self, key: ContentKey, size: u64, priority: Priority) -> Result<Option<Lease>> {
         let node = &*self.node;
-        let mut state = node.lock_state();
-        if state.entries.contains_key(&key) {
-            // Admitted by a concurrent open: this one reads from the source.
-            return Ok(None);
-        }
-        if !self.admit_locked(&mut state, key, size, priority) {
-            node.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            state.owner_mut(self.owner).rejected += 1;
-            return Ok(None);
-        }
-        let generation = state.next_generation;
-        state.next_generation += 1;
-        let block_size = node.config.block_size;
-        let mut entry = Entry::new(generation, size, block_size, self.owner);
-        entry.rank = Rank {
-            frequency: state.sketch.estimate(key),
-            last_access: state.tick(),
-        };
-        let path = node.data_path(key, generation);
-        let created = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .and_then(|file| file.set_len(size).map(|()| file));
-        let file = match created {
-            Ok(file) => file,
-            Err(cause) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(CacheError::Io {
-                    dir: node.config.dir.clone(),
-                    what: format!("create {}", path.display()),
-                    cause,
-                });
+        let info = {
+            let mut state = node.lock_state();
+            if state.entries.contains_key(&key) {
+                // Admitted by a concurrent open: this one reads from the source.
+                return Ok(None);
             }
+            if !self.admit_locked(&mut state, key, size, priority) {
+                node.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                state.owner_mut(self.owner).rejected += 1;
+                return Ok(None);
+            }
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            let block_size = node.config.block_size;
+            let mut entry = Entry::new(generation, size, block_size, self.owner);
+            entry.rank = Rank {
+                frequency: state.sketch.estimate(key),
+                last_access: state.tick(),
+            };
+            let record = if self.owner == OwnerTag::DEFAULT {
+                IndexRecord::Admitted {
+                    key,
+                    generation,
+                    size,
+                    block_size,
+                }
+            } else {
+                IndexRecord::AdmittedBy {
+                    key,
+                    generation,
+                    size,
+                    block_size,
+                    owner: self.owner,
+                }
+            };
+            node.journal.append(&record)?;
+            let info = LeaseInfo::of(&entry);
+            state.data_bytes += entry.budget;
+            state.charge(key, self.owner, entry.budget, entry.rank);
+            state.owner_mut(self.owner).admitted += 1;
+            state.entries.insert(key, entry);
+            node.counters.admitted.fetch_add(1, Ordering::Relaxed);
+            info
         };
-        let record = if self.owner == OwnerTag::DEFAULT {
-            IndexRecord::Admitted {
-                key,
-                generation,
-                size,
-                block_size,
+        Ok(Some(info.lease(key, size, None)))
+    }
+
+    /// The lease's data file; with `create`, created (empty and sparse) if it does not exist
+    /// yet. `None` when it does not exist (and not `create`) or the entry was evicted.
+    ///
+    /// Created outside the node lock: creating an inode can take a millisecond (ext4 without a
+    /// journal scans past every recently deleted inode), and concurrent cold reads must not
+    /// queue behind it.
+    fn data_file<'a>(&self, lease: &'a Lease, create: bool) -> Result<Option<&'a File>> {
+        if let Some(file) = lease.file.get() {
+            return Ok(Some(file));
+        }
+        let node = &*self.node;
+        let path = node.data_path(lease.key, lease.generation);
+        let existing = || File::options().read(true).write(true).open(&path);
+        let opened = if create {
+            // Two stores of one entry may race here: the second opens what the first created.
+            match File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => existing(),
+                other => other.and_then(|file| file.set_len(lease.size).map(|()| file)),
             }
         } else {
-            IndexRecord::AdmittedBy {
-                key,
-                generation,
-                size,
-                block_size,
-                owner: self.owner,
+            match existing() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                other => other,
             }
         };
-        node.journal.append(&record)?;
-        let info = LeaseInfo::of(&entry);
-        state.data_bytes += entry.budget;
-        state.charge(key, self.owner, entry.budget, entry.rank);
-        state.owner_mut(self.owner).admitted += 1;
-        state.entries.insert(key, entry);
-        node.counters.admitted.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(info.lease(key, size, file)))
+        let state = node.lock_state();
+        let current = state
+            .entries
+            .get(&lease.key)
+            .is_some_and(|entry| entry.generation == lease.generation);
+        if !current {
+            drop(state);
+            if create {
+                // Evicted before the file existed, so nobody else removes it.
+                let _ = std::fs::remove_file(&path);
+            }
+            return Ok(None);
+        }
+        drop(state);
+        let file = opened.map_err(|cause| CacheError::Io {
+            dir: node.config.dir.clone(),
+            what: format!("open {}", path.display()),
+            cause,
+        })?;
+        Ok(Some(lease.file.get_or_init(|| file)))
     }
 
     /// Decides whether a file of `size` gets in, evicting what must go to make room: first
@@ -967,20 +1016,17 @@ impl Cache {
                 return Ok(None);
             }
         }
+        let Some(file) = self.data_file(lease, false)? else {
+            return Ok(None);
+        };
         let mut buf = vec![0u8; (end - offset) as usize];
-        self.read_exact_at(lease, &mut buf, offset)?;
-        Ok(Some(buf))
-    }
-
-    fn read_exact_at(&self, lease: &Lease, buf: &mut [u8], offset: u64) -> Result<()> {
-        lease
-            .file
-            .read_exact_at(buf, offset)
+        file.read_exact_at(&mut buf, offset)
             .map_err(|cause| CacheError::Io {
                 dir: self.node.config.dir.clone(),
                 what: format!("read cached file {}", lease.key),
                 cause,
-            })
+            })?;
+        Ok(Some(buf))
     }
 
     /// Checks one block against its checksum; a mismatch drops the block so that it is
@@ -989,7 +1035,10 @@ impl Cache {
         let node = &*self.node;
         let (start, len) = lease.block_range(block);
         let mut buf = vec![0u8; len];
-        let intact = match lease.file.read_exact_at(&mut buf, start) {
+        let Some(file) = self.data_file(lease, false)? else {
+            return Ok(false);
+        };
+        let intact = match file.read_exact_at(&mut buf, start) {
             Ok(()) => xxh3_64(&buf) == checksum,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
             Err(cause) => {
@@ -1071,9 +1120,10 @@ impl Cache {
         if !self.is_missing(lease, block) {
             return Ok(false);
         }
-        lease
-            .file
-            .write_all_at(data, start)
+        let Some(file) = self.data_file(lease, true)? else {
+            return Ok(false);
+        };
+        file.write_all_at(data, start)
             .map_err(|cause| CacheError::Io {
                 dir: node.config.dir.clone(),
                 what: format!("write cached file {}", lease.key),
@@ -1285,13 +1335,22 @@ impl Node {
     }
 
     fn evict_locked(&self, state: &mut State, key: ContentKey) {
-        let Some(entry) = state.entries.remove(&key) else {
+        let Some(entry) = self.remove_locked(state, key) else {
             return;
         };
         if let Some(owner) = state.owners.get_mut(&entry.owner) {
             owner.evicted_files += 1;
             owner.evicted_bytes += entry.budget;
         }
+        self.counters.evicted_files.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(entry.budget, Ordering::Relaxed);
+    }
+
+    /// Drops an entry, its data file and its charge, and records that in the index.
+    fn remove_locked(&self, state: &mut State, key: ContentKey) -> Option<Entry> {
+        let entry = state.entries.remove(&key)?;
         state.discharge(key, entry.owner, entry.budget, entry.rank);
         state.data_bytes -= entry.budget;
         let path = self.data_path(key, entry.generation);
@@ -1307,10 +1366,7 @@ impl Node {
         }) {
             tracing::warn!(error = %e, "cannot record eviction");
         }
-        self.counters.evicted_files.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .evicted_bytes
-            .fetch_add(entry.budget, Ordering::Relaxed);
+        Some(entry)
     }
 
     /// Directory, index and metadata bytes: everything accounted besides file data.

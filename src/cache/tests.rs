@@ -474,3 +474,75 @@ fn bad_quotas_are_refused() {
         ));
     }
 }
+
+#[test]
+fn a_data_file_appears_with_the_first_stored_block_and_never_for_an_evicted_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let data = content(1, 2 * BLOCK as usize);
+    let path =
+        |generation| layout::data_path(&dir.path().join(layout::DATA_DIR), key(1), generation);
+
+    let lease = cache
+        .lease(key(1), data.len() as u64, Priority::Access)
+        .unwrap()
+        .unwrap();
+    let file = path(lease.generation);
+    assert!(!file.exists(), "admission alone creates no file");
+    assert!(lease.data_file().is_none());
+    // A second open before anything is stored shares the entry, and sees what the first
+    // stores afterwards.
+    let second = cache
+        .lease(key(1), data.len() as u64, Priority::Access)
+        .unwrap()
+        .unwrap();
+    assert!(second.data_file().is_none());
+    assert_eq!(cache.read(&second, 0, 10).unwrap(), None);
+    assert!(
+        cache
+            .store_block(&lease, 0, &data[..BLOCK as usize])
+            .unwrap()
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), data.len() as u64);
+    assert_eq!(
+        cache.read(&second, 0, BLOCK as usize).unwrap().as_deref(),
+        Some(&data[..BLOCK as usize])
+    );
+    assert!(
+        cache
+            .store_block(&second, 1, &data[BLOCK as usize..])
+            .unwrap()
+    );
+    assert_eq!(
+        cache.read(&lease, 0, data.len()).unwrap().as_deref(),
+        Some(&data[..])
+    );
+
+    // Evicted before anything was stored: storing creates nothing and claims nothing.
+    let lease = cache
+        .lease(key(2), data.len() as u64, Priority::Access)
+        .unwrap()
+        .unwrap();
+    cache.forget(key(2));
+    assert!(
+        !cache
+            .store_block(&lease, 0, &data[..BLOCK as usize])
+            .unwrap()
+    );
+    assert!(!path(lease.generation).exists());
+    let files = walk_files(&dir.path().join(layout::DATA_DIR));
+    assert_eq!(files, vec![file], "only the stored file is on disk");
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk_files(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}

@@ -752,7 +752,7 @@ fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
     } else {
         tracing::warn!("the FUSE session did not end; leaving its thread behind");
     }
-    volume.flush(true);
+    volume.finish();
     if discard {
         if let Some(cache) = volume.cache() {
             cache.discard_journals_on_release();

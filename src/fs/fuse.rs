@@ -304,7 +304,8 @@ impl Shared {
                 let opened = file
                     .lease
                     .as_ref()
-                    .map(|lease| reply.open_backing(lease.data_file()));
+                    .and_then(|lease| lease.data_file())
+                    .map(|data| reply.open_backing(data));
                 match opened {
                     Some(Ok(id)) => {
                         let id = Arc::new(id);

@@ -37,6 +37,11 @@ const MAX_READAHEAD_BLOCKS: u32 = 16;
 const PREFETCH_SLOTS: usize = 32;
 /// Files up to this many blocks are fetched whole as soon as they are opened.
 const OPEN_PREFETCH_BLOCKS: u32 = 4;
+/// Fetched blocks waiting to be written to the cache after their readers got them; beyond
+/// this, the fetcher writes its block itself (backpressure on a slow cache disk).
+const STORE_QUEUE: usize = 16;
+/// How long the end of a volume waits for queued cache writes.
+const STORE_DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -166,6 +171,8 @@ pub struct Volume {
     config: VolumeConfig,
     inflight: Mutex<HashMap<(ContentKey, u32), Fetch>>,
     prefetch_slots: Arc<Semaphore>,
+    /// Cache writes queued behind the readers they served.
+    stores: PendingStores,
     /// The version each inode was last opened at through the page cache.
     page_cache_versions: Mutex<HashMap<Ino, ContentKey>>,
     stats: Stats,
@@ -227,6 +234,7 @@ impl Volume {
             config,
             inflight: Mutex::new(HashMap::new()),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_SLOTS)),
+            stores: PendingStores::default(),
             page_cache_versions: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             preload: Mutex::new(None),
@@ -692,9 +700,10 @@ impl Volume {
     }
 
     /// One block of a cached file: from the cache, or fetched from the source once (concurrent
-    /// readers of the same block share one fetch) and stored.
+    /// readers of the same block share one fetch) and stored. A reader gets its block before
+    /// it is stored; a preload returns once it is stored.
     async fn block(
-        &self,
+        self: &Arc<Self>,
         file: &OpenFile,
         lease: &Arc<Lease>,
         block: u32,
@@ -710,29 +719,67 @@ impl Volume {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             inflight.entry((lease.key, block)).or_default().clone()
         };
-        let result = cell
-            .get_or_init(|| self.fetch_block(file, lease, block, preload))
+        let data = cell
+            .get_or_init(|| self.fetch_block(file, lease, block, preload, cell.clone()))
             .await
-            .clone();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if inflight
-                .get(&(lease.key, block))
-                .is_some_and(|c| Arc::ptr_eq(c, &cell))
-            {
-                inflight.remove(&(lease.key, block));
+            .clone()?;
+        if preload {
+            // The fetch may have been a reader's, whose store is still queued.
+            if let Some(cache) = &self.cache {
+                if let Err(e) = cache.store_block(lease, block, &data) {
+                    tracing::warn!(error = %e, "cannot store a block in the cache");
+                }
             }
         }
-        Ok(result?)
+        Ok(data)
     }
 
+    /// Fetches one block and stores it: in the background for a reader, who should not wait
+    /// for the cache disk, inline for a preload or when the store queue is full. The block's
+    /// entry in `inflight` (`cell`) stays until it is stored, so that readers in between share
+    /// the fetched bytes instead of fetching them again.
     async fn fetch_block(
-        &self,
+        self: &Arc<Self>,
         file: &OpenFile,
         lease: &Arc<Lease>,
         block: u32,
         preload: bool,
+        cell: Fetch,
     ) -> Result<Arc<Vec<u8>>, SourceError> {
+        let fetched = self.fetch_from_source(file, lease, block, preload).await;
+        let data = match fetched {
+            Ok(data) => Arc::new(data),
+            Err(e) => {
+                self.forget_fetch(lease.key, block, &cell);
+                return Err(e);
+            }
+        };
+        let Some(cache) = &self.cache else {
+            self.forget_fetch(lease.key, block, &cell);
+            return Ok(data);
+        };
+        if preload || !self.stores.enqueue() {
+            store(cache, lease, block, &data);
+            self.forget_fetch(lease.key, block, &cell);
+            return Ok(data);
+        }
+        let (volume, cache, lease, queued) =
+            (self.clone(), cache.clone(), lease.clone(), data.clone());
+        self.runtime.spawn_blocking(move || {
+            store(&cache, &lease, block, &queued);
+            volume.forget_fetch(lease.key, block, &cell);
+            volume.stores.done();
+        });
+        Ok(data)
+    }
+
+    async fn fetch_from_source(
+        &self,
+        file: &OpenFile,
+        lease: &Lease,
+        block: u32,
+        preload: bool,
+    ) -> Result<Vec<u8>, SourceError> {
         let (start, len) = lease.block_range(block);
         let source = self.source()?;
         let result = source.read(&file.handle, start, len as u32).await;
@@ -755,12 +802,18 @@ impl Volume {
                 ),
             ));
         }
-        if let Some(cache) = &self.cache {
-            if let Err(e) = cache.store_block(lease, block, &data) {
-                tracing::warn!(error = %e, "cannot store a block in the cache");
-            }
+        Ok(data)
+    }
+
+    /// Ends the sharing of one fetch: later readers look in the cache (or fetch again).
+    fn forget_fetch(&self, key: ContentKey, block: u32, cell: &Fetch) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight
+            .get(&(key, block))
+            .is_some_and(|c| Arc::ptr_eq(c, cell))
+        {
+            inflight.remove(&(key, block));
         }
-        Ok(Arc::new(data))
     }
 
     /// Starts fetching blocks in the background, bounded across the volume.
@@ -837,6 +890,22 @@ impl Volume {
         }
     }
 
+    /// Waits (a bounded time) for the cache writes still queued; for the end of a volume, so
+    /// that what its readers fetched is cached for the next one.
+    pub fn drain_stores(&self) {
+        if !self.stores.wait_idle(STORE_DRAIN_WAIT) {
+            tracing::warn!(
+                "cache writes still queued at the end of the volume; those blocks will be fetched again"
+            );
+        }
+    }
+
+    /// The end of a volume: queued cache writes done, journals on stable storage.
+    pub fn finish(&self) {
+        self.drain_stores();
+        self.flush(true);
+    }
+
     /// Writes buffered journals out; with `sync`, to stable storage.
     pub fn flush(&self, sync: bool) {
         self.meta.flush(sync);
@@ -845,6 +914,50 @@ impl Volume {
                 tracing::warn!(error = %e, "cannot flush the cache index");
             }
         }
+    }
+}
+
+fn store(cache: &Cache, lease: &Lease, block: u32, data: &[u8]) {
+    if let Err(e) = cache.store_block(lease, block, data) {
+        tracing::warn!(error = %e, "cannot store a block in the cache");
+    }
+}
+
+/// Cache writes queued on the blocking pool, counted so that the end of a volume can wait for
+/// them and a full queue pushes back on fetchers.
+#[derive(Default)]
+struct PendingStores {
+    queued: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl PendingStores {
+    /// Takes a place in the queue; false when it is full.
+    fn enqueue(&self) -> bool {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if *queued >= STORE_QUEUE {
+            return false;
+        }
+        *queued += 1;
+        true
+    }
+
+    fn done(&self) {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        *queued = queued.saturating_sub(1);
+        if *queued == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// True when the queue emptied within `wait`.
+    fn wait_idle(&self, wait: Duration) -> bool {
+        let queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let (queued, _) = self
+            .idle
+            .wait_timeout_while(queued, wait, |queued| *queued > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *queued == 0
     }
 }
 

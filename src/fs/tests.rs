@@ -71,6 +71,8 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
         let file = volume.open_file(big.ino, false).await.unwrap();
         assert!(!file.passthrough_ready);
         assert_eq!(read_all(&volume, &file).await, data);
+        // Readers get their blocks before they are written to the cache.
+        tokio::task::block_in_place(|| volume.drain_stores());
         let file = volume.open_file(big.ino, false).await.unwrap();
         assert!(
             file.passthrough_ready,
@@ -83,7 +85,7 @@ async fn reads_through_the_cache_and_serves_a_restart_without_the_source() {
         assert_eq!(listing.len(), 2);
         let status = volume.status();
         assert_eq!(status.bytes_fetched, data.len() as u64 + 5);
-        volume.flush(true);
+        tokio::task::block_in_place(|| volume.finish());
     }
 
     // A remount over the same cache serves what it holds without reading the source again.
