@@ -983,9 +983,20 @@ impl Filesystem for FuseAdapter {
         let Some(open) = self.shared.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
+        // A directory source writes straight from the kernel's buffer, on this thread.
+        if let Some(result) = self.shared.volume.try_write(&open.file, offset, data) {
+            return match result {
+                Ok(written) => reply.written(written),
+                Err(e) => {
+                    log_error("write", ino.0, &e);
+                    reply.error(errno(&e));
+                }
+            };
+        }
+        // Otherwise the bytes are copied once, into the buffer the write owns until it lands.
         let (volume, data) = (self.shared.volume.clone(), data.to_vec());
         self.shared.spawn(async move {
-            match volume.write(&open.file, offset, &data).await {
+            match volume.write(&open.file, offset, data).await {
                 Ok(written) => reply.written(written),
                 Err(e) => {
                     log_error("write", ino.0, &e);
