@@ -18,6 +18,7 @@
 //! its `pwrite` is done before the reply, on the FUSE thread itself when it can.
 
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -46,6 +47,9 @@ pub(super) struct WriteState {
     late_error: Option<SourceError>,
     /// Woken whenever one of the inode's writes lands.
     landed: Arc<Notify>,
+    /// Writer handles whose writes the kernel sends to the source file itself (passthrough):
+    /// the daemon never sees them, so the known attributes are never current meanwhile.
+    direct_writers: u32,
 }
 
 /// One write in flight: its id (the write epoch it started at) and the bytes it covers.
@@ -152,7 +156,9 @@ impl Volume {
             .with(ino, |n| content_key(&self.source_id, &n.handle, &n.attr))
     }
 
-    /// Whether writes to `ino` are in flight: the source may not show them yet.
+    /// Whether `ino` has writes the known attributes may not show: writes in flight, or a
+    /// writer whose writes go to the source file directly. Its attributes are then asked of
+    /// the source (after the writes in flight land) instead of served from what is known.
     pub(super) fn writes_in_flight(&self, ino: Ino) -> bool {
         self.config.read_write
             && self
@@ -160,7 +166,44 @@ impl Volume {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&ino)
-                .is_some_and(|w| !w.in_flight.is_empty())
+                .is_some_and(|w| !w.in_flight.is_empty() || w.direct_writers > 0)
+    }
+
+    /// Opens the source file of a writer handle for the kernel to write to directly (FUSE
+    /// passthrough), when the source has such a file (a directory source). The kernel then
+    /// writes at the source's own speed and the daemon never sees the bytes: nothing reaches
+    /// the cache, and the file's attributes are asked of the source until
+    /// [`Volume::direct_writer_closed`].
+    pub fn open_direct_writer(&self, file: &OpenFile) -> Option<OwnedFd> {
+        if !file.writable {
+            return None;
+        }
+        let source = self.source().ok()?;
+        let handle = self
+            .node_handle(file.ino)
+            .unwrap_or_else(|_| file.handle.clone());
+        match source.open_passthrough(&handle)? {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::debug!(ino = file.ino, error = %e, "no passthrough for this writer");
+                None
+            }
+        }
+    }
+
+    /// A writer handle's writes go to the source file directly from now on
+    /// (`opened` true), or no longer (its release).
+    pub fn direct_writer(&self, ino: Ino, opened: bool) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let state = writes.entry(ino).or_default();
+        if opened {
+            state.direct_writers += 1;
+            self.changed(state);
+        } else {
+            state.direct_writers = state.direct_writers.saturating_sub(1);
+        }
+        drop(writes);
+        self.meta.expire(ino);
     }
 
     /// Waits until the writes to `ino` in flight now have landed (later ones are not waited
@@ -372,17 +415,22 @@ impl Volume {
         }
         self.settle_writes(file.ino).await;
         let late = self.take_late_error(file.ino);
-        let result = match file.writes.writer.get() {
-            Some(Some(writer)) => writer.commit().await,
-            _ => match self.source() {
-                Ok(source) => source.commit(&file.handle).await,
-                Err(e) => Err(e),
-            },
-        };
-        self.observe(&result);
+        let result = self.commit_source(file).await;
         if let Some(e) = late {
             return Err(e.into());
         }
+        result
+    }
+
+    /// COMMIT, or fsync through the handle's own descriptor (opened now if its writes went
+    /// to the source file directly), which stays on the file if it was renamed.
+    async fn commit_source(&self, file: &OpenFile) -> Result<()> {
+        let source = self.source()?;
+        let result = match self.writer(file, &source).await? {
+            Some(writer) => writer.commit().await,
+            None => source.commit(&file.handle).await,
+        };
+        self.observe(&result);
         Ok(result?)
     }
 

@@ -659,6 +659,26 @@ impl Source for LocalSource {
         })))
     }
 
+    /// A descriptor opened beneath the root (no symlink followed), checked to be a regular
+    /// file, in a caller-thread slot.
+    fn open_passthrough(&self, file: &Handle) -> Option<Result<OwnedFd>> {
+        let inner = &self.inner;
+        let _slot = inner.caller_slot()?;
+        let rel = file.as_bytes();
+        let fail = |e| inner.error("open", rel, e);
+        let opened = inner
+            .open_beneath(rel, OFlag::O_RDWR | OFlag::O_NONBLOCK)
+            .and_then(|fd| {
+                let st = fstat(fd.as_fd())?;
+                if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG {
+                    Ok(fd)
+                } else {
+                    Err(Errno::EINVAL)
+                }
+            });
+        Some(opened.map_err(fail))
+    }
+
     /// `fsync`.
     async fn commit(&self, file: &Handle) -> Result<()> {
         let file = file.clone();

@@ -11,6 +11,7 @@ pub mod nfs;
 mod spec;
 
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,6 +198,14 @@ pub trait Source: Send + Sync + 'static {
     async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn Writer>>> {
         let _ = file;
         Ok(None)
+    }
+
+    /// Opens `file` for reading and writing on the calling thread, as the file a writer's
+    /// `write()` may go to directly (FUSE passthrough). `None`: the source has no such file
+    /// (NFS), or cannot open one on this thread now.
+    fn open_passthrough(&self, file: &Handle) -> Option<Result<OwnedFd>> {
+        let _ = file;
+        None
     }
 
     /// Makes everything written to `file` durable (NFS COMMIT, fsync).
