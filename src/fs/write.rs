@@ -252,10 +252,10 @@ impl Volume {
                 }
                 if !state.must_wait(&range) {
                     let id = self.changed(state);
+                    let end = range.end;
                     state.in_flight.push(InFlight { id, range });
                     drop(writes);
-                    // Attributes known before the write must not be served while it is out.
-                    self.meta.expire(ino);
+                    self.grow_known_size(ino, end);
                     return Ok(id);
                 }
                 landed = state.landed.clone();
@@ -263,6 +263,20 @@ impl Volume {
             }
             notified.await;
         }
+    }
+
+    /// Attributes known before a write must not be served while it is out: they are expired
+    /// (getattr asks the source once the write lands), and the known size is raised to the
+    /// write's end, for what is served without asking (directory listings with attributes),
+    /// so that the size the kernel sees after the write is acknowledged never goes back.
+    fn grow_known_size(&self, ino: Ino, end: u64) {
+        if let Some(mut attr) = self.meta.with(ino, |n| n.attr.clone()) {
+            if attr.size < end {
+                attr.size = end;
+                self.meta.update_attr(ino, attr);
+            }
+        }
+        self.meta.expire(ino);
     }
 
     /// A write started by [`Volume::start_write`] has its answer (`failure`: one that came after

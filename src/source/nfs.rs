@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use futures_util::future::{Either, select};
 use futures_util::stream::FuturesUnordered;
 use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::nfs3_types::mount::{self, dirpath};
@@ -66,7 +67,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{
     Attr, DirEntry, Handle, Kind, Landing, NfsUrl, Owner, Result, SetAttr, SetTime, Source,
-    SourceError, SourceOptions, Timestamp, check_name,
+    SourceError, SourceOptions, Timestamp, WriteOutcome, check_name,
 };
 
 /// The call [`Inner::call`] makes on each attempt: one NFSv3 procedure of the client on the
@@ -2134,9 +2135,9 @@ impl NfsSource {
         Ok(attr)
     }
 
-    /// [`Source::write_sent`]: the pieces run in a task of their own, which owns the data; this
-    /// returns when every piece's WRITE has been written to its connection, or with the error of
-    /// a write that ended before that.
+    /// [`Source::write_sent`]: the pieces run in one future that owns the data; this returns
+    /// it once every piece's WRITE has been written to its connection, or the outcome of a write
+    /// that ended before that.
     async fn write_sent_impl(&self, file: &Handle, offset: u64, data: Vec<u8>) -> Result<Landing> {
         if data.is_empty() {
             return Ok(Landing::Landed(None));
@@ -2151,7 +2152,7 @@ impl NfsSource {
             tell: Mutex::new(Some(tell)),
         });
         let inner = self.inner.clone();
-        let task = tokio::spawn(
+        let mut writing: WriteOutcome = Box::pin(
             async move {
                 let mut pieces: FuturesUnordered<_> = data
                     .chunks(piece)
@@ -2174,15 +2175,13 @@ impl NfsSource {
             }
             .instrument(tracing::Span::current()),
         );
-        let joined = |joined: std::result::Result<Result<Option<Attr>>, tokio::task::JoinError>| {
-            joined.unwrap_or_else(|e| Err(SourceError::status("write", libc::EIO, e.to_string())))
-        };
-        match sent.await {
-            Ok(()) => Ok(Landing::InFlight(Box::pin(
-                async move { joined(task.await) },
-            ))),
+        // Driven here until it is sent (no hand-over to another task on the way), then handed
+        // to the caller to await the answer.
+        match select(&mut writing, sent).await {
+            Either::Left((result, _)) => result.map(Landing::Landed),
+            Either::Right((Ok(()), _)) => Ok(Landing::InFlight(writing)),
             // Every piece ended (or the first failure dropped the rest) before all were sent.
-            Err(_) => joined(task.await).map(Landing::Landed),
+            Either::Right((Err(_), _)) => writing.await.map(Landing::Landed),
         }
     }
 }
