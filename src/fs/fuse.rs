@@ -387,7 +387,8 @@ impl Shared {
         }
     }
 
-    /// Registers a file opened by `create` (always served by the daemon) and replies.
+    /// Registers a file opened by `create` (served by the daemon, or written through to the
+    /// source file as [`Shared::source_backing`] allows) and replies.
     fn reply_create(
         &self,
         reply: ReplyCreate,

@@ -358,6 +358,7 @@ impl Volume {
                     .meta
                     .upsert_child(parent, name, handle, attr.clone())
                     .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
+                self.cover_writes_in_flight(ino);
                 Ok(Entry {
                     ino,
                     attr,
@@ -412,6 +413,7 @@ impl Volume {
         match result {
             Ok(attr) => {
                 self.meta.update_attr(ino, attr.clone());
+                self.cover_writes_in_flight(ino);
                 Ok(Entry {
                     ino,
                     attr,

@@ -279,6 +279,23 @@ impl Volume {
         self.meta.expire(ino);
     }
 
+    /// Attributes the source gave were just stored; writes that started after it was asked
+    /// may be in flight, and the known size must still cover them.
+    pub(super) fn cover_writes_in_flight(&self, ino: Ino) {
+        if !self.config.read_write {
+            return;
+        }
+        let end = self
+            .writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .and_then(|w| w.in_flight.iter().map(|f| f.range.end).max());
+        if let Some(end) = end {
+            self.grow_known_size(ino, end);
+        }
+    }
+
     /// A write started by [`Volume::start_write`] has its answer (`failure`: one that came after
     /// the `write()` was acknowledged, to report later).
     fn write_landed(&self, ino: Ino, id: u64, failure: Option<SourceError>) {
