@@ -437,3 +437,140 @@ impl Drop for Unmount {
             .status();
     }
 }
+
+/// On NFS a write is answered once its WRITE is sent; a failure that comes after that is
+/// returned by the file's next fsync (or write, or close), never lost.
+#[test]
+fn a_late_nfs_write_failure_is_reported_at_fsync() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    fs::create_dir(&export).unwrap();
+    let mut server = Ganesha::start(&export);
+    let url = server.url_with_ports(&server.exports()[0]);
+    let mut args = RW.to_vec();
+    args.extend(["--source-timeout", "2s"]);
+    let _mount = Mount::start(&dirs, &url, &args);
+    let mut f = fs::File::create(dirs.mnt.join("late")).unwrap();
+    f.write_all(&[1u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+
+    // A frozen server keeps its connections open: a small WRITE fits in the socket buffers
+    // and is sent, but is never answered.
+    server.pause();
+    let started = std::time::Instant::now();
+    let written = f.write_all(&[2u8; 64 << 10]);
+    let took = started.elapsed();
+    let synced = f.sync_all();
+    server.resume();
+    assert!(
+        written.is_ok(),
+        "the write was not answered once sent: {written:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the write waited for the server ({took:?})"
+    );
+    assert_eq!(errno(synced), libc::EIO);
+    // Reported once: the file goes on working now that the server is back.
+    f.write_all(&[3u8; 4096]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let on_source = fs::read(export.join("late")).unwrap();
+    assert_eq!(&on_source[..1 << 20], &[1u8; 1 << 20][..]);
+}
+
+/// Writes to the same bytes, one after the other, end with the last one's bytes even though
+/// each is answered before it lands; every read and stat in between sees what was written.
+fn pipelined_stream(mnt: &Path, src: &Path) {
+    const MIB: usize = 1 << 20;
+    let path = mnt.join("stream");
+    let mut f = fs::File::create(&path).unwrap();
+    let mut reader = fs::File::open(&path).unwrap();
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut chunk = vec![0u8; MIB];
+    let mut back = vec![0u8; MIB];
+    for i in 0..32 {
+        rng.fill(&mut chunk);
+        f.write_all(&chunk).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            ((i + 1) * MIB) as u64,
+            "size went backwards during the stream"
+        );
+        reader.seek(SeekFrom::Start((i * MIB) as u64)).unwrap();
+        reader.read_exact(&mut back).unwrap();
+        assert!(back == chunk, "chunk {i} read back differs");
+    }
+    // Overlapping rewrites of the start: the last one wins, on the source too.
+    for round in 0..24u8 {
+        f.seek(SeekFrom::Start(u64::from(round % 3) * (MIB as u64 / 2)))
+            .unwrap();
+        f.write_all(&vec![round; MIB]).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let mut expected = vec![0u8; 2 * MIB];
+    for round in 0..24u8 {
+        let at = usize::from(round % 3) * MIB / 2;
+        expected[at..at + MIB].fill(round);
+    }
+    let on_source = fs::read(src.join("stream")).unwrap();
+    assert_eq!(on_source.len(), 32 * MIB);
+    assert!(
+        on_source[..2 * MIB] == expected[..],
+        "an older write landed last"
+    );
+    let mut through = vec![0u8; 2 * MIB];
+    reader.seek(SeekFrom::Start(0)).unwrap();
+    reader.read_exact(&mut through).unwrap();
+    assert!(through == expected, "the mount shows an older write");
+}
+
+#[test]
+fn pipelined_nfs_writes_keep_order_sizes_and_reads() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    fs::create_dir(&export).unwrap();
+    let server = Ganesha::start(&export);
+    let _mount = Mount::start(&dirs, &server.url_with_ports(&server.exports()[0]), &RW);
+    pipelined_stream(&dirs.mnt, &export);
+}
+
+#[test]
+fn directory_writes_keep_order_sizes_and_reads() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    fs::create_dir(&src).unwrap();
+    let _mount = Mount::start(&dirs, src.to_str().unwrap(), &RW);
+    pipelined_stream(&dirs.mnt, &src);
+}
+
+/// A writer keeps writing to its file when the file is renamed meanwhile, as with an open
+/// file on a local file system, on both source kinds.
+fn rename_while_writing(mnt: &Path, src: &Path) {
+    let mut f = fs::File::create(mnt.join("before")).unwrap();
+    f.write_all(b"first ").unwrap();
+    fs::rename(mnt.join("before"), mnt.join("after")).unwrap();
+    f.write_all(b"second").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(src.join("after")).unwrap(), b"first second");
+    assert!(!src.join("before").exists());
+}
+
+#[test]
+fn a_renamed_file_keeps_its_writer() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    fs::create_dir(&src).unwrap();
+    {
+        let _mount = Mount::start(&dirs, src.to_str().unwrap(), &RW);
+        rename_while_writing(&dirs.mnt, &src);
+    }
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    fs::create_dir(&export).unwrap();
+    let server = Ganesha::start(&export);
+    let _mount = Mount::start(&dirs, &server.url_with_ports(&server.exports()[0]), &RW);
+    rename_while_writing(&dirs.mnt, &export);
+}

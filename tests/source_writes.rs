@@ -15,7 +15,7 @@ use common::ganesha::Ganesha;
 use reservoir::source::local::LocalSource;
 use reservoir::source::nfs::NfsSource;
 use reservoir::source::{
-    Handle, Kind, Owner, SetAttr, SetTime, Source, SourceError, SourceOptions, SourceSpec,
+    Handle, Kind, Landing, Owner, SetAttr, SetTime, Source, SourceError, SourceOptions, SourceSpec,
     Timestamp,
 };
 
@@ -978,6 +978,41 @@ async fn nfs_a_server_gone_mid_way_fails_the_next_write() {
         std::fs::read(temp.path().join("f")).unwrap(),
         b"before resumed"
     );
+}
+
+/// `write_sent` returns once the WRITE is on the wire: a frozen server does not hold it up, and
+/// its silence reaches the caller through the outcome (a timeout), not the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfs_write_sent_returns_once_sent_and_the_outcome_lands_later() {
+    let temp = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_secs(2);
+    let mut f = Fixture::on(Backend::Nfs, temp.path(), Serve::ReadWrite, timeout).await;
+    let (file, _) = f
+        .source
+        .create(&f.root, b"f", 0o644, NOBODY, true)
+        .await
+        .unwrap();
+    match f.source.write_sent(&file, 0, b"landed".to_vec()).await {
+        Ok(Landing::InFlight(outcome)) => {
+            outcome.await.unwrap();
+        }
+        Ok(Landing::Landed(_)) => {}
+        Err(e) => panic!("write_sent: {e}"),
+    }
+    assert_eq!(std::fs::read(temp.path().join("f")).unwrap(), b"landed");
+
+    tokio::task::block_in_place(|| f.server.as_mut().unwrap().pause());
+    let started = Instant::now();
+    let sent = f.source.write_sent(&file, 6, b" lost".to_vec()).await;
+    let took = started.elapsed();
+    let Ok(Landing::InFlight(outcome)) = sent else {
+        panic!("a WRITE to a frozen server was not answered once sent");
+    };
+    assert!(took < Duration::from_secs(1), "write_sent waited {took:?}");
+    let err = outcome.await.unwrap_err();
+    assert!(matches!(err, SourceError::Timeout { .. }), "{err:?}");
+    tokio::task::block_in_place(|| f.server.as_mut().unwrap().resume());
+    f.source.commit(&file).await.unwrap();
 }
 
 /// A server restart between the unstable writes and the COMMIT changes the write verifier: the

@@ -175,6 +175,16 @@ struct InodeIo {
     daemon_opens: u32,
     /// The backing file shared by the inode's passthrough opens, and how many there are.
     backing: Option<(Arc<BackingId>, u32)>,
+    /// The backing file is the source file itself (opened for a writer), not a cache file:
+    /// writers may share it.
+    backing_is_source: bool,
+}
+
+impl InodeIo {
+    /// Whether a writer may open the inode now: not while it is read through a cache file.
+    fn writable(&self) -> bool {
+        self.backing.is_none() || self.backing_is_source
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -277,7 +287,7 @@ impl Shared {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
         let io = inodes.entry(ino).or_default();
-        if file.writable && io.backing.is_some() {
+        if file.writable && !io.writable() {
             // The kernel would make this open passthrough too, and its writes would land in the
             // cache file instead of the source: refuse, as for a running executable.
             drop(inodes);
@@ -297,6 +307,7 @@ impl Shared {
                 *count += 1;
                 Some(backing.clone())
             }
+            None if file.writable => self.source_backing(io, &file, |fd| reply.open_backing(fd)),
             None if file.passthrough_ready
                 && io.daemon_opens == 0
                 && self.passthrough.load(Ordering::Relaxed) =>
@@ -325,12 +336,19 @@ impl Shared {
         if backing.is_none() {
             io.daemon_opens += 1;
         }
+        let through_source = io.backing_is_source;
         drop(inodes);
         let passthrough = backing.is_some();
-        if passthrough {
+        if passthrough && file.writable {
+            self.volume.direct_writer(ino, true);
+        } else if passthrough && !through_source {
             self.volume.note_passthrough(&file);
         }
-        let flags = open_flags(&file);
+        let mut flags = open_flags(&file);
+        if passthrough {
+            // The kernel refuses KEEP_CACHE together with passthrough.
+            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+        }
         self.files
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,7 +359,37 @@ impl Shared {
         }
     }
 
-    /// Registers a file opened by `create` (always served by the daemon) and replies.
+    /// For a writer of an inode nobody else has open: the source file itself as the backing
+    /// file, so that the kernel writes to it directly (a directory source). Readers that open
+    /// the inode meanwhile share it, so they read the source's current bytes too.
+    fn source_backing(
+        &self,
+        io: &mut InodeIo,
+        file: &OpenFile,
+        open_backing: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if io.daemon_opens > 0 || !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let fd = self.volume.open_direct_writer(file)?;
+        match open_backing(&fd) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                io.backing = Some((id.clone(), 1));
+                io.backing_is_source = true;
+                Some(id)
+            }
+            Err(e) => {
+                // E.g. a source directory on a stacked file system (overlayfs): this writer is
+                // served by the daemon; cached files may still pass through.
+                tracing::debug!(ino = file.ino, error = %e, "the kernel refused the source file as a passthrough backing file");
+                None
+            }
+        }
+    }
+
+    /// Registers a file opened by `create` (served by the daemon, or written through to the
+    /// source file as [`Shared::source_backing`] allows) and replies.
     fn reply_create(
         &self,
         reply: ReplyCreate,
@@ -356,30 +404,45 @@ impl Shared {
             }
         };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.inodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(entry.ino)
-            .or_default()
-            .daemon_opens += 1;
-        let flags = open_flags(&file);
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        let io = inodes.entry(entry.ino).or_default();
+        let shareable = io.backing_is_source;
+        let backing = match &mut io.backing {
+            Some((backing, count)) if shareable => {
+                *count += 1;
+                Some(backing.clone())
+            }
+            Some(_) => None,
+            None => self.source_backing(io, &file, |fd| reply.open_backing(fd)),
+        };
+        if backing.is_none() {
+            io.daemon_opens += 1;
+        }
+        drop(inodes);
+        let passthrough = backing.is_some();
+        if passthrough {
+            self.volume.direct_writer(entry.ino, true);
+        }
+        let mut flags = open_flags(&file);
+        if passthrough {
+            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+        }
         self.files
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                handle,
-                OpenHandle {
-                    file,
-                    passthrough: false,
-                },
-            );
-        reply.created(
-            &entry.ttl,
-            &file_attr(entry.ino, &entry.attr),
-            Generation(0),
-            FileHandle(handle),
-            flags,
-        );
+            .insert(handle, OpenHandle { file, passthrough });
+        let attr = file_attr(entry.ino, &entry.attr);
+        match backing {
+            Some(id) => reply.created_passthrough(
+                &entry.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(handle),
+                flags,
+                &id,
+            ),
+            None => reply.created(&entry.ttl, &attr, Generation(0), FileHandle(handle), flags),
+        }
     }
 
     fn handle(&self, fh: FileHandle) -> Option<OpenHandle> {
@@ -413,10 +476,14 @@ impl Shared {
             return Some(open.file);
         };
         if open.passthrough {
+            if open.file.writable {
+                self.volume.direct_writer(ino, false);
+            }
             if let Some((_, count)) = &mut io.backing {
                 *count -= 1;
                 if *count == 0 {
                     io.backing = None;
+                    io.backing_is_source = false;
                 }
             }
         } else {
@@ -984,9 +1051,20 @@ impl Filesystem for FuseAdapter {
         let Some(open) = self.shared.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
+        // A directory source writes straight from the kernel's buffer, on this thread.
+        if let Some(result) = self.shared.volume.try_write(&open.file, offset, data) {
+            return match result {
+                Ok(written) => reply.written(written),
+                Err(e) => {
+                    log_error("write", ino.0, &e);
+                    reply.error(errno(&e));
+                }
+            };
+        }
+        // Otherwise the bytes are copied once, into the buffer the write owns until it lands.
         let (volume, data) = (self.shared.volume.clone(), data.to_vec());
         self.shared.spawn(async move {
-            match volume.write(&open.file, offset, &data).await {
+            match volume.write(&open.file, offset, data).await {
                 Ok(written) => reply.written(written),
                 Err(e) => {
                     log_error("write", ino.0, &e);

@@ -156,6 +156,7 @@ pub struct OpenFile {
     /// cached copy stale for this handle.
     opened_epoch: u64,
     readahead: Mutex<ReadAhead>,
+    writes: write::HandleWrites,
 }
 
 type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, SourceError>>>;
@@ -332,6 +333,9 @@ impl Volume {
     /// Answers a lookup from fresh metadata; `None` when the source must be asked.
     pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<Entry>> {
         if let Some(ino) = self.meta.child(parent, name) {
+            if self.writes_in_flight(ino) {
+                return None;
+            }
             let checked = self.meta.with(ino, |n| n.checked_ms)?;
             return self
                 .fresh(checked)
@@ -348,6 +352,9 @@ impl Volume {
             return answer;
         }
         let dir = self.node_handle(parent)?;
+        if let Some(ino) = self.meta.child(parent, name) {
+            self.settle_writes(ino).await;
+        }
         let result = match self.source() {
             Ok(source) => source.lookup(&dir, name).await,
             Err(e) => Err(e),
@@ -359,6 +366,7 @@ impl Volume {
                     .meta
                     .upsert_child(parent, name, handle, attr.clone())
                     .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
+                self.cover_writes_in_flight(ino);
                 Ok(Entry {
                     ino,
                     attr,
@@ -386,6 +394,9 @@ impl Volume {
         let Some(checked) = self.meta.with(ino, |n| n.checked_ms) else {
             return Some(Err(FsError::UnknownInode(ino)));
         };
+        if self.writes_in_flight(ino) {
+            return None;
+        }
         self.fresh(checked)
             .then(|| self.entry(ino, true).ok_or(FsError::UnknownInode(ino)))
     }
@@ -400,6 +411,8 @@ impl Volume {
     /// Asks the source for a node's attributes (serving the known ones if it cannot answer).
     async fn revalidate(&self, ino: Ino) -> Result<Entry> {
         let handle = self.node_handle(ino)?;
+        // The source must not be asked before the writes it has not seen yet land.
+        self.settle_writes(ino).await;
         let result = match self.source() {
             Ok(source) => source.getattr(&handle).await,
             Err(e) => Err(e),
@@ -408,6 +421,7 @@ impl Volume {
         match result {
             Ok(attr) => {
                 self.meta.update_attr(ino, attr.clone());
+                self.cover_writes_in_flight(ino);
                 Ok(Entry {
                     ino,
                     attr,
@@ -585,6 +599,7 @@ impl Volume {
             writable,
             opened_epoch,
             readahead: Mutex::new(ReadAhead::default()),
+            writes: write::HandleWrites::default(),
         });
         if let Some(lease) = &file.lease {
             if !passthrough_ready {
@@ -664,6 +679,7 @@ impl Volume {
             // Not cached, or written since it was opened: the source has the current bytes
             // (and the current size).
             _ => {
+                self.settle_writes(file.ino).await;
                 let source = self.source()?;
                 let result = source.read(&file.handle, offset, size).await;
                 self.observe(&result);

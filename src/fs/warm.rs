@@ -249,6 +249,7 @@ impl Volume {
             writable: false,
             opened_epoch: self.write_epoch.load(std::sync::atomic::Ordering::Acquire),
             readahead: Mutex::default(),
+            writes: Default::default(),
         };
         let missing = cache.missing_blocks(&lease, 0, lease.block_count().saturating_sub(1));
         let already = size

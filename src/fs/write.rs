@@ -1,19 +1,37 @@
 //! Read-write volumes: every change goes through to the source before it is acknowledged.
 //!
-//! The contract is NFS's close-to-open consistency. A `write` reaches the source before it
-//! returns (an NFS UNSTABLE write), and `flush` (every `close()`) and `fsync` make it durable
-//! (COMMIT, or fsync on a directory source). Nothing is ever written into the cache. Instead,
-//! the cached copy of a file that is being written is dropped, and every handle opened before
-//! the write reads from the source from then on. The next open after the writers are gone sees
-//! the new version (new attributes, so a new content key) and caches it afresh.
+//! The contract is NFS's close-to-open consistency. A `write` is sent to the source before it
+//! returns, and `flush` (every `close()`) and `fsync` make it durable (COMMIT, or fsync on a
+//! directory source). Nothing is ever written into the cache. Instead, the cached copy of a
+//! file that is being written is dropped, and every handle opened before the write reads from
+//! the source from then on. The next open after the writers are gone sees the new version (new
+//! attributes, so a new content key) and caches it afresh.
+//!
+//! On an NFS source a write is answered as soon as its WRITE request is on the wire, as the
+//! kernel's NFS client answers from its page cache, so that consecutive writes overlap
+//! (at most [`MAX_IN_FLIGHT_BYTES`] per file). What that costs is where a failure shows: an
+//! error the server answers after the `write()` returned is kept and returned by the file's
+//! next write, fsync or flush (close), which all wait for the file's writes in flight first.
+//! Until a write has landed, nothing that would show the source's older state is served: a
+//! write overlapping it waits, and reads, attribute requests and attribute changes of the file
+//! wait for the writes in flight when they arrive. A directory source has nothing to overlap:
+//! its `pwrite` is done before the reply, on the FUSE thread itself when it can.
 
+use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+use tokio::sync::Notify;
 
 use super::meta::Ino;
 use super::{Entry, FsError, OpenFile, Result, Volume, content_key};
 use crate::cache::ContentKey;
-use crate::source::{Attr, Handle, Kind, Owner, SetAttr};
+use crate::source::{Attr, Handle, Kind, Landing, Owner, SetAttr, Source, SourceError, Writer};
+
+/// Bytes of one file's writes that may be sent and not yet answered. Eight 1 MiB WRITEs keep
+/// the server busy while the kernel hands over the next request; more only hold memory.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 8 << 20;
 
 /// What the volume knows of the writing done to one inode.
 #[derive(Default)]
@@ -22,6 +40,50 @@ pub(super) struct WriteState {
     writers: u32,
     /// The write epoch of the last change: handles opened before it hold a stale lease.
     epoch: u64,
+    /// Writes started and not yet answered by the source.
+    in_flight: Vec<InFlight>,
+    /// The first failure of a write answered after its `write()` returned: for the next write,
+    /// fsync or flush of the file.
+    late_error: Option<SourceError>,
+    /// Woken whenever one of the inode's writes lands.
+    landed: Arc<Notify>,
+    /// Writer handles whose writes the kernel sends to the source file itself (passthrough):
+    /// the daemon never sees them, so the known attributes are never current meanwhile.
+    direct_writers: u32,
+}
+
+/// One write in flight: its id (the write epoch it started at) and the bytes it covers.
+struct InFlight {
+    id: u64,
+    range: Range<u64>,
+}
+
+impl WriteState {
+    fn in_flight_bytes(&self) -> u64 {
+        self.in_flight
+            .iter()
+            .map(|w| w.range.end - w.range.start)
+            .sum()
+    }
+
+    /// Whether a write of `range` must wait: it overlaps one in flight (the later write must
+    /// land last), or the file already has its fill of bytes in flight.
+    fn must_wait(&self, range: &Range<u64>) -> bool {
+        let overlaps = self
+            .in_flight
+            .iter()
+            .any(|w| w.range.start < range.end && range.start < w.range.end);
+        let full = !self.in_flight.is_empty()
+            && self.in_flight_bytes() + (range.end - range.start) > MAX_IN_FLIGHT_BYTES;
+        overlaps || full
+    }
+}
+
+/// What a writer handle keeps: the file as the source opened it for this handle (directory
+/// sources), opened at the first write and closed with the handle.
+#[derive(Default)]
+pub struct HandleWrites {
+    writer: tokio::sync::OnceCell<Option<Arc<dyn Writer>>>,
 }
 
 impl Volume {
@@ -94,44 +156,311 @@ impl Volume {
             .with(ino, |n| content_key(&self.source_id, &n.handle, &n.attr))
     }
 
-    /// Records the attributes a source returned after a change, or, if it returned none,
-    /// makes the next getattr ask it.
-    fn note_attr(&self, ino: Ino, attr: Option<Attr>) {
-        match attr {
-            Some(attr) => {
-                self.meta.update_attr(ino, attr);
+    /// Whether `ino` has writes the known attributes may not show: writes in flight, or a
+    /// writer whose writes go to the source file directly. Its attributes are then asked of
+    /// the source (after the writes in flight land) instead of served from what is known.
+    pub(super) fn writes_in_flight(&self, ino: Ino) -> bool {
+        self.config.read_write
+            && self
+                .writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ino)
+                .is_some_and(|w| !w.in_flight.is_empty() || w.direct_writers > 0)
+    }
+
+    /// Opens the source file of a writer handle for the kernel to write to directly (FUSE
+    /// passthrough), when the source has such a file (a directory source). The kernel then
+    /// writes at the source's own speed and the daemon never sees the bytes: nothing reaches
+    /// the cache, and the file's attributes are asked of the source until
+    /// [`Volume::direct_writer_closed`].
+    pub fn open_direct_writer(&self, file: &OpenFile) -> Option<OwnedFd> {
+        if !file.writable {
+            return None;
+        }
+        let source = self.source().ok()?;
+        let handle = self
+            .node_handle(file.ino)
+            .unwrap_or_else(|_| file.handle.clone());
+        match source.open_passthrough(&handle)? {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::debug!(ino = file.ino, error = %e, "no passthrough for this writer");
+                None
             }
-            None => self.meta.expire(ino),
         }
     }
 
-    /// Writes `data` at `offset` through to the source.
+    /// A writer handle's writes go to the source file directly from now on
+    /// (`opened` true), or no longer (its release).
+    pub fn direct_writer(&self, ino: Ino, opened: bool) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let state = writes.entry(ino).or_default();
+        if opened {
+            state.direct_writers += 1;
+            self.changed(state);
+        } else {
+            state.direct_writers = state.direct_writers.saturating_sub(1);
+        }
+        drop(writes);
+        self.meta.expire(ino);
+    }
+
+    /// Waits until the writes to `ino` in flight now have landed (later ones are not waited
+    /// for: a steady writer cannot starve the caller).
+    pub(super) async fn settle_writes(&self, ino: Ino) {
+        if !self.config.read_write {
+            return;
+        }
+        let mut upto = None;
+        loop {
+            let landed;
+            let notified;
+            {
+                let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(state) = writes.get(&ino) else {
+                    return;
+                };
+                let Some(last) =
+                    *upto.get_or_insert_with(|| state.in_flight.iter().map(|w| w.id).max())
+                else {
+                    return;
+                };
+                if !state.in_flight.iter().any(|w| w.id <= last) {
+                    return;
+                }
+                landed = state.landed.clone();
+                // Made while the lock is held: no landing can slip in between check and wait.
+                notified = landed.notified();
+            }
+            notified.await;
+        }
+    }
+
+    /// Registers a write of `range` to `ino` as in flight, once it overlaps none in flight and
+    /// the file has room; returns its id. A late failure of an earlier write is returned
+    /// instead (and forgotten: it is reported once).
+    async fn start_write(&self, ino: Ino, range: Range<u64>) -> Result<u64> {
+        loop {
+            let landed;
+            let notified;
+            {
+                let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+                let state = writes.entry(ino).or_default();
+                if let Some(e) = state.late_error.take() {
+                    return Err(e.into());
+                }
+                if !state.must_wait(&range) {
+                    let id = self.changed(state);
+                    let end = range.end;
+                    state.in_flight.push(InFlight { id, range });
+                    drop(writes);
+                    self.grow_known_size(ino, end);
+                    return Ok(id);
+                }
+                landed = state.landed.clone();
+                notified = landed.notified();
+            }
+            notified.await;
+        }
+    }
+
+    /// Attributes known before a write must not be served while it is out: they are expired
+    /// (getattr asks the source once the write lands), and the known size is raised to the
+    /// write's end, for what is served without asking (directory listings with attributes),
+    /// so that the size the kernel sees after the write is acknowledged never goes back.
+    fn grow_known_size(&self, ino: Ino, end: u64) {
+        if let Some(mut attr) = self.meta.with(ino, |n| n.attr.clone()) {
+            if attr.size < end {
+                attr.size = end;
+                self.meta.update_attr(ino, attr);
+            }
+        }
+        self.meta.expire(ino);
+    }
+
+    /// Attributes the source gave were just stored; writes that started after it was asked
+    /// may be in flight, and the known size must still cover them.
+    pub(super) fn cover_writes_in_flight(&self, ino: Ino) {
+        if !self.config.read_write {
+            return;
+        }
+        let end = self
+            .writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .and_then(|w| w.in_flight.iter().map(|f| f.range.end).max());
+        if let Some(end) = end {
+            self.grow_known_size(ino, end);
+        }
+    }
+
+    /// A write started by [`Volume::start_write`] has its answer (`failure`: one that came after
+    /// the `write()` was acknowledged, to report later).
+    fn write_landed(&self, ino: Ino, id: u64, failure: Option<SourceError>) {
+        {
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let state = writes.entry(ino).or_default();
+            state.in_flight.retain(|w| w.id != id);
+            if let Some(e) = failure {
+                state.late_error.get_or_insert(e);
+            }
+            state.landed.notify_waiters();
+        }
+        // Replies may come in another order than the server carried the writes out, so none of
+        // them is known to hold the latest attributes: the next getattr asks the source.
+        self.meta.expire(ino);
+    }
+
+    fn take_late_error(&self, ino: Ino) -> Option<SourceError> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&ino)
+            .and_then(|w| w.late_error.take())
+    }
+
+    /// The handle's own open file on the source, opened at its first write; `None` for sources
+    /// that write by handle.
+    async fn writer(
+        &self,
+        file: &OpenFile,
+        source: &Arc<dyn Source>,
+    ) -> Result<Option<Arc<dyn Writer>>> {
+        let opened = file
+            .writes
+            .writer
+            .get_or_try_init(|| async {
+                // The inode's current handle: a directory source names files by path, and the
+                // file may have been renamed since it was opened.
+                let handle = self
+                    .node_handle(file.ino)
+                    .unwrap_or_else(|_| file.handle.clone());
+                let result = source.open_writer(&handle).await;
+                self.observe(&result);
+                result
+            })
+            .await?;
+        Ok(opened.clone())
+    }
+
+    /// Writes on the calling (FUSE) thread when the source can do it right away (a directory
+    /// source whose descriptor for this handle is open, with a free caller-thread slot) and no
+    /// write of the file is in flight; `None` sends the caller to [`Volume::write`].
+    pub fn try_write(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Option<Result<u32>> {
+        if !file.writable {
+            return Some(Err(FsError::Errno(libc::EBADF, "not open for writing")));
+        }
+        let writer = file.writes.writer.get()?.as_ref()?;
+        let end = offset.checked_add(data.len() as u64)?;
+        let id = {
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let state = writes.entry(file.ino).or_default();
+            if !state.in_flight.is_empty() || state.late_error.is_some() {
+                return None;
+            }
+            let id = self.changed(state);
+            state.in_flight.push(InFlight {
+                id,
+                range: offset..end,
+            });
+            id
+        };
+        let result = writer.try_write(offset, data);
+        self.write_landed(file.ino, id, None);
+        let result = result?;
+        self.observe(&result);
+        Some(
+            result
+                .map(|attr| {
+                    self.meta.update_attr(file.ino, attr);
+                    data.len() as u32
+                })
+                .map_err(FsError::from),
+        )
+    }
+
+    /// Writes `data` at `offset` to the source. On a source that overlaps writes this returns
+    /// once the write is sent; its outcome lands later (see the module comment).
     #[tracing::instrument(skip(self, file, data), fields(ino = file.ino, len = data.len()))]
-    pub async fn write(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Result<u32> {
+    pub async fn write(
+        self: &Arc<Self>,
+        file: &OpenFile,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u32> {
         if !file.writable {
             return Err(FsError::Errno(libc::EBADF, "not open for writing"));
         }
+        let len = data.len() as u32;
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Errno(
+            libc::EFBIG,
+            "write beyond the largest offset",
+        ))?;
         let source = self.source()?;
-        let result = source.write(&file.handle, offset, data).await;
-        self.observe(&result);
-        let attr = result?;
-        {
-            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-            let state = writes.entry(file.ino).or_default();
-            self.changed(state);
+        let writer = self.writer(file, &source).await?;
+        let ino = file.ino;
+        let id = self.start_write(ino, offset..end).await?;
+        if let Some(writer) = writer {
+            let result = writer.write(offset, data).await;
+            self.observe(&result);
+            self.write_landed(ino, id, None);
+            self.meta.update_attr(ino, result?);
+            return Ok(len);
         }
-        self.note_attr(file.ino, attr);
-        Ok(data.len() as u32)
+        let started = source.write_sent(&file.handle, offset, data).await;
+        self.observe(&started);
+        match started {
+            Err(e) => {
+                self.write_landed(ino, id, None);
+                Err(e.into())
+            }
+            Ok(Landing::Landed(_)) => {
+                self.write_landed(ino, id, None);
+                Ok(len)
+            }
+            Ok(Landing::InFlight(outcome)) => {
+                let volume = self.clone();
+                self.runtime.spawn(async move {
+                    let result = outcome.await;
+                    volume.observe(&result);
+                    let failure = result.err();
+                    if let Some(e) = &failure {
+                        tracing::warn!(ino, offset, error = %e, "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
+                    }
+                    volume.write_landed(ino, id, failure);
+                });
+                Ok(len)
+            }
+        }
     }
 
-    /// Makes what was written through `file` durable (flush on close, fsync).
+    /// Makes what was written through `file` durable (flush on close, fsync): waits for the
+    /// file's writes in flight, then commits. A write that failed after it was acknowledged
+    /// makes this fail with its error (the rest is committed all the same).
     #[tracing::instrument(skip(self, file), fields(ino = file.ino))]
     pub async fn commit(&self, file: &OpenFile) -> Result<()> {
         if !file.writable {
             return Ok(());
         }
+        self.settle_writes(file.ino).await;
+        let late = self.take_late_error(file.ino);
+        let result = self.commit_source(file).await;
+        if let Some(e) = late {
+            return Err(e.into());
+        }
+        result
+    }
+
+    /// COMMIT, or fsync through the handle's own descriptor (opened now if its writes went
+    /// to the source file directly), which stays on the file if it was renamed.
+    async fn commit_source(&self, file: &OpenFile) -> Result<()> {
         let source = self.source()?;
-        let result = source.commit(&file.handle).await;
+        let result = match self.writer(file, &source).await? {
+            Some(writer) => writer.commit().await,
+            None => source.commit(&file.handle).await,
+        };
         self.observe(&result);
         Ok(result?)
     }
@@ -142,12 +471,19 @@ impl Volume {
         if !file.writable {
             return;
         }
-        let last = {
+        self.settle_writes(file.ino).await;
+        let (last, unreported) = {
             let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
             let state = writes.entry(file.ino).or_default();
             state.writers = state.writers.saturating_sub(1);
-            state.writers == 0
+            let last = state.writers == 0;
+            // Every close flushes, and flush reports late failures; one can only be left if
+            // the kernel released without a flush (the writer died): nobody is left to tell.
+            (last, if last { state.late_error.take() } else { None })
         };
+        if let Some(e) = unreported {
+            tracing::warn!(ino = file.ino, error = %e, "a write failed after the file's last flush");
+        }
         if last {
             self.meta.expire(file.ino);
             if let Err(e) = self.getattr(file.ino).await {
@@ -186,6 +522,7 @@ impl Volume {
             writable: true,
             opened_epoch,
             readahead: Default::default(),
+            writes: HandleWrites::default(),
         });
         Ok((entry, file))
     }
@@ -320,6 +657,8 @@ impl Volume {
         if truncates && kind == Some(Kind::Directory) {
             return Err(FsError::Errno(libc::EISDIR, "is a directory"));
         }
+        // A truncate must not be overtaken by an earlier write, nor a size set by one.
+        self.settle_writes(ino).await;
         let key_before = self.current_key(ino);
         let source = self.source()?;
         let result = source.setattr(&handle, &changes).await;

@@ -8,13 +8,16 @@
 //!
 //! Writes follow the same rule: names are created, removed and renamed with `*at()` calls in a
 //! parent directory opened beneath the root, and the final component is never followed (see
-//! "Writing" below). `write` opens the file for each call and `pwrite`s; `commit` is `fsync`.
+//! "Writing" below). A writer handle opens its file once ([`Source::open_writer`]) and
+//! `pwrite`s to that descriptor, on the FUSE thread itself when a slot is free; `commit` is
+//! `fsync`.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +34,7 @@ use nix::unistd::{
 
 use super::{
     Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SetTime, Source, SourceError,
-    SourceOptions, Timestamp, check_name,
+    SourceOptions, Timestamp, Writer, check_name,
 };
 
 /// How often a non-exclusive create goes round when the name it found is removed before it could
@@ -46,6 +49,8 @@ pub struct LocalSource {
 struct Inner {
     id: String,
     root: OwnedFd,
+    /// Writes running on callers' threads (see [`CALLER_THREAD_WRITES`]).
+    caller_writes: AtomicUsize,
 }
 
 impl LocalSource {
@@ -72,6 +77,7 @@ impl LocalSource {
             inner: Arc::new(Inner {
                 id: path.display().to_string(),
                 root,
+                caller_writes: AtomicUsize::new(0),
             }),
             timeout: options.timeout,
         })
@@ -407,7 +413,21 @@ impl Inner {
         })
     }
 
+    /// Opens a file beneath the root for writing. O_NONBLOCK: a FIFO swapped in under the
+    /// name fails instead of blocking.
+    fn open_for_writing(&self, rel: &[u8]) -> nix::Result<OwnedFd> {
+        self.open_beneath(rel, OFlag::O_WRONLY | OFlag::O_NONBLOCK)
+    }
+
     fn write(&self, rel: &[u8], offset: u64, data: &[u8]) -> Result<Attr> {
+        let fd = self
+            .open_for_writing(rel)
+            .map_err(|e| self.error("write", rel, e))?;
+        self.write_fd(&fd, rel, offset, data)
+    }
+
+    /// `pwrite`s all of `data` at `offset` to an open file; returns its attributes after.
+    fn write_fd(&self, fd: &OwnedFd, rel: &[u8], offset: u64, data: &[u8]) -> Result<Attr> {
         let fail = |e| self.error("write", rel, e);
         let end = offset
             .checked_add(data.len() as u64)
@@ -415,10 +435,6 @@ impl Inner {
         if end.is_none() {
             return Err(fail(Errno::EFBIG));
         }
-        // O_NONBLOCK: a FIFO swapped in under the name fails instead of blocking.
-        let fd = self
-            .open_beneath(rel, OFlag::O_WRONLY | OFlag::O_NONBLOCK)
-            .map_err(fail)?;
         let mut done = 0usize;
         while done < data.len() {
             let at = offset + done as u64;
@@ -621,6 +637,48 @@ impl Source for LocalSource {
         .await
     }
 
+    /// Opens the file once for the handle's writes (the descriptor is kept until the handle's
+    /// release), so that a write is one `pwrite` instead of a path walk, open and close.
+    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn Writer>>> {
+        let handle = file.clone();
+        let fd = self
+            .run("open for writing", move |inner| {
+                let rel = handle.as_bytes();
+                inner
+                    .open_for_writing(rel)
+                    .map_err(|e| inner.error("open for writing", rel, e))
+            })
+            .await?;
+        Ok(Some(Arc::new(LocalWriter {
+            fd: Arc::new(fd),
+            rel: file.clone(),
+            source: LocalSource {
+                inner: self.inner.clone(),
+                timeout: self.timeout,
+            },
+        })))
+    }
+
+    /// A descriptor opened beneath the root (no symlink followed), checked to be a regular
+    /// file, in a caller-thread slot.
+    fn open_passthrough(&self, file: &Handle) -> Option<Result<OwnedFd>> {
+        let inner = &self.inner;
+        let _slot = inner.caller_slot()?;
+        let rel = file.as_bytes();
+        let fail = |e| inner.error("open", rel, e);
+        let opened = inner
+            .open_beneath(rel, OFlag::O_RDWR | OFlag::O_NONBLOCK)
+            .and_then(|fd| {
+                let st = fstat(fd.as_fd())?;
+                if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG {
+                    Ok(fd)
+                } else {
+                    Err(Errno::EINVAL)
+                }
+            });
+        Some(opened.map_err(fail))
+    }
+
     /// `fsync`.
     async fn commit(&self, file: &Handle) -> Result<()> {
         let file = file.clone();
@@ -715,6 +773,68 @@ impl Source for LocalSource {
             inner.setattr(node.as_bytes(), &changes)
         })
         .await
+    }
+}
+
+/// Writes done on the callers' threads at once, at most. A directory source may be a network
+/// mount that hangs: the FUSE threads it could hold are bounded, so that the others keep serving
+/// cached data; writes beyond the bound take the blocking pool (one more copy and hop).
+const CALLER_THREAD_WRITES: usize = 2;
+
+/// A file of a directory source open for one writer handle. The descriptor was opened beneath
+/// the root (no symlink followed); it stays on the same file if the file is renamed, as an open
+/// file does.
+struct LocalWriter {
+    fd: Arc<OwnedFd>,
+    /// For error messages.
+    rel: Handle,
+    source: LocalSource,
+}
+
+/// A taken caller-thread write slot, given back when dropped.
+struct CallerSlot<'a>(&'a AtomicUsize);
+
+impl Drop for CallerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    fn caller_slot(&self) -> Option<CallerSlot<'_>> {
+        self.caller_writes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < CALLER_THREAD_WRITES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CallerSlot(&self.caller_writes))
+    }
+}
+
+#[async_trait]
+impl Writer for LocalWriter {
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<Attr>> {
+        let inner = &self.source.inner;
+        let _slot = inner.caller_slot()?;
+        Some(inner.write_fd(&self.fd, self.rel.as_bytes(), offset, data))
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<Attr> {
+        let (fd, rel) = (self.fd.clone(), self.rel.clone());
+        self.source
+            .run("write", move |inner| {
+                inner.write_fd(&fd, rel.as_bytes(), offset, &data)
+            })
+            .await
+    }
+
+    async fn commit(&self) -> Result<()> {
+        let (fd, rel) = (self.fd.clone(), self.rel.clone());
+        self.source
+            .run("commit", move |inner| {
+                fsync(fd.as_fd()).map_err(|e| inner.error("commit", rel.as_bytes(), e))
+            })
+            .await
     }
 }
 

@@ -11,6 +11,8 @@ pub mod nfs;
 mod spec;
 
 use std::fmt;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,8 +173,8 @@ pub trait Source: Send + Sync + 'static {
     async fn read_link(&self, link: &Handle) -> Result<Vec<u8>>;
 
     // ---- writing (read-write volumes) --------------------------------------------------------
-    // Each call reaches the source before it returns. Sources that cannot write keep these
-    // defaults, which refuse with EROFS.
+    // Each call reaches the source before it returns (`write_sent`: is sent to it). Sources that
+    // cannot write keep these defaults, which refuse with EROFS.
 
     /// Writes `data` at `offset`. The bytes are on the source when this returns (an NFS
     /// UNSTABLE write is enough); [`Source::commit`] makes them durable. Returns the file's
@@ -180,6 +182,30 @@ pub trait Source: Send + Sync + 'static {
     async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
         let _ = (file, offset, data);
         Err(read_only("write"))
+    }
+
+    /// Writes `data` at `offset` and returns as soon as the request has been handed to the
+    /// source (for NFS: the whole WRITE request is written to the connection), with the outcome
+    /// still to come in [`Landing::InFlight`]. Sources that cannot overlap writes keep this
+    /// default, which waits for the write to land. An error here means the write failed before
+    /// it was sent in full.
+    async fn write_sent(&self, file: &Handle, offset: u64, data: Vec<u8>) -> Result<Landing> {
+        self.write(file, offset, &data).await.map(Landing::Landed)
+    }
+
+    /// Opens `file` for one writer handle, for sources whose writes are quick system calls on a
+    /// descriptor (a directory). `None`: the source writes through [`Source::write_sent`].
+    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn Writer>>> {
+        let _ = file;
+        Ok(None)
+    }
+
+    /// Opens `file` for reading and writing on the calling thread, as the file a writer's
+    /// `write()` may go to directly (FUSE passthrough). `None`: the source has no such file
+    /// (NFS), or cannot open one on this thread now.
+    fn open_passthrough(&self, file: &Handle) -> Option<Result<OwnedFd>> {
+        let _ = file;
+        None
     }
 
     /// Makes everything written to `file` durable (NFS COMMIT, fsync).
@@ -253,6 +279,34 @@ pub trait Source: Send + Sync + 'static {
         let _ = (node, changes);
         Err(read_only("setattr"))
     }
+}
+
+/// The outcome of a write whose request has been sent: the attributes after it (when the
+/// source reports them), or the error the source answered with.
+pub type WriteOutcome = Pin<Box<dyn Future<Output = Result<Option<Attr>>> + Send>>;
+
+/// How far a write got when [`Source::write_sent`] returned.
+pub enum Landing {
+    /// Done: the bytes are on the source.
+    Landed(Option<Attr>),
+    /// Sent, not yet answered.
+    InFlight(WriteOutcome),
+}
+
+/// A file kept open on the source by one writer handle (see [`Source::open_writer`]), closed
+/// when the last reference is dropped. It writes to the file it opened, even after a rename.
+#[async_trait]
+pub trait Writer: Send + Sync {
+    /// Writes on the calling thread when that is allowed now; `None` asks the caller to use
+    /// [`Writer::write`] instead (the source bounds how many callers' threads it may hold, so
+    /// that a hung source cannot take them all).
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<Attr>>;
+
+    /// Writes away from the caller's thread, bounded by the source timeout.
+    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<Attr>;
+
+    /// Makes what was written durable (fsync).
+    async fn commit(&self) -> Result<()>;
 }
 
 /// A name the kernel hands us is a single component, but the source API is public: refuse

@@ -15,7 +15,10 @@
 //!   server that is down makes calls fail fast (connection refused) or at the timeout (no answer);
 //!   when it is back, calls work again.
 //! - **Writes**: see [`Source::write`] and [`Source::commit`] on [`NfsSource`]. WRITE is UNSTABLE,
-//!   split into pieces of at most `min(wtmax, MAX_WRITE_PIECE)` issued concurrently over the pool;
+//!   split into pieces of at most `min(wtmax, MAX_WRITE_PIECE)` issued concurrently over the pool.
+//!   [`Source::write_sent`] returns as soon as every piece's request has been written to its
+//!   connection (marked by the first read of the reply, through a task-local set around the
+//!   piece), leaving the outcome to a future, so that a caller can overlap consecutive writes;
 //!   the write verifier of every unstable reply is remembered per file until COMMIT, which fails
 //!   with EIO when the server's verifier changed in between (it restarted and may have lost the
 //!   unstable data: we keep no copy to send again).
@@ -35,12 +38,13 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use futures_util::future::{Either, select};
 use futures_util::stream::FuturesUnordered;
 use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::nfs3_types::mount::{self, dirpath};
@@ -56,14 +60,14 @@ use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::{MountClient, MountError, Nfs3Client, PortmapError, PortmapperClient, RpcError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{
-    Attr, DirEntry, Handle, Kind, NfsUrl, Owner, Result, SetAttr, SetTime, Source, SourceError,
-    SourceOptions, Timestamp, check_name,
+    Attr, DirEntry, Handle, Kind, Landing, NfsUrl, Owner, Result, SetAttr, SetTime, Source,
+    SourceError, SourceOptions, Timestamp, WriteOutcome, check_name,
 };
 
 /// The call [`Inner::call`] makes on each attempt: one NFSv3 procedure of the client on the
@@ -628,6 +632,9 @@ struct Conn(TcpStream);
 
 impl AsyncRead for Conn {
     async fn async_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // `nfs3_client` reads only once the whole call has been written: for a WRITE whose
+        // sending is awaited, that is the moment it is on the wire.
+        let _ = SENT.try_with(|sent| sent.fire());
         let n = self.0.read(buf).await?;
         if n == 0 && !buf.is_empty() {
             return Err(io::Error::new(
@@ -707,6 +714,42 @@ async fn connect_from_privileged_port(addr: SocketAddr) -> io::Result<TcpStream>
             PRIVILEGED_PORTS.end()
         ),
     ))
+}
+
+tokio::task_local! {
+    /// Set around the calls that carry one piece of a [`Source::write_sent`] write.
+    static SENT: Arc<PieceSent>;
+}
+
+/// One piece of a write whose sending is awaited; fires once, even if the call is retried.
+struct PieceSent {
+    fired: AtomicBool,
+    write: Arc<WriteSent>,
+}
+
+/// Tells the writer once every piece of its write has been sent.
+struct WriteSent {
+    pieces_left: AtomicUsize,
+    tell: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl PieceSent {
+    fn fire(&self) {
+        if self.fired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.write.pieces_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let tell = self
+                .write
+                .tell
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(tell) = tell {
+                let _ = tell.send(());
+            }
+        }
+    }
 }
 
 /// A reply whose status tells whether to ask again later.
@@ -1919,6 +1962,16 @@ impl Source for NfsSource {
         self.write_impl(file, offset, data).instrument(span).await
     }
 
+    /// The same UNSTABLE WRITEs, answered once they are sent: the outcome (an error status, a
+    /// timeout, a transport failure after the one retry) comes with the [`Landing`].
+    async fn write_sent(&self, file: &Handle, offset: u64, data: Vec<u8>) -> Result<Landing> {
+        let span =
+            debug_span!("nfs_write_sent", file = %Fh(file.as_bytes()), offset, len = data.len());
+        self.write_sent_impl(file, offset, data)
+            .instrument(span)
+            .await
+    }
+
     /// COMMIT of the whole file. Fails with EIO when the server's write verifier differs from the
     /// one the unstable writes since the last commit were answered with (or when those writes saw
     /// two verifiers): the server restarted and may have dropped data we no longer hold. The loss
@@ -2041,11 +2094,9 @@ fn handle_of(fh: nfs_fh3) -> Handle {
 /// The write half. Every call reaches the server before it returns; each is bounded by one
 /// deadline (the source timeout) for all the RPCs it makes.
 impl NfsSource {
-    async fn write_impl(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
-        if data.is_empty() {
-            return Ok(None);
-        }
-        if offset.checked_add(data.len() as u64).is_none() {
+    /// Refuses a write that would end beyond the largest offset.
+    fn check_write(&self, file: &Handle, offset: u64, len: usize) -> Result<()> {
+        if offset.checked_add(len as u64).is_none() {
             return Err(SourceError::status(
                 "write",
                 libc::EFBIG,
@@ -2056,6 +2107,14 @@ impl NfsSource {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    async fn write_impl(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        self.check_write(file, offset, data.len())?;
         let deadline = self.deadline();
         let fh = fh_of(file);
         let piece = self.write_size.max(1) as usize;
@@ -2074,6 +2133,56 @@ impl NfsSource {
             attr = newest(attr, result?);
         }
         Ok(attr)
+    }
+
+    /// [`Source::write_sent`]: the pieces run in one future that owns the data; this returns
+    /// it once every piece's WRITE has been written to its connection, or the outcome of a write
+    /// that ended before that.
+    async fn write_sent_impl(&self, file: &Handle, offset: u64, data: Vec<u8>) -> Result<Landing> {
+        if data.is_empty() {
+            return Ok(Landing::Landed(None));
+        }
+        self.check_write(file, offset, data.len())?;
+        let deadline = self.deadline();
+        let fh = fh_of(file);
+        let piece = self.write_size.max(1) as usize;
+        let (tell, sent) = oneshot::channel();
+        let write = Arc::new(WriteSent {
+            pieces_left: AtomicUsize::new(data.len().div_ceil(piece)),
+            tell: Mutex::new(Some(tell)),
+        });
+        let inner = self.inner.clone();
+        let mut writing: WriteOutcome = Box::pin(
+            async move {
+                let mut pieces: FuturesUnordered<_> = data
+                    .chunks(piece)
+                    .enumerate()
+                    .map(|(index, chunk)| {
+                        let at = offset + (index * piece) as u64;
+                        let sent = Arc::new(PieceSent {
+                            fired: AtomicBool::new(false),
+                            write: write.clone(),
+                        });
+                        SENT.scope(sent, inner.write_range(&fh, at, chunk, deadline))
+                    })
+                    .collect();
+                drop(write);
+                let mut attr = None;
+                while let Some(result) = pieces.next().await {
+                    attr = newest(attr, result?);
+                }
+                Ok(attr)
+            }
+            .instrument(tracing::Span::current()),
+        );
+        // Driven here until it is sent (no hand-over to another task on the way), then handed
+        // to the caller to await the answer.
+        match select(&mut writing, sent).await {
+            Either::Left((result, _)) => result.map(Landing::Landed),
+            Either::Right((Ok(()), _)) => Ok(Landing::InFlight(writing)),
+            // Every piece ended (or the first failure dropped the rest) before all were sent.
+            Either::Right((Err(_), _)) => writing.await.map(Landing::Landed),
+        }
     }
 }
 
