@@ -53,6 +53,16 @@ fn options(timeout: Duration) -> SourceOptions {
 }
 
 impl Fixture {
+    /// Creates `name` in the root, owned by nobody, and returns its handle.
+    async fn new_file(&self, name: &[u8]) -> Handle {
+        let (file, _) = self
+            .source
+            .create(&self.root, name, 0o644, NOBODY, true)
+            .await
+            .unwrap();
+        file
+    }
+
     /// A fresh, empty source directory (`export/` in a temporary directory, next to `outside/`).
     async fn new(backend: Backend) -> Fixture {
         let temp = tempfile::tempdir().expect("tempdir");
@@ -942,11 +952,7 @@ async fn nfs_a_server_gone_mid_way_fails_the_next_write() {
     let temp = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(2);
     let mut f = Fixture::on(Backend::Nfs, temp.path(), Serve::ReadWrite, timeout).await;
-    let (file, _) = f
-        .source
-        .create(&f.root, b"f", 0o644, NOBODY, true)
-        .await
-        .unwrap();
+    let file = f.new_file(b"f").await;
     f.source.write(&file, 0, b"before").await.unwrap();
 
     tokio::task::block_in_place(|| f.server.as_mut().unwrap().pause());
@@ -987,11 +993,7 @@ async fn nfs_write_sent_returns_once_sent_and_the_outcome_lands_later() {
     let temp = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(2);
     let mut f = Fixture::on(Backend::Nfs, temp.path(), Serve::ReadWrite, timeout).await;
-    let (file, _) = f
-        .source
-        .create(&f.root, b"f", 0o644, NOBODY, true)
-        .await
-        .unwrap();
+    let file = f.new_file(b"f").await;
     match f.source.write_sent(&file, 0, b"landed".to_vec()).await {
         Ok(Landing::InFlight(outcome)) => {
             outcome.await.unwrap();
@@ -1028,11 +1030,7 @@ async fn nfs_commit_reports_a_server_restart_since_the_writes() {
         Duration::from_secs(10),
     )
     .await;
-    let (file, _) = f
-        .source
-        .create(&f.root, b"f", 0o644, NOBODY, true)
-        .await
-        .unwrap();
+    let file = f.new_file(b"f").await;
     let (other, _) = f
         .source
         .create(&f.root, b"other", 0o644, NOBODY, true)

@@ -107,13 +107,18 @@ impl Volume {
     }
 
     pub(super) fn has_writers(&self, ino: Ino) -> bool {
+        self.write_state_is(ino, |w| w.writers > 0)
+    }
+
+    /// Whether the volume is read-write and `ino`'s write state satisfies `test`.
+    fn write_state_is(&self, ino: Ino, test: impl FnOnce(&WriteState) -> bool) -> bool {
         self.config.read_write
             && self
                 .writes
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&ino)
-                .is_some_and(|w| w.writers > 0)
+                .is_some_and(test)
     }
 
     /// Marks the inode as changed: handles opened before now stop using their cached copy.
@@ -160,13 +165,7 @@ impl Volume {
     /// writer whose writes go to the source file directly. Its attributes are then asked of
     /// the source (after the writes in flight land) instead of served from what is known.
     pub(super) fn writes_in_flight(&self, ino: Ino) -> bool {
-        self.config.read_write
-            && self
-                .writes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&ino)
-                .is_some_and(|w| !w.in_flight.is_empty() || w.direct_writers > 0)
+        self.write_state_is(ino, |w| !w.in_flight.is_empty() || w.direct_writers > 0)
     }
 
     /// Opens the source file of a writer handle for the kernel to write to directly (FUSE
