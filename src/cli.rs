@@ -228,10 +228,11 @@ fn render_status(s: &MountStatus) -> String {
     line(
         "fetched",
         format!(
-            "{} for readers, {} by preloads, {} source errors",
+            "{} for readers, {} by preloads, {} source errors, {} background commits",
             human_bytes(v.bytes_fetched),
             human_bytes(v.bytes_preloaded),
-            v.source_errors
+            v.source_errors,
+            v.background_commits
         ),
     );
     let preload = match &v.preload {

@@ -536,6 +536,36 @@ fn pipelined_nfs_writes_keep_order_sizes_and_reads() {
     pipelined_stream(&dirs.mnt, &export);
 }
 
+/// A long NFS write is committed as it goes, not only at fsync: the final fsync then finds
+/// little left to flush.
+#[test]
+fn a_long_nfs_write_is_committed_in_the_background() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    fs::create_dir(&export).unwrap();
+    let server = Ganesha::start(&export);
+    let _mount = Mount::start(&dirs, &server.url_with_ports(&server.exports()[0]), &RW);
+    let commits = || {
+        dirs.status()["background_commits"]
+            .as_u64()
+            .expect("background_commits")
+    };
+    let chunk = vec![7u8; 1 << 20];
+    let mut f = fs::File::create(dirs.mnt.join("checkpoint")).unwrap();
+    for _ in 0..160 {
+        f.write_all(&chunk).unwrap();
+    }
+    wait_until("two background commits", Duration::from_secs(30), || {
+        commits() >= 2
+    });
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(
+        fs::metadata(export.join("checkpoint")).unwrap().len(),
+        160 << 20
+    );
+}
+
 #[test]
 fn directory_writes_keep_order_sizes_and_reads() {
     let dirs = Dirs::new();

@@ -113,6 +113,8 @@ struct Stats {
     /// Sizes of files opened through passthrough (their reads never reach the daemon).
     passthrough_bytes: AtomicU64,
     source_errors: AtomicU64,
+    /// Commits sent to the source in the background while files were being written.
+    background_commits: AtomicU64,
 }
 
 /// A point-in-time account of a volume, for `reservoir status`.
@@ -133,6 +135,9 @@ pub struct VolumeStatus {
     /// 1 − bytes fetched for readers / bytes readers got (passthrough counted at file size).
     pub hit_ratio: Option<f64>,
     pub source_errors: u64,
+    /// Commits sent to the source in the background while files were being written.
+    #[serde(default)]
+    pub background_commits: u64,
     pub cache: Option<Usage>,
     pub preload: Option<warm::Progress>,
 }
@@ -896,6 +901,7 @@ impl Volume {
             passthrough_bytes: passthrough,
             hit_ratio,
             source_errors: load(&self.stats.source_errors),
+            background_commits: load(&self.stats.background_commits),
             cache: self.cache.as_ref().map(|c| c.usage()),
             preload: self
                 .preload

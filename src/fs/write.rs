@@ -32,6 +32,10 @@ use crate::source::{Attr, Handle, Kind, Landing, Owner, SetAttr, Source, SourceE
 /// Bytes of one file's writes that may be sent and not yet answered. Eight 1 MiB WRITEs keep
 /// the server busy while the kernel hands over the next request; more only hold memory.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 8 << 20;
+/// Bytes of a file's NFS writes landed since its last COMMIT after which one is sent in the
+/// background, so that the server flushes while the writer goes on and the final `fsync` finds
+/// little left (the kernel's NFS client commits as its writeback proceeds, too).
+const EARLY_COMMIT_BYTES: u64 = 64 << 20;
 
 /// What the volume knows of the writing done to one inode.
 #[derive(Default)]
@@ -50,6 +54,10 @@ pub(super) struct WriteState {
     /// Writer handles whose writes the kernel sends to the source file itself (passthrough):
     /// the daemon never sees them, so the known attributes are never current meanwhile.
     direct_writers: u32,
+    /// Bytes of NFS writes landed since the last COMMIT started.
+    uncommitted: u64,
+    /// A COMMIT sent in the background has not been answered yet.
+    committing: bool,
 }
 
 /// One write in flight: its id (the write epoch it started at) and the bytes it covers.
@@ -312,6 +320,59 @@ impl Volume {
         self.meta.expire(ino);
     }
 
+    /// Counts `bytes` landed on the source for `ino`, and once [`EARLY_COMMIT_BYTES`] have
+    /// landed since the last one, sends a COMMIT (one at a time per file). Its failure is kept
+    /// like a late write failure, for the file's next write, fsync or close.
+    async fn commit_early(&self, ino: Ino, handle: &Handle, bytes: u64) {
+        {
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let state = writes.entry(ino).or_default();
+            state.uncommitted += bytes;
+            if state.committing || state.uncommitted < EARLY_COMMIT_BYTES {
+                return;
+            }
+            state.committing = true;
+            state.uncommitted = 0;
+        }
+        self.stats
+            .background_commits
+            .fetch_add(1, Ordering::Relaxed);
+        let result = match self.source() {
+            Ok(source) => source.commit(handle).await,
+            Err(e) => Err(e),
+        };
+        self.observe(&result);
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let state = writes.entry(ino).or_default();
+        state.committing = false;
+        if let Err(e) = result {
+            tracing::warn!(ino, error = %e, "a background COMMIT failed; the file's next write, fsync or close reports it");
+            state.late_error.get_or_insert(e);
+        }
+        state.landed.notify_waiters();
+    }
+
+    /// Waits for a background COMMIT of `ino` to be answered, so that its failure is not
+    /// reported after the fsync or close that should report it.
+    async fn settle_early_commit(&self, ino: Ino) {
+        loop {
+            let landed;
+            let notified;
+            {
+                let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+                match writes.get(&ino) {
+                    Some(state) if state.committing => {
+                        landed = state.landed.clone();
+                        // Made while the lock is held: the answer cannot slip in before the wait.
+                        notified = landed.notified();
+                    }
+                    _ => return,
+                }
+            }
+            notified.await;
+        }
+    }
+
     fn take_late_error(&self, ino: Ino) -> Option<SourceError> {
         self.writes
             .lock()
@@ -420,7 +481,7 @@ impl Volume {
                 Ok(len)
             }
             Ok(Landing::InFlight(outcome)) => {
-                let volume = self.clone();
+                let (volume, handle) = (self.clone(), file.handle.clone());
                 self.runtime.spawn(async move {
                     let result = outcome.await;
                     volume.observe(&result);
@@ -428,7 +489,11 @@ impl Volume {
                     if let Some(e) = &failure {
                         tracing::warn!(ino, offset, error = %e, "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
                     }
+                    let landed = failure.is_none();
                     volume.write_landed(ino, id, failure);
+                    if landed {
+                        volume.commit_early(ino, &handle, u64::from(len)).await;
+                    }
                 });
                 Ok(len)
             }
@@ -444,6 +509,7 @@ impl Volume {
             return Ok(());
         }
         self.settle_writes(file.ino).await;
+        self.settle_early_commit(file.ino).await;
         let late = self.take_late_error(file.ino);
         let result = self.commit_source(file).await;
         if let Some(e) = late {
