@@ -747,9 +747,7 @@ impl Volume {
         if preload {
             // The fetch may have been a reader's, whose store is still queued.
             if let Some(cache) = &self.cache {
-                if let Err(e) = cache.store_block(lease, block, &data) {
-                    tracing::warn!(error = %e, "cannot store a block in the cache");
-                }
+                store(cache, lease, block, &data);
             }
         }
         Ok(data)

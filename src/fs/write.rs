@@ -17,6 +17,8 @@
 //! wait for the writes in flight when they arrive. A directory source has nothing to overlap:
 //! its `pwrite` is done before the reply, on the FUSE thread itself when it can.
 
+use std::collections::HashMap;
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -220,24 +222,39 @@ impl Volume {
             return;
         }
         let mut upto = None;
+        self.wait_on_writes(|writes| {
+            let Some(state) = writes.get(&ino) else {
+                return Break(());
+            };
+            let Some(last) =
+                *upto.get_or_insert_with(|| state.in_flight.iter().map(|w| w.id).max())
+            else {
+                return Break(());
+            };
+            if !state.in_flight.iter().any(|w| w.id <= last) {
+                return Break(());
+            }
+            Continue(state.landed.clone())
+        })
+        .await
+    }
+
+    /// Runs `step` on the write states under their lock until it answers (`Break`), waiting in
+    /// between on the `Notify` it names: a landing, or the answer to a background commit.
+    async fn wait_on_writes<T>(
+        &self,
+        mut step: impl FnMut(&mut HashMap<Ino, WriteState>) -> ControlFlow<T, Arc<Notify>>,
+    ) -> T {
         loop {
             let landed;
             let notified;
             {
-                let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(state) = writes.get(&ino) else {
-                    return;
-                };
-                let Some(last) =
-                    *upto.get_or_insert_with(|| state.in_flight.iter().map(|w| w.id).max())
-                else {
-                    return;
-                };
-                if !state.in_flight.iter().any(|w| w.id <= last) {
-                    return;
+                let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+                match step(&mut writes) {
+                    Break(answer) => return answer,
+                    Continue(notify) => landed = notify,
                 }
-                landed = state.landed.clone();
-                // Made while the lock is held: no landing can slip in between check and wait.
+                // Made while the lock is held: nothing can be notified between check and wait.
                 notified = landed.notified();
             }
             notified.await;
@@ -248,28 +265,26 @@ impl Volume {
     /// the file has room; returns its id. A late failure of an earlier write is returned
     /// instead (and forgotten: it is reported once).
     async fn start_write(&self, ino: Ino, range: Range<u64>) -> Result<u64> {
-        loop {
-            let landed;
-            let notified;
-            {
-                let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let end = range.end;
+        let id = self
+            .wait_on_writes(|writes| {
                 let state = writes.entry(ino).or_default();
                 if let Some(e) = state.late_error.take() {
-                    return Err(e.into());
+                    return Break(Err(e));
                 }
-                if !state.must_wait(&range) {
-                    let id = self.changed(state);
-                    let end = range.end;
-                    state.in_flight.push(InFlight { id, range });
-                    drop(writes);
-                    self.grow_known_size(ino, end);
-                    return Ok(id);
+                if state.must_wait(&range) {
+                    return Continue(state.landed.clone());
                 }
-                landed = state.landed.clone();
-                notified = landed.notified();
-            }
-            notified.await;
-        }
+                let id = self.changed(state);
+                state.in_flight.push(InFlight {
+                    id,
+                    range: range.clone(),
+                });
+                Break(Ok(id))
+            })
+            .await?;
+        self.grow_known_size(ino, end);
+        Ok(id)
     }
 
     /// Attributes known before a write must not be served while it is out: they are expired
@@ -355,22 +370,11 @@ impl Volume {
     /// Waits for a background COMMIT of `ino` to be answered, so that its failure is not
     /// reported after the fsync or close that should report it.
     async fn settle_early_commit(&self, ino: Ino) {
-        loop {
-            let landed;
-            let notified;
-            {
-                let writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-                match writes.get(&ino) {
-                    Some(state) if state.committing => {
-                        landed = state.landed.clone();
-                        // Made while the lock is held: the answer cannot slip in before the wait.
-                        notified = landed.notified();
-                    }
-                    _ => return,
-                }
-            }
-            notified.await;
-        }
+        self.wait_on_writes(|writes| match writes.get(&ino) {
+            Some(state) if state.committing => Continue(state.landed.clone()),
+            _ => Break(()),
+        })
+        .await
     }
 
     fn take_late_error(&self, ino: Ino) -> Option<SourceError> {
