@@ -9,6 +9,7 @@ pub mod csi;
 pub mod daemon;
 pub mod fs;
 pub mod journal;
+pub mod lockfile;
 pub mod mount;
 pub mod source;
 pub mod units;

@@ -8,14 +8,10 @@
 //! CACHE/data/XX/     cached files, named <content key>-<generation>, fanned out by key
 //! ```
 
-use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
-
 use super::{CacheError, ContentKey, FS_BLOCK};
+use crate::lockfile::{self, LockError, LockFile};
 
 /// Bump when the on-disk format changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
@@ -30,7 +26,7 @@ const MINIMUM_FREE: u64 = 16 << 20;
 
 /// Held for as long as the process owns the cache directory.
 pub struct CacheLock {
-    _lock: Flock<File>,
+    _lock: LockFile,
 }
 
 /// Disk bytes the directory structure itself occupies.
@@ -67,39 +63,14 @@ pub fn prepare(dir: &Path) -> Result<CacheLock, CacheError> {
 }
 
 fn take_lock(dir: &Path) -> Result<CacheLock, CacheError> {
-    let path = dir.join(LOCK_FILE);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&path)
-        .map_err(io_error(dir, "open the lock file"))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => lock,
-        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "pid unknown".to_string(),
-                pid => format!("pid {pid}"),
-            };
-            return Err(CacheError::Locked {
-                dir: dir.to_path_buf(),
-                holder,
-            });
-        }
-        Err((_, errno)) => {
-            return Err(io_error(dir, "lock the cache directory")(errno.into()));
-        }
-    };
-    let pid = std::process::id().to_string();
-    lock.set_len(0)
-        .and_then(|()| lock.rewind())
-        .and_then(|()| lock.write_all(pid.as_bytes()))
-        .map_err(io_error(dir, "write the lock file"))?;
-    Ok(CacheLock { _lock: lock })
+    match lockfile::take(&dir.join(LOCK_FILE)) {
+        Ok(lock) => Ok(CacheLock { _lock: lock }),
+        Err(LockError::Held { holder }) => Err(CacheError::Locked {
+            dir: dir.to_path_buf(),
+            holder,
+        }),
+        Err(LockError::Io { what, cause }) => Err(io_error(dir, what)(cause)),
+    }
 }
 
 fn check_free_space(dir: &Path) -> Result<(), CacheError> {

@@ -14,13 +14,14 @@
 //! itself is safe to share between tasks.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::lockfile::{self, LockError, LockFile};
 use tracing::warn;
 
 /// Version of the record format, written into every record.
@@ -51,7 +52,7 @@ pub struct StateStore {
     volumes_dir: PathBuf,
     volumes: Mutex<BTreeMap<String, VolumeRecord>>,
     /// Held for the life of the store: one controller per state directory.
-    _lock: File,
+    _lock: LockFile,
 }
 
 impl StateStore {
@@ -195,30 +196,17 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn take_lock(path: &Path) -> io::Result<File> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| context(e, "open", path))?;
-    // SAFETY: flock on a descriptor we own; LOCK_NB makes it return at once.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    if !locked {
-        let holder = fs::read_to_string(path).unwrap_or_default();
-        return Err(io::Error::new(
+fn take_lock(path: &Path) -> io::Result<LockFile> {
+    lockfile::take(path).map_err(|e| match e {
+        LockError::Held { holder } => io::Error::new(
             io::ErrorKind::WouldBlock,
             format!(
-                "state directory {} is in use by another reservoir controller (pid {})",
-                path.parent().unwrap_or(path).display(),
-                holder.trim()
+                "state directory {} is in use by another reservoir controller ({holder})",
+                path.parent().unwrap_or(path).display()
             ),
-        ));
-    }
-    file.set_len(0)?;
-    writeln!(file, "{}", std::process::id())?;
-    Ok(file)
+        ),
+        LockError::Io { what, cause } => context(cause, what, path),
+    })
 }
 
 fn context(e: io::Error, what: &str, path: &Path) -> io::Error {
