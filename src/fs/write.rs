@@ -335,10 +335,11 @@ impl Volume {
         self.meta.expire(ino);
     }
 
-    /// Counts `bytes` landed on the source for `ino`, and once [`EARLY_COMMIT_BYTES`] have
-    /// landed since the last one, sends a COMMIT (one at a time per file). Its failure is kept
+    /// Counts `bytes` of NFS writes landed on the source for `ino` (answered before or after the
+    /// `write()` returned), and once [`EARLY_COMMIT_BYTES`] have landed since the last one, sends
+    /// a COMMIT in the background (one at a time per file). Its failure is kept
     /// like a late write failure, for the file's next write, fsync or close.
-    async fn commit_early(&self, ino: Ino, handle: &Handle, bytes: u64) {
+    fn commit_early(self: &Arc<Self>, ino: Ino, handle: &Handle, bytes: u64) {
         {
             let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
             let state = writes.entry(ino).or_default();
@@ -352,19 +353,22 @@ impl Volume {
         self.stats
             .background_commits
             .fetch_add(1, Ordering::Relaxed);
-        let result = match self.source() {
-            Ok(source) => source.commit(handle).await,
-            Err(e) => Err(e),
-        };
-        self.observe(&result);
-        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let state = writes.entry(ino).or_default();
-        state.committing = false;
-        if let Err(e) = result {
-            tracing::warn!(ino, error = %e, "a background COMMIT failed; the file's next write, fsync or close reports it");
-            state.late_error.get_or_insert(e);
-        }
-        state.landed.notify_waiters();
+        let (volume, handle) = (self.clone(), handle.clone());
+        self.runtime.spawn(async move {
+            let result = match volume.source() {
+                Ok(source) => source.commit(&handle).await,
+                Err(e) => Err(e),
+            };
+            volume.observe(&result);
+            let mut writes = volume.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let state = writes.entry(ino).or_default();
+            state.committing = false;
+            if let Err(e) = result {
+                tracing::warn!(ino, error = %e, "a background COMMIT failed; the file's next write, fsync or close reports it");
+                state.late_error.get_or_insert(e);
+            }
+            state.landed.notify_waiters();
+        });
     }
 
     /// Waits for a background COMMIT of `ino` to be answered, so that its failure is not
@@ -482,6 +486,7 @@ impl Volume {
             }
             Ok(Landing::Landed(_)) => {
                 self.write_landed(ino, id, None);
+                self.commit_early(ino, &file.handle, u64::from(len));
                 Ok(len)
             }
             Ok(Landing::InFlight(outcome)) => {
@@ -496,7 +501,7 @@ impl Volume {
                     let landed = failure.is_none();
                     volume.write_landed(ino, id, failure);
                     if landed {
-                        volume.commit_early(ino, &handle, u64::from(len)).await;
+                        volume.commit_early(ino, &handle, u64::from(len));
                     }
                 });
                 Ok(len)
