@@ -49,11 +49,12 @@ bench-quick:
 	$(BENCH_BUILD)
 	python3 bench/run.py --scale quick $(BENCH_ARGS)
 
-## Full scale: 100,000 small files and 1-2 GiB files (hours).
+## Full scale: 100,000 small files and 1-2 GiB files (about five hours on two cores). It
+## resumes: run it again after an interruption and it measures only the steps left undone.
 bench:
 	scripts/install-deps.sh bench
 	$(BENCH_BUILD)
-	python3 bench/run.py --scale full $(BENCH_ARGS)
+	python3 bench/run.py --scale full --resume $(BENCH_ARGS)
 
 ## Read-write volumes: 1 GiB checkpoint-like writes through the mount against writing to the
 ## source directly (a directory, and our NFS client against ganesha); prints a Markdown table.

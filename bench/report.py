@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,15 @@ def warm_seconds(runs: dict, mode: str) -> float:
     return statistics.median(v["seconds"] for k, v in runs.items() if k.startswith(mode))
 
 
+def measured_by_commit(steps: list[dict]) -> list[tuple[str, str]]:
+    """Which steps ran with which reservoir build and when: a resumed run may span days."""
+    groups: dict[str, list[dict]] = {}
+    for step in steps:
+        groups.setdefault(step["commit"], []).append(step)
+    return [(commit, ", ".join(s["step"] for s in runs) + f" (finished {runs[0]['finished']} to {runs[-1]['finished']})")
+            for commit, runs in groups.items()]  # fmt: skip
+
+
 def render(results: dict, systems: list[dict], commands: list[str], info: list[tuple[str, str]],
            chart_names: dict[str, str], link_rate_mib: float, args: dict) -> str:  # fmt: skip
     scale = results["scale"]
@@ -112,10 +122,17 @@ def render(results: dict, systems: list[dict], commands: list[str], info: list[t
         "sections outside them. Times are single runs on a shared two-core machine: read "
         "ratios, and treat differences under about 20% as noise.")  # fmt: skip
     add("")
+    pending = results.get("pending") or []
+    if pending:
+        add(f"**Partial run.** Not measured yet: {', '.join(pending)}. The same command with "
+            "`--resume` measures them and rewrites this section (`make bench` resumes by itself).")  # fmt: skip
+        add("")
     add("### Machine and link")
     add("")
     for key, value in info:
         add(f"- **{key}**: {value}")
+    for commit, steps in measured_by_commit(results.get("steps", [])):
+        add(f"- **Measured with {commit}**: {steps}")
     add(f"- **Link**: a veth pair between two network namespaces, both ends shaped with `tc tbf "
         f"rate {args['rate']} burst 256kb latency 20ms`, and {args['delay_ms']:g} ms of delay each "
         "way added by `examples/delayproxy.rs` (one reader and one sleeping writer thread per "
@@ -506,7 +523,7 @@ def commands_of(bench) -> list[str]:
     w = str(bench.workdir)
 
     def short(argv: list[str]) -> str:
-        text = " ".join(argv)
+        text = re.sub(r"/run/netns/rsvb-cli-\d+", f"/run/netns/{bench.link.cli}", " ".join(argv))
         for long, abbrev in ((str(bench.link.cli), "$CLI"), (w, "$W"), (str(bench.workdir / "mnt"), "$W/mnt"),
                              (os.environ.get("CARGO_TARGET_DIR", "target"), "$T")):  # fmt: skip
             text = text.replace(long, abbrev)
@@ -523,8 +540,9 @@ def commands_of(bench) -> list[str]:
         "--map 127.0.0.1:111=198.19.255.1:111 --map 127.0.0.1:20048=198.19.255.1:20048 --map 127.0.0.1:2049=198.19.255.1:2049",
         "# the systems (each mount made fresh, with an empty cache, for every measurement series)",
     ]
+    kept = bench.results.get("argv", {})
     for s in bench.systems:
-        for argv in s.argv:
+        for argv in s.argv or kept.get(s.name, []):
             lines.append(short(argv))
     lines += [
         "nsenter --net=$CLI -- nfs-cat nfs://127.0.0.1$W/export/data/large/shard0.bin > /dev/null",

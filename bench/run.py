@@ -3,7 +3,12 @@
 emulated remote link (issue 5).
 
     make bench-quick      # python3 bench/run.py --scale quick   (about 15 minutes)
-    make bench            # python3 bench/run.py --scale full    (hours: 100,000 files)
+    make bench            # python3 bench/run.py --scale full --resume   (about five hours)
+
+With --resume the run is a list of steps (a system's workloads 1-3, the preload, one system's
+half-cache epochs, ...), and WORKDIR/progress-SCALE.json records each as it ends. Interrupted,
+the run keeps its dataset and that file; the same command continues with the first step not
+done, and the report says which steps ran with which build and when.
 
 What it builds, and always tears down (also on Ctrl-C, SIGTERM or an exception):
 
@@ -29,6 +34,7 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import random
@@ -37,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -596,7 +603,13 @@ class JuiceFS(FuseDaemon):
         self.meta = f"sqlite3://{bench.workdir}/juicefs-meta.db"
         self.bucket = bench.export / "juicefs"
         self.version = first_line([bench.juicefs, "--version"])
-        self.import_seconds: float | None = None
+        self.format_argv = [*self.common(), "format", "--storage", "nfs",
+                            "--bucket", f"{PROXY_IP}:{self.bucket}", "--trash-days", "0",
+                            self.meta, "bench"]  # fmt: skip
+        self.import_argv = [*self.common(), "mount", self.meta, str(self.mountpoint), "--cache-dir", str(self.cache),
+                            "--no-usage-report", "--no-bgjob", "--backup-meta", "0", "--max-uploads", "32"]  # fmt: skip
+        self.argv = [self.format_argv, self.import_argv,
+                     ["cp", "-a", "DATA/small/gNN", "MNT/small/", "# one per directory, 8 at once"]]  # fmt: skip
         self.settings = (
             "`--storage nfs` on the same ganesha export through the same link; SQLite "
             "metadata on the local disk; cache on the same disk; read-only mount; 1 h "
@@ -615,17 +628,11 @@ class JuiceFS(FuseDaemon):
         shutil.rmtree(self.bucket, ignore_errors=True)
         # JuiceFS's NFS client MOUNTs the bucket directory itself: it has to exist.
         self.bucket.mkdir(parents=True)
-        fmt = [*self.common(), "format", "--storage", "nfs",
-               "--bucket", f"{PROXY_IP}:{self.bucket}", "--trash-days", "0",
-               self.meta, "bench"]  # fmt: skip
-        code, _, err = PROCS.run(self.bench.link.client(fmt), timeout=300)
+        code, _, err = PROCS.run(self.bench.link.client(self.format_argv), timeout=300)
         if code != 0:
             raise BenchError(f"juicefs format failed: {err.strip()[-2000:]}")
-        self.argv = [fmt]
         self.cache.mkdir(parents=True, exist_ok=True)
-        rw = [*self.common(), "mount", self.meta, str(self.mountpoint), "--cache-dir", str(self.cache),
-              "--no-usage-report", "--no-bgjob", "--backup-meta", "0", "--max-uploads", "32"]  # fmt: skip
-        self.spawn("juicefs-import", self.bench.link.client(rw), self.mountpoint)
+        self.spawn("juicefs-import", self.bench.link.client(self.import_argv), self.mountpoint)
         started = time.monotonic()
         # One `cp` per directory, 8 at a time: a single cp waits for every small file's
         # upload round trips in turn, which would measure cp rather than JuiceFS.
@@ -644,11 +651,12 @@ class JuiceFS(FuseDaemon):
                 raise BenchError(f"copying the dataset into JuiceFS failed: {err.decode()[-2000:]}")
         os.sync()
         seconds = time.monotonic() - started
-        self.argv.append(rw)
-        self.argv.append(["cp", "-a", "DATA/small/gNN", "MNT/small/", "# one per directory, 8 at once"])
         self.unmount()
-        self.import_seconds = seconds
         return seconds
+
+    def imported(self) -> bool:
+        """Whether an earlier run's import is still in place for a resumed run."""
+        return Path(self.meta.removeprefix("sqlite3://")).is_file() and (self.bucket / "bench").is_dir()
 
     def mount(self, cache_bytes: int | None = None) -> None:
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -814,8 +822,13 @@ class Bench:
         self.juicefs = shutil.which("juicefs") or ""
         self.versions: dict[str, str] = {}
         self.results: dict = {"scale": self.scale.name, "epochs": {}, "large": {}, "meta": {},
-                              "usage": {}, "half_cache": {}}  # fmt: skip
+                              "usage": {}, "half_cache": {}, "steps": []}  # fmt: skip
         self.systems: list[System] = []
+        # --resume: the steps done, kept in `progress` after each one.
+        self.progress = w / f"progress-{self.scale.name}.json"
+        self.done: list[str] = []
+        self.started = time.monotonic()
+        self.wall_before = 0.0
         self.small_bytes = self.large_bytes = 0
         self.data_files = 0
 
@@ -858,6 +871,11 @@ class Bench:
             "rclone": first_line(["rclone", "version"]),
             "bindfs": first_line(["bindfs", "--version"]),
         }
+        self.systems = [Local(self), Bindfs(self), Direct(self), Reservoir(self)]
+        if not self.args.skip_juicefs:
+            self.systems.append(JuiceFS(self))
+        self.systems.append(Rclone(self))
+        self.load_progress(dataset_kept=kept)
 
     # ---- the link
 
@@ -1016,43 +1034,119 @@ class Bench:
         log(f"  {system.name} half cache: " + ", ".join(
             f"{r['seconds']:.1f}s hit {1 - r['link_bytes'] / r['bytes']:.2f}" for r in runs))  # fmt: skip
 
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """The run as named steps, each recorded in the progress file when it ends. The
+        systems that answer the first questions (reservoir against direct and local) come
+        first, so that an interrupted full run has already measured what matters most."""
+        by_name = {s.name: s for s in self.systems}
+        out: list[tuple[str, Callable[[], None]]] = []
+        for name in ("local", "bindfs", "direct", "reservoir"):
+            out.append((name, functools.partial(self.workloads_1_to_3, by_name[name])))
+        out += [
+            ("nfs-cat", self.workload_nfs_cat),
+            ("preload", functools.partial(self.workload_preload, by_name["reservoir"])),
+            ("half-cache direct", functools.partial(self.workload_half_cache, by_name["direct"])),
+            ("half-cache reservoir", functools.partial(self.workload_half_cache, by_name["reservoir"])),
+        ]
+        if "juicefs" in by_name:
+            out += [
+                ("juicefs import", functools.partial(self.import_juicefs, by_name["juicefs"])),
+                ("juicefs", functools.partial(self.workloads_1_to_3, by_name["juicefs"])),
+                ("half-cache juicefs", functools.partial(self.workload_half_cache, by_name["juicefs"])),
+            ]
+        out += [
+            ("rclone", functools.partial(self.workloads_1_to_3, by_name["rclone"])),
+            ("half-cache rclone", functools.partial(self.workload_half_cache, by_name["rclone"])),
+        ]
+        return out
+
+    def workloads_1_to_3(self, system: System) -> None:
+        if system.caching:
+            check_space(self.workdir, self.cache_for_all(), f"the {system.name} cache")
+        usage = Usage()
+        log(f"{system.name}: 1. epochs")
+        self.workload_epochs(system, usage)
+        log(f"{system.name}: 2. large files")
+        self.workload_large(system, usage)
+        self.results["usage"][system.name] = {"cpu": usage.cpu, "peak": usage.peak,
+                                              "procs": sorted(usage.procs)}  # fmt: skip
+        log(f"{system.name}: 3. metadata")
+        self.workload_meta(system)
+
+    def import_juicefs(self, jfs: JuiceFS) -> None:
+        check_space(self.workdir, (self.small_bytes + self.large_bytes) * 12 // 10,
+                    "the JuiceFS copy of the dataset")  # fmt: skip
+        log("importing the dataset into JuiceFS (timed separately)")
+        seconds = jfs.format_and_import()
+        self.results["juicefs_import_seconds"] = seconds
+        log(f"  imported in {seconds:.1f}s")
+
+    def step_needed(self, name: str, steps: list[str]) -> bool:
+        if name not in self.done:
+            return True
+        # A kept JuiceFS import is reused only while it is still there and still needed.
+        if name == "juicefs import":
+            jfs = next(s for s in self.systems if isinstance(s, JuiceFS))
+            later = [s for s in steps if "juicefs" in s and s != name]
+            return any(s not in self.done for s in later) and not jfs.imported()
+        return False
+
     def run(self) -> None:
         self.link.up()
         log(f"link up: {self.link.srv} <-> {self.link.cli}, tbf {self.args.rate}, "
             f"{self.args.delay_ms:g} ms each way through delayproxy")  # fmt: skip
         self.measure_link()
-        systems: list[System] = [Local(self), Bindfs(self), Direct(self), Reservoir(self)]
-        if not self.args.skip_juicefs:
-            jfs = JuiceFS(self)
-            check_space(self.workdir, (self.small_bytes + self.large_bytes) * 12 // 10,
-                        "the JuiceFS copy of the dataset")  # fmt: skip
-            log("importing the dataset into JuiceFS (timed separately)")
-            seconds = jfs.format_and_import()
-            self.results["juicefs_import_seconds"] = seconds
-            log(f"  imported in {seconds:.1f}s")
-            systems.append(jfs)
-        systems.append(Rclone(self))
-        self.systems = systems
-        for system in systems:
-            if system.caching:
-                check_space(self.workdir, self.cache_for_all(), f"the {system.name} cache")
-            usage = Usage()
-            log(f"{system.name}: 1. epochs")
-            self.workload_epochs(system, usage)
-            log(f"{system.name}: 2. large files")
-            self.workload_large(system, usage)
-            self.results["usage"][system.name] = {"cpu": usage.cpu, "peak": usage.peak,
-                                                  "procs": sorted(usage.procs)}  # fmt: skip
-            log(f"{system.name}: 3. metadata")
-            self.workload_meta(system)
-        log("nfs-cat: 2. large files")
-        self.workload_nfs_cat()
-        log("reservoir: 4. preload")
-        self.workload_preload(next(s for s in systems if s.name == "reservoir"))
-        log("5. dataset twice the cache")
-        for system in systems:
-            if system.caching or system.name == "direct":
-                self.workload_half_cache(system)
+        steps = self.steps()
+        names = [name for name, _ in steps]
+        for number, (name, step) in enumerate(steps, 1):
+            if not self.step_needed(name, names):
+                continue
+            log(f"step {number} of {len(steps)}: {name}")
+            step()
+            if name not in self.done:
+                self.done.append(name)
+            self.results["steps"].append({"step": name, "commit": self.versions["reservoir"],
+                                          "finished": utc_now()})  # fmt: skip
+            self.save_progress(pending=[n for n in names if n not in self.done])
+
+    # ---- progress of a resumable run
+
+    def config(self) -> dict:
+        """What a kept progress file must match to be continued."""
+        return {"dataset": self.scale.describe(), "rate": self.args.rate, "delay_ms": self.args.delay_ms,
+                "juicefs": not self.args.skip_juicefs}  # fmt: skip
+
+    def load_progress(self, dataset_kept: bool) -> None:
+        """With --resume, takes up the steps a kept progress file records as done."""
+        if not self.args.resume:
+            self.progress.unlink(missing_ok=True)
+            return
+        try:
+            kept = json.loads(self.progress.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise BenchError(f"{self.progress} is unreadable ({e}); delete it to start over") from None
+        if not dataset_kept or kept.get("config") != self.config():
+            log(f"{self.progress} belongs to another dataset or link: starting over")
+            self.progress.unlink(missing_ok=True)
+            return
+        self.results, self.done = kept["results"], kept["done"]
+        self.wall_before = self.results.get("wall_seconds") or 0.0
+        log(f"resuming: {len(self.done)} steps already done ({', '.join(self.done)})")
+
+    def save_progress(self, pending: list[str]) -> None:
+        self.results["pending"] = pending
+        # A resumed run does not mount what is done: the report takes the commands from here.
+        self.results.setdefault("argv", {}).update({s.name: s.argv for s in self.systems if s.argv})
+        self.results["wall_seconds"] = self.wall_before + time.monotonic() - self.started
+        tmp = self.progress.with_name(self.progress.name + ".tmp")
+        tmp.write_text(json.dumps({"config": self.config(), "done": self.done, "results": self.results}, indent=1))
+        tmp.replace(self.progress)
+
+    @property
+    def complete(self) -> bool:
+        return "pending" in self.results and not self.results["pending"]
 
     def cleanup(self) -> None:
         log("cleaning up")
@@ -1065,11 +1159,20 @@ class Bench:
         self.link.down()
         shutil.rmtree(self.workdir / "cache", ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        if not self.args.keep:
+        if not self.args.resume or self.complete:
+            self.progress.unlink(missing_ok=True)
+        if self.args.resume and not self.complete:
+            log(f"kept the dataset and {self.progress.name} in {self.workdir}: the same command "
+                "with --resume continues from there")  # fmt: skip
+        elif not self.args.keep:
             self.marker.unlink(missing_ok=True)
             shutil.rmtree(self.export, ignore_errors=True)
             for db in self.workdir.glob("juicefs-meta.db*"):  # with SQLite's -wal and -shm
                 db.unlink(missing_ok=True)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def parse_rate(text: str) -> float:
@@ -1105,6 +1208,9 @@ def parse_args() -> argparse.Namespace:
                    help="link rate for tbf (default 1gbit)")  # fmt: skip
     p.add_argument("--delay-ms", type=float, default=1.0, help="one-way delay (default 1 ms)")
     p.add_argument("--keep", action="store_true", help="keep the dataset for the next run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the steps an interrupted run of the same scale and link left "
+                        "undone (an unfinished run then keeps its dataset and progress)")  # fmt: skip
     p.add_argument("--skip-juicefs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     return p.parse_args()
@@ -1156,21 +1262,17 @@ def main() -> int:
     signal.signal(signal.SIGHUP, on_signal)
 
     bench = Bench(args)
-    started = time.monotonic()
+    status = 0
     try:
         sweep_leftovers(bench.workdir)
         bench.prepare()
         bench.run()
-        bench.results["wall_seconds"] = time.monotonic() - started
-        raw = bench.workdir / f"results-{bench.scale.name}.json"
-        raw.write_text(json.dumps(bench.results, indent=1))
-        log(f"raw results in {raw}")
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
-        return 1
+        status = 1
     except (KeyboardInterrupt, Interrupted) as e:
         print(f"bench: interrupted ({e if str(e) else 'SIGINT'}); cleaning up", file=sys.stderr)
-        return 130
+        status = 130
     finally:
         # A second signal must not cut the clean-up short.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -1180,9 +1282,15 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import report  # the document and the charts
 
-    report.write(bench, args.out)
-    log(f"wrote {args.out}")
-    return 0
+    if status == 0:
+        report.write(bench, args.out)
+        log(f"raw results in {bench.workdir / f'results-{bench.scale.name}.json'}; wrote {args.out}")
+    elif args.resume and "local" in bench.done:
+        # What the steps done so far measured, as saved when each ended.
+        bench.results = json.loads(bench.progress.read_text())["results"]
+        report.write(bench, args.out)
+        log(f"wrote the steps done so far to {args.out} (marked partial)")
+    return status
 
 
 if __name__ == "__main__":
