@@ -28,6 +28,7 @@ pub mod policy;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -337,6 +338,47 @@ struct State {
     /// Sum of the budgets of all entries.
     data_bytes: u64,
     next_generation: u64,
+    /// Data files of entries removed under the lock, unlinked once it is released.
+    doomed: Vec<PathBuf>,
+}
+
+/// The node lock. The data files of entries removed while it is held are unlinked after it is
+/// released: one admission may evict thousands of files, and every open waits on this lock.
+/// (The paths are never reused: a re-admitted file gets a new generation.)
+struct StateGuard<'a> {
+    state: Option<MutexGuard<'a, State>>,
+}
+
+impl Deref for StateGuard<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        self.state.as_deref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.state.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut state) = self.state.take() else {
+            return;
+        };
+        let doomed = std::mem::take(&mut state.doomed);
+        drop(state);
+        for path in doomed {
+            // Unlink, never truncate: a reader holding the file (passthrough) keeps its bytes.
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove evicted cache file");
+                }
+            }
+        }
+    }
 }
 
 /// One owner's share of the cache.
@@ -593,6 +635,7 @@ impl Cache {
             clock: 0,
             data_bytes: 0,
             next_generation,
+            doomed: Vec::new(),
         };
         state.owner_mut(OwnerTag::DEFAULT);
         for (key, mut entry) in entries {
@@ -925,7 +968,11 @@ impl Cache {
             }
             if owner.used + need > quota.high() {
                 let must_free = owner.used + need - quota.high();
-                let would_free = owner.used + need - quota.low();
+                let would_free = if policy::frees_down_to_low(priority) {
+                    owner.used + need - quota.low()
+                } else {
+                    must_free
+                };
                 for (victim, rank) in owner.order.victims() {
                     if freed_by_owner >= would_free || !policy::displaces(priority, candidate, rank)
                     {
@@ -953,7 +1000,11 @@ impl Cache {
         let used = overhead + state.data_bytes - freed_by_owner;
         if used + need > high {
             let must_free = used + need - high;
-            let would_free = used + need - low;
+            let would_free = if policy::frees_down_to_low(priority) {
+                used + need - low
+            } else {
+                must_free
+            };
             let chosen: HashSet<ContentKey> = victims.iter().copied().collect();
             let mut freed = 0u64;
             for (victim, rank) in state.victims() {
@@ -1264,7 +1315,7 @@ impl Cache {
         owners
     }
 
-    fn lock_state(&self) -> MutexGuard<'_, State> {
+    fn lock_state(&self) -> StateGuard<'_> {
         self.node.lock_state()
     }
 }
@@ -1348,18 +1399,13 @@ impl Node {
             .fetch_add(entry.budget, Ordering::Relaxed);
     }
 
-    /// Drops an entry, its data file and its charge, and records that in the index.
+    /// Drops an entry and its charge, records that in the index, and dooms its data file
+    /// (unlinked when the lock is released).
     fn remove_locked(&self, state: &mut State, key: ContentKey) -> Option<Entry> {
         let entry = state.entries.remove(&key)?;
         state.discharge(key, entry.owner, entry.budget, entry.rank);
         state.data_bytes -= entry.budget;
-        let path = self.data_path(key, entry.generation);
-        // Unlink, never truncate: a reader holding the file (passthrough) keeps its bytes.
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove evicted cache file");
-            }
-        }
+        state.doomed.push(self.data_path(key, entry.generation));
         if let Err(e) = self.journal.append(&IndexRecord::Evicted {
             key,
             generation: entry.generation,
@@ -1414,8 +1460,10 @@ impl Node {
         layout::data_path(&self.data_dir, key, generation)
     }
 
-    fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard {
+            state: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     fn lock_external(&self) -> MutexGuard<'_, HashMap<String, Arc<AtomicU64>>> {

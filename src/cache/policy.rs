@@ -132,6 +132,15 @@ impl EvictionOrder {
     }
 }
 
+/// Whether making room for a candidate frees down to the low watermark, or only what the
+/// candidate needs. A read frees only its own room: the room beyond it would go to the next
+/// files read, which get in without competing, so one candidate that wins (truly hot, or
+/// overcounted by a collision in the sketch) would let a tenth of the cache churn. A preload
+/// frees down to the low watermark, since the room goes to the files it loads next.
+pub fn frees_down_to_low(priority: Priority) -> bool {
+    priority == Priority::Preload
+}
+
 /// Whether a candidate with `candidate_frequency` (its count including the access that made
 /// it a candidate) may displace a resident ranked `victim`.
 pub fn displaces(priority: Priority, candidate_frequency: u32, victim: Rank) -> bool {
