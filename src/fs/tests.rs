@@ -171,3 +171,28 @@ async fn wait(tracker: Arc<warm::Tracker>) -> warm::Progress {
     }
     panic!("preload did not finish: {:?}", tracker.snapshot());
 }
+
+#[test]
+fn the_store_queue_pushes_back_when_full_and_reports_when_it_empties() {
+    let stores = Arc::new(PendingStores::default());
+    for _ in 0..STORE_QUEUE {
+        assert!(stores.enqueue());
+    }
+    assert!(
+        !stores.enqueue(),
+        "a full queue hands the store back to the fetcher"
+    );
+    assert!(!stores.wait_idle(Duration::from_millis(20)));
+    let finisher = {
+        let stores = stores.clone();
+        std::thread::spawn(move || {
+            for _ in 0..STORE_QUEUE {
+                std::thread::sleep(Duration::from_millis(2));
+                stores.done();
+            }
+        })
+    };
+    assert!(stores.wait_idle(Duration::from_secs(10)));
+    finisher.join().unwrap();
+    assert!(stores.enqueue(), "an emptied queue takes stores again");
+}
