@@ -875,7 +875,7 @@ class Bench:
         if not self.args.skip_juicefs:
             self.systems.append(JuiceFS(self))
         self.systems.append(Rclone(self))
-        self.load_progress(dataset_kept=kept)
+        self.load_progress()
 
     # ---- the link
 
@@ -1034,7 +1034,7 @@ class Bench:
         log(f"  {system.name} half cache: " + ", ".join(
             f"{r['seconds']:.1f}s hit {1 - r['link_bytes'] / r['bytes']:.2f}" for r in runs))  # fmt: skip
 
-    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:  # names: step_names()
         """The run as named steps, each recorded in the progress file when it ends. The
         systems that answer the first questions (reservoir against direct and local) come
         first, so that an interrupted full run has already measured what matters most."""
@@ -1098,6 +1098,7 @@ class Bench:
         self.measure_link()
         steps = self.steps()
         names = [name for name, _ in steps]
+        assert names == step_names(not self.args.skip_juicefs), names
         for number, (name, step) in enumerate(steps, 1):
             if not self.step_needed(name, names):
                 continue
@@ -1116,10 +1117,12 @@ class Bench:
         return {"dataset": self.scale.describe(), "rate": self.args.rate, "delay_ms": self.args.delay_ms,
                 "juicefs": not self.args.skip_juicefs}  # fmt: skip
 
-    def load_progress(self, dataset_kept: bool) -> None:
+    def load_progress(self) -> None:
         """With --resume, takes up the steps a kept progress file records as done."""
         if not self.args.resume:
-            self.progress.unlink(missing_ok=True)
+            if self.progress.exists():
+                log(f"discarding {self.progress} of an earlier run (--resume continues one)")
+                self.progress.unlink()
             return
         try:
             kept = json.loads(self.progress.read_text())
@@ -1127,13 +1130,18 @@ class Bench:
             return
         except (OSError, ValueError) as e:
             raise BenchError(f"{self.progress} is unreadable ({e}); delete it to start over") from None
-        if not dataset_kept or kept.get("config") != self.config():
+        # A regenerated dataset is the same bytes (seeded), so only the description must match.
+        if kept.get("config") != self.config():
             log(f"{self.progress} belongs to another dataset or link: starting over")
             self.progress.unlink(missing_ok=True)
             return
         self.results, self.done = kept["results"], kept["done"]
         self.wall_before = self.results.get("wall_seconds") or 0.0
-        log(f"resuming: {len(self.done)} steps already done ({', '.join(self.done)})")
+        redo = [name for name in self.args.redo if name in self.done]
+        self.done = [name for name in self.done if name not in redo]
+        self.results["steps"] = [s for s in self.results.get("steps", []) if s["step"] not in redo]
+        log(f"resuming: {len(self.done)} steps already done ({', '.join(self.done)})"
+            + (f"; measuring again: {', '.join(redo)}" if redo else ""))  # fmt: skip
 
     def save_progress(self, pending: list[str]) -> None:
         self.results["pending"] = pending
@@ -1169,6 +1177,15 @@ class Bench:
             shutil.rmtree(self.export, ignore_errors=True)
             for db in self.workdir.glob("juicefs-meta.db*"):  # with SQLite's -wal and -shm
                 db.unlink(missing_ok=True)
+
+
+def step_names(juicefs: bool) -> list[str]:
+    """The names of Bench.steps(), in order, known before anything is set up."""
+    names = ["local", "bindfs", "direct", "reservoir", "nfs-cat", "preload", "half-cache direct",
+             "half-cache reservoir"]  # fmt: skip
+    if juicefs:
+        names += ["juicefs import", "juicefs", "half-cache juicefs"]
+    return names + ["rclone", "half-cache rclone"]
 
 
 def utc_now() -> str:
@@ -1211,6 +1228,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue the steps an interrupted run of the same scale and link left "
                         "undone (an unfinished run then keeps its dataset and progress)")  # fmt: skip
+    p.add_argument("--redo", type=lambda t: [n.strip() for n in t.split(",") if n.strip()], default=[],
+                   help="with --resume: steps to measure again although done, comma-separated "
+                        "(e.g. 'reservoir,half-cache reservoir' after a fix)")  # fmt: skip
     p.add_argument("--skip-juicefs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     return p.parse_args()
@@ -1218,6 +1238,12 @@ def parse_args() -> argparse.Namespace:
 
 def preflight(args: argparse.Namespace) -> None:
     """Refuses to run, in one line, without root or a tool."""
+    names = step_names(not args.skip_juicefs)
+    unknown = [name for name in args.redo if name not in names]
+    if unknown:
+        raise BenchError(f"--redo {', '.join(unknown)}: no such step; the steps are {', '.join(names)}")
+    if args.redo and not args.resume:
+        raise BenchError("--redo measures steps of a resumed run again: add --resume")
     if os.geteuid() != 0:
         raise BenchError("must run as root (network namespaces, FUSE passthrough, drop_caches)")
     for path, how in ((RESERVOIR, "cargo build --release"), (READTREE, "cargo build --release --example readtree"),
