@@ -1208,8 +1208,11 @@ def dpkg_version(package: str) -> str:
 
 def git_commit() -> str:
     commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"])
+    # Only what the measured binaries and the harness are built from; the document itself is
+    # rewritten by every run.
     dirty = subprocess.run(["git", "-C", str(REPO), "--no-optional-locks", "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True).stdout  # fmt: skip
+                            "--untracked-files=no", "--", "src", "examples", "proto", "bench", "build.rs",
+                            "Cargo.toml", "Cargo.lock"], capture_output=True, text=True).stdout  # fmt: skip
     return commit + (" (working tree with uncommitted changes)" if dirty.strip() else "")
 
 
