@@ -375,6 +375,9 @@ class Link:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for pid in descendants:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             PROCS.forget(proc)
         self.proxies = []
         if self.ganesha is not None and self.ganesha.poll() is None:
@@ -508,6 +511,9 @@ class FuseDaemon(System):
             usage.add(", ".join(label for label, _, _ in self.procs), cpu, peak)
         # Outermost mount first (rclone sits on a reservoir view).
         for label, proc, mountpoint in reversed(self.procs):
+            # Taken before any signal: a killed JuiceFS supervisor leaves its worker orphaned,
+            # still serving (or blocking) the mount.
+            descendants = process_tree(proc.pid)[1:] if proc.poll() is None else []
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -519,6 +525,9 @@ class FuseDaemon(System):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for pid in descendants:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             PROCS.forget(proc)
         self.procs = []
         shutil.rmtree(self.cache, ignore_errors=True)
