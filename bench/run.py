@@ -375,9 +375,6 @@ class Link:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            for pid in descendants:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
             PROCS.forget(proc)
         self.proxies = []
         if self.ganesha is not None and self.ganesha.poll() is None:
