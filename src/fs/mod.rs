@@ -1063,7 +1063,6 @@ pub fn content_key(source_id: &str, handle: &Handle, attr: &Attr) -> ContentKey 
 }
 
 /// Detects sequential reading and decides what to fetch ahead of it.
-#[derive(Default)]
 struct ReadAhead {
     /// Where the next sequential read would start.
     next: u64,
@@ -1071,10 +1070,22 @@ struct ReadAhead {
     window: u32,
     /// Blocks below this were already requested.
     requested_until: u32,
-    /// The most blocks in flight that still pay (0 until a fetch has been timed: the maximum).
+    /// The most blocks in flight that still pay.
     limit: u32,
     /// The file's fastest block fetch so far.
     fastest: Option<Duration>,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            next: 0,
+            window: 0,
+            requested_until: 0,
+            limit: MAX_READAHEAD_BLOCKS,
+            fastest: None,
+        }
+    }
 }
 
 impl ReadAhead {
@@ -1088,21 +1099,10 @@ impl ReadAhead {
     fn fetched(&mut self, took: Duration) {
         let fastest = self.fastest.map_or(took, |f| f.min(took));
         self.fastest = Some(fastest);
-        let limit = self.limit();
-        self.limit = if took > fastest * SLOW_FETCH {
-            (limit / 2).max(2)
+        if took > fastest * SLOW_FETCH {
+            self.limit = (self.limit / 2).max(2);
         } else if took < fastest * 3 / 2 {
-            (limit + 1).min(MAX_READAHEAD_BLOCKS)
-        } else {
-            limit
-        };
-    }
-
-    fn limit(&self) -> u32 {
-        if self.limit == 0 {
-            MAX_READAHEAD_BLOCKS
-        } else {
-            self.limit
+            self.limit = (self.limit + 1).min(MAX_READAHEAD_BLOCKS);
         }
     }
 
@@ -1121,7 +1121,7 @@ impl ReadAhead {
             self.window = 0;
             return None;
         }
-        self.window = (self.window * 2).clamp(2, self.limit());
+        self.window = (self.window * 2).clamp(2, self.limit);
         let current = ((offset + u64::from(size)).saturating_sub(1) / block) as u32;
         let start = (current + 1).max(self.requested_until);
         let end = (current + 1 + self.window).min(block_count);
