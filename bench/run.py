@@ -1040,31 +1040,20 @@ class Bench:
         log(f"  {system.name} half cache: " + ", ".join(
             f"{r['seconds']:.1f}s hit {1 - r['link_bytes'] / r['bytes']:.2f}" for r in runs))  # fmt: skip
 
-    def steps(self) -> list[tuple[str, Callable[[], None]]]:  # names: step_names()
-        """The run as named steps, each recorded in the progress file when it ends. The
-        systems that answer the first questions (reservoir against direct and local) come
-        first, so that an interrupted full run has already measured what matters most."""
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """The run as named steps, in the order of `step_names`, each recorded in the progress
+        file when it ends."""
         by_name = {s.name: s for s in self.systems}
-        out: list[tuple[str, Callable[[], None]]] = []
-        for name in ("local", "bindfs", "direct", "reservoir"):
-            out.append((name, functools.partial(self.workloads_1_to_3, by_name[name])))
-        out += [
-            ("nfs-cat", self.workload_nfs_cat),
-            ("preload", functools.partial(self.workload_preload, by_name["reservoir"])),
-            ("half-cache direct", functools.partial(self.workload_half_cache, by_name["direct"])),
-            ("half-cache reservoir", functools.partial(self.workload_half_cache, by_name["reservoir"])),
-        ]
+        actions: dict[str, Callable[[], None]] = {
+            "nfs-cat": self.workload_nfs_cat,
+            "preload": functools.partial(self.workload_preload, by_name["reservoir"]),
+        }
+        for system in self.systems:
+            actions[system.name] = functools.partial(self.workloads_1_to_3, system)
+            actions[f"half-cache {system.name}"] = functools.partial(self.workload_half_cache, system)
         if "juicefs" in by_name:
-            out += [
-                ("juicefs import", functools.partial(self.import_juicefs, by_name["juicefs"])),
-                ("juicefs", functools.partial(self.workloads_1_to_3, by_name["juicefs"])),
-                ("half-cache juicefs", functools.partial(self.workload_half_cache, by_name["juicefs"])),
-            ]
-        out += [
-            ("rclone", functools.partial(self.workloads_1_to_3, by_name["rclone"])),
-            ("half-cache rclone", functools.partial(self.workload_half_cache, by_name["rclone"])),
-        ]
-        return out
+            actions["juicefs import"] = functools.partial(self.import_juicefs, by_name["juicefs"])
+        return [(name, actions[name]) for name in step_names(not self.args.skip_juicefs)]
 
     def workloads_1_to_3(self, system: System) -> None:
         if system.caching:
@@ -1104,7 +1093,6 @@ class Bench:
         self.measure_link()
         steps = self.steps()
         names = [name for name, _ in steps]
-        assert names == step_names(not self.args.skip_juicefs), names
         for number, (name, step) in enumerate(steps, 1):
             if not self.step_needed(name, names):
                 continue
@@ -1186,7 +1174,9 @@ class Bench:
 
 
 def step_names(juicefs: bool) -> list[str]:
-    """The names of Bench.steps(), in order, known before anything is set up."""
+    """The steps of a run, known before anything is set up. The systems that answer the first
+    questions (reservoir against direct and local) come first, so that an interrupted full run
+    has already measured what matters most."""
     names = ["local", "bindfs", "direct", "reservoir", "nfs-cat", "preload", "half-cache direct",
              "half-cache reservoir"]  # fmt: skip
     if juicefs:
