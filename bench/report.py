@@ -54,6 +54,36 @@ def run_text(argv: list[str]) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def proactive_reclaim() -> str:
+    """Whether the kernel drops idle page cache on its own, without memory pressure. A DAMON
+    `pageout` scheme, as these VMs run, drops file pages left unread for about a minute, so a
+    "page cache kept" epoch that follows a longer cold epoch starts partly cold."""
+    schemes = []
+    for kdamond in sorted(Path("/sys/kernel/mm/damon/admin/kdamonds").glob("[0-9]*")):
+        try:
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            for context in sorted((kdamond / "contexts").glob("[0-9]*")):
+                aggregation_us = int((context / "monitoring_attrs/intervals/aggr_us").read_text())
+                for scheme in sorted((context / "schemes").glob("[0-9]*")):
+                    if (scheme / "action").read_text().strip() != "pageout":
+                        continue
+                    idle_s = int((scheme / "access_pattern/age/min").read_text()) * aggregation_us / 1e6
+                    quota = int((scheme / "quotas/bytes").read_text())
+                    interval_ms = int((scheme / "quotas/reset_interval_ms").read_text())
+                    limit = f", at most {human_bytes(quota)} per {interval_ms} ms" if quota else ""
+                    schemes.append(f"DAMON pages out memory idle for {idle_s:.0f} s or more{limit}")
+        except (OSError, ValueError):
+            continue
+    enabled = Path("/sys/module/damon_reclaim/parameters/enabled")
+    if enabled.exists() and enabled.read_text().strip() == "Y":
+        schemes.append("DAMON_RECLAIM is enabled")
+    if not schemes:
+        return "none found (no DAMON pageout scheme running)"
+    return "; ".join(schemes) + (": warm epochs with the page cache kept after a cold epoch "
+                                 "longer than that start partly cold")  # fmt: skip
+
+
 def machine(workdir: Path) -> list[tuple[str, str]]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")  # fmt: skip
@@ -65,6 +95,7 @@ def machine(workdir: Path) -> list[tuple[str, str]]:
         ("CPU", f"{cpu}, {os.cpu_count()} cores (shared with other work during the run: "
                 f"load average {os.getloadavg()[0]:.1f} at the end)"),
         ("RAM", human_bytes(mem)),
+        ("Proactive reclaim", proactive_reclaim()),
         ("Kernel", f"{uname.sysname} {uname.release}"),
         ("Disk", f"{workdir} on {source or '?'} (dataset, export, every cache and JuiceFS's copy)"),
         ("Date", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
