@@ -58,30 +58,33 @@ def proactive_reclaim() -> str:
     """Whether the kernel drops idle page cache on its own, without memory pressure. A DAMON
     `pageout` scheme, as these VMs run, drops file pages left unread for about a minute, so a
     "page cache kept" epoch that follows a longer cold epoch starts partly cold."""
-    schemes = []
-    for kdamond in sorted(Path("/sys/kernel/mm/damon/admin/kdamonds").glob("[0-9]*")):
+    found = []
+    kdamonds = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    for scheme in sorted(kdamonds.glob("[0-9]*/contexts/[0-9]*/schemes/[0-9]*")):
+        context = scheme.parent.parent
         try:
-            if (kdamond / "state").read_text().strip() != "on":
+            running = (context.parent.parent / "state").read_text().strip() == "on"
+            if not running or (scheme / "action").read_text().strip() != "pageout":
                 continue
-            for context in sorted((kdamond / "contexts").glob("[0-9]*")):
-                aggregation_us = int((context / "monitoring_attrs/intervals/aggr_us").read_text())
-                for scheme in sorted((context / "schemes").glob("[0-9]*")):
-                    if (scheme / "action").read_text().strip() != "pageout":
-                        continue
-                    idle_s = int((scheme / "access_pattern/age/min").read_text()) * aggregation_us / 1e6
-                    quota = int((scheme / "quotas/bytes").read_text())
-                    interval_ms = int((scheme / "quotas/reset_interval_ms").read_text())
-                    limit = f", at most {human_bytes(quota)} per {interval_ms} ms" if quota else ""
-                    schemes.append(f"DAMON pages out memory idle for {idle_s:.0f} s or more{limit}")
+            intervals = int((scheme / "access_pattern/age/min").read_text())
+            idle_s = intervals * int((context / "monitoring_attrs/intervals/aggr_us").read_text()) / 1e6
+            quota = int((scheme / "quotas/bytes").read_text())
+            interval_ms = int((scheme / "quotas/reset_interval_ms").read_text())
         except (OSError, ValueError):
             continue
-    enabled = Path("/sys/module/damon_reclaim/parameters/enabled")
-    if enabled.exists() and enabled.read_text().strip() == "Y":
-        schemes.append("DAMON_RECLAIM is enabled")
-    if not schemes:
+        limit = f", at most {human_bytes(quota)} per {interval_ms} ms" if quota else ""
+        found.append(f"DAMON pages out memory idle for {idle_s:.0f} s or more{limit}")
+    module = Path("/sys/module/damon_reclaim/parameters")  # DAMON_RECLAIM: not in the tree above
+    try:
+        if (module / "enabled").read_text().strip() == "Y":
+            idle_s = int((module / "min_age").read_text()) / 1e6
+            found.append(f"DAMON_RECLAIM pages out memory idle for {idle_s:.0f} s or more")
+    except (OSError, ValueError):
+        pass
+    if not found:
         return "none found (no DAMON pageout scheme running)"
-    return "; ".join(schemes) + (": warm epochs with the page cache kept after a cold epoch "
-                                 "longer than that start partly cold")  # fmt: skip
+    return "; ".join(found) + (": warm epochs with the page cache kept after a cold epoch "
+                               "longer than that start partly cold")  # fmt: skip
 
 
 def machine(workdir: Path) -> list[tuple[str, str]]:
