@@ -9,7 +9,9 @@ use std::time::Duration;
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control;
 use crate::fs::fuse::{self, MountConfig};
+use crate::fs::handles::Handles;
 use crate::fs::{FsError, Volume, VolumeConfig};
+use crate::fuse::{ConnectionError, Session};
 use crate::source::{SourceOptions, SourceSpec};
 use crate::units::Ttl;
 
@@ -27,7 +29,7 @@ pub enum MountError {
     #[error("cannot mount {mountpoint}: {cause}")]
     Fuse {
         mountpoint: PathBuf,
-        cause: std::io::Error,
+        cause: ConnectionError,
     },
     #[error("control socket {path}: {cause}")]
     Control {
@@ -98,7 +100,7 @@ pub fn mount_at(path: &Path) -> Option<String> {
     })
 }
 
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let mut out = String::with_capacity(field.len());
     let mut chars = field.chars();
     while let Some(c) = chars.next() {
@@ -168,19 +170,29 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         passthrough: options.passthrough,
         read_write: options.read_write,
     };
-    let mut session = fuse::mount(volume.clone(), &mountpoint, &mount_config).map_err(|cause| {
+    let served = fuse::mount(
+        volume.clone(),
+        &mountpoint,
+        &mount_config,
+        Handles::in_memory(),
+        || {},
+    )
+    .map_err(|cause| {
         let _ = std::fs::remove_file(&socket);
         MountError::Fuse {
             mountpoint: mountpoint.clone(),
             cause,
         }
     })?;
-    let mut unmounter = session.unmount_callable();
-    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+    let mut session = served.session;
+    // The session's threads end when the connection does; one waits for them, for the
+    // runtime to notice an unmount from outside.
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<Session>();
     let session_thread = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
-            let _ = ended_tx.send(session.run());
+            while !session.wait_ended(Duration::from_secs(3600)) {}
+            let _ = ended_tx.send(session);
         })
         .map_err(MountError::Runtime)?;
 
@@ -201,7 +213,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         reason
     });
     tracing::info!(reason = ended_by, "unmounting");
-    unmount_or_detach(&mut unmounter, &mountpoint);
+    unmount_or_detach(&mountpoint);
     let _ = session_thread.join();
     volume.finish();
     let _ = std::fs::remove_file(&socket);
@@ -209,7 +221,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
     Ok(())
 }
 
-async fn wait_for_end(ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>) -> &'static str {
+async fn wait_for_end(ended: tokio::sync::oneshot::Receiver<Session>) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -221,12 +233,7 @@ async fn wait_for_end(ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
-        result = ended => {
-            if let Ok(Err(e)) = result {
-                tracing::warn!(error = %e, "FUSE session ended with an error");
-            }
-            "unmounted externally"
-        }
+        _ = ended => "unmounted externally",
     }
 }
 
@@ -245,8 +252,8 @@ async fn flush_periodically(volume: Arc<Volume>) {
 /// Unmounts a FUSE session's mount point. A busy one (a file open, a working directory inside)
 /// is detached instead: the mount point is free at once, and the session keeps serving what is
 /// open until the last close ends it.
-pub(crate) fn unmount_or_detach(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path) {
-    if let Err(e) = unmounter.unmount() {
+pub(crate) fn unmount_or_detach(mountpoint: &Path) {
+    if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
         tracing::info!(mountpoint = %mountpoint.display(), error = %e, "unmount refused; detaching the mount");
         if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot detach the mount");

@@ -34,8 +34,10 @@ use crate::control::{
     self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Request, Response,
 };
 use crate::fs::fuse::{self as fuse_adapter, MountConfig};
+use crate::fs::handles::Handles;
 use crate::fs::warm::Request as WarmRequest;
 use crate::fs::{Volume, VolumeConfig};
+use crate::fuse::Session;
 use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
 
@@ -190,10 +192,7 @@ struct Hosted {
     target: PathBuf,
     volume: Arc<Volume>,
     runtime: tokio::runtime::Runtime,
-    unmounter: fuser::SessionUnmounter,
-    session: std::thread::JoinHandle<()>,
-    /// Receives (or disconnects) when the session's request loop has ended.
-    session_ended: std::sync::mpsc::Receiver<()>,
+    session: Session,
     /// The mount's device number, to abort its FUSE connection if it will not end.
     dev: Option<u64>,
 }
@@ -370,7 +369,7 @@ impl Daemon {
             )
         })
         .await;
-        let (unmounter, session, session_ended, dev) = match mounted {
+        let (session, dev) = match mounted {
             Ok(Ok(parts)) => parts,
             Ok(Err(message)) => {
                 volume.cache().inspect(|c| c.discard_journals_on_release());
@@ -393,9 +392,7 @@ impl Daemon {
             target,
             volume,
             runtime,
-            unmounter,
             session,
-            session_ended,
             dev,
         }))
     }
@@ -674,14 +671,7 @@ fn clear_dead_mount(target: &Path) -> bool {
     }
 }
 
-type SessionParts = (
-    fuser::SessionUnmounter,
-    std::thread::JoinHandle<()>,
-    std::sync::mpsc::Receiver<()>,
-    Option<u64>,
-);
-
-/// Mounts `volume` at `target` and starts its session's request loop on a thread.
+/// Mounts `volume` at `target` and serves it; the daemon hears when the session ends.
 fn mount_session(
     volume: Arc<Volume>,
     target: &Path,
@@ -689,31 +679,15 @@ fn mount_session(
     id: String,
     generation: u64,
     ended: mpsc::UnboundedSender<(String, u64)>,
-) -> Result<SessionParts, Refusal> {
-    let mut session = fuse_adapter::mount(volume, target, config)
-        .map_err(|e| format!("cannot mount {}: {e}", target.display()))?;
-    let unmounter = session.unmount_callable();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("fuse-{}", short(&id)))
-        .spawn(move || {
-            if let Err(e) = session.run() {
-                tracing::warn!(volume = %id, error = %e, "FUSE session ended with an error");
-            }
-            let _ = done_tx.send(());
-            let _ = ended.send((id, generation));
-        });
-    let thread = match thread {
-        Ok(thread) => thread,
-        Err(e) => {
-            // The session was moved into the closure that failed to start: dropping it
-            // unmounted it.
-            return Err(format!("cannot start the FUSE session thread: {e}"));
-        }
+) -> Result<(Session, Option<u64>), Refusal> {
+    let on_end = move || {
+        let _ = ended.send((id, generation));
     };
+    let served = fuse_adapter::mount(volume, target, config, Handles::in_memory(), on_end)
+        .map_err(|e| format!("cannot mount {}: {e}", target.display()))?;
     set_read_ahead(target);
     let dev = std::fs::metadata(target).ok().map(|m| m.dev());
-    Ok((unmounter, thread, done_rx, dev))
+    Ok((served.session, dev))
 }
 
 /// Unmounts a hosted volume and stops everything it runs; returns its target path. With
@@ -724,33 +698,23 @@ fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
         target,
         volume,
         runtime,
-        mut unmounter,
-        session,
-        session_ended,
+        mut session,
         dev,
     } = hosted;
     // A busy mount is detached; its session ends with the last close, or when the connection
     // is aborted below.
-    unmount_or_detach(&mut unmounter, &target);
-    let mut ended = !matches!(
-        session_ended.recv_timeout(SESSION_END_WAIT),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-    );
+    unmount_or_detach(&target);
+    let mut ended = session.wait_ended(SESSION_END_WAIT);
     if !ended {
         // Files still open keep a detached mount's connection alive: abort it, so that the
         // session ends (those files' readers get ENOTCONN).
         if let Some(dev) = dev {
             abort_connection(dev);
         }
-        ended = !matches!(
-            session_ended.recv_timeout(SESSION_END_WAIT),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        );
+        ended = session.wait_ended(SESSION_END_WAIT);
     }
-    if ended {
-        let _ = session.join();
-    } else {
-        tracing::warn!("the FUSE session did not end; leaving its thread behind");
+    if !ended {
+        tracing::warn!("the FUSE session did not end; leaving its threads behind");
     }
     volume.finish();
     if discard {

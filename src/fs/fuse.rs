@@ -1,36 +1,33 @@
-//! The FUSE face of a [`Volume`]: a thin adapter from kernel requests to the core.
+//! The FUSE face of a [`Volume`]: a thin adapter from kernel requests ([`crate::fuse`]) to the
+//! core.
 //!
 //! Each request is first tried synchronously on the FUSE thread (`Volume::try_*`: fresh
 //! metadata, cached blocks); only what needs the source goes to the async runtime, which
-//! replies when the source answers. The adapter also owns what is FUSE-specific: file and
-//! directory handles, and the kernel's per-inode passthrough rules: while an inode is open
-//! through passthrough, every further open of it must use the same backing file, and an inode
-//! open through the page cache cannot also be opened through passthrough.
+//! replies when the source answers. The adapter also owns what is FUSE-specific: the handles
+//! the kernel holds ([`Handles`]) and the kernel's passthrough rules ([`super::passthrough`]).
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::Instrument;
 
-use fuser::{
-    AccessFlags, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
-    WriteFlags,
-};
-
+use super::handles::{FileHandle, Handles};
 use super::meta::{Ino, ListedEntry, ROOT};
+use super::passthrough::{BackingKind, Decision, OpenMode};
 use super::{Entry, FsError, OpenFile, Volume};
+use crate::fuse::abi::{UNIQUE_RESEND, fopen, init};
+use crate::fuse::{
+    Attributes, Connection, ConnectionError, DirectoryBuffer, EntryOut, Filesystem, KernelParams,
+    MountOptions, OpenOut, Operation, Reply, Request, Session, SetattrIn, StatfsOut, TimeChange,
+};
 use crate::source::{Attr, Kind, Owner, SetAttr, SetTime, Timestamp};
 use crate::units::Ttl;
 
 /// Preferred I/O size reported in `st_blksize`.
 const IO_BLOCK: u32 = 128 << 10;
-const MAX_BACKGROUND: u16 = 256;
+/// How long a writer refused by a passthrough reader waits for that reader's RELEASE.
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How a FUSE session is set up.
 #[derive(Clone, Debug)]
@@ -44,151 +41,77 @@ pub struct MountConfig {
     pub read_write: bool,
 }
 
-/// Mounts `volume` at `mountpoint` (read-only, allow_other, default_permissions). The kernel
-/// handshake is done when this returns; the caller runs the session.
+/// A served connection: its threads, and what a successor needs to take it over.
+pub struct Served {
+    pub session: Session,
+    pub params: KernelParams,
+}
+
+/// Mounts `volume` at `mountpoint` (read-only unless read-write, allow_other,
+/// default_permissions) and serves it.
 pub fn mount(
     volume: Arc<Volume>,
     mountpoint: &Path,
     config: &MountConfig,
-) -> std::io::Result<fuser::Session<FuseAdapter>> {
-    let mut options = Config::default();
-    options.mount_options = vec![
-        MountOption::FSName(sanitize_fs_name(&config.fs_name)),
-        // Passed to the kernel (fuser would keep `Subtype` for fusermount), so that mount
-        // tables show `fuse.reservoir`.
-        MountOption::CUSTOM("subtype=reservoir".into()),
-        if config.read_write {
-            MountOption::RW
-        } else {
-            MountOption::RO
-        },
-        MountOption::NoSuid,
-        MountOption::NoDev,
-        MountOption::NoAtime,
-        MountOption::DefaultPermissions,
-    ];
-    options.acl = SessionACL::All;
-    options.n_threads = Some(config.threads.max(1));
-    options.clone_fd = true;
-    let adapter = FuseAdapter {
-        shared: Arc::new(Shared {
-            volume,
-            files: RwLock::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
-            inodes: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
-            passthrough: AtomicBool::new(config.passthrough),
-        }),
+    handles: Handles,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Result<Served, ConnectionError> {
+    let adapter = FuseAdapter::new(volume, handles, config.passthrough);
+    let options = MountOptions {
+        fs_name: config.fs_name.clone(),
+        read_only: !config.read_write,
+        allow_other: true,
     };
-    fuser::Session::new(adapter, mountpoint, &options)
+    let connection = Connection::mount(mountpoint, &options, config.threads, &adapter)?;
+    serve(adapter, connection, on_end)
 }
 
-/// Mount option values are comma-separated: keep the name from breaking them.
-fn sanitize_fs_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c == ',' || c.is_whitespace() || c == '\\' {
-                '_'
-            } else {
-                c
+/// Serves a connection an earlier process mounted (see [`Connection::resume`]), with the
+/// handles it logged.
+pub fn resume(
+    volume: Arc<Volume>,
+    connection: Connection,
+    handles: Handles,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Result<Served, ConnectionError> {
+    let passthrough = connection.params().passthrough();
+    let adapter = FuseAdapter::new(volume, handles, passthrough);
+    for handle in adapter.handles.files() {
+        if let OpenMode::Passthrough {
+            kind: BackingKind::Source,
+            ..
+        } = handle.mode
+        {
+            if handle.writable {
+                adapter.volume.direct_writer(handle.ino, true);
             }
-        })
-        .collect()
+        }
+    }
+    serve(adapter, connection, on_end)
+}
+
+fn serve(
+    adapter: FuseAdapter,
+    connection: Connection,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Result<Served, ConnectionError> {
+    let params = connection.params();
+    adapter
+        .passthrough
+        .fetch_and(params.passthrough(), Ordering::Relaxed);
+    if !params.passthrough() {
+        tracing::info!("FUSE passthrough is off; cached files are served by the daemon");
+    }
+    let session = connection
+        .serve(Arc::new(adapter), "fuse", on_end)
+        .map_err(ConnectionError::Clone)?;
+    Ok(Served { session, params })
 }
 
 pub struct FuseAdapter {
-    shared: Arc<Shared>,
-}
-
-impl FuseAdapter {
-    fn remove(&self, parent: Ino, name: &OsStr, directory: bool, reply: ReplyEmpty) {
-        let (name, shared) = (name.as_bytes().to_vec(), self.shared.clone());
-        self.shared.spawn(async move {
-            let result = shared.volume.remove(parent, &name, directory).await;
-            Shared::reply_empty(
-                reply,
-                if directory { "rmdir" } else { "unlink" },
-                parent,
-                result,
-            );
-        });
-    }
-
-    fn commit(&self, ino: Ino, fh: FileHandle, op: &'static str, reply: ReplyEmpty) {
-        match self.shared.handle(fh) {
-            Some(open) if open.file.writable => {
-                let volume = self.shared.volume.clone();
-                self.shared.spawn(async move {
-                    Shared::reply_empty(reply, op, ino, volume.commit(&open.file).await);
-                });
-            }
-            _ => reply.ok(),
-        }
-    }
-
-    /// Replies with what the core knows already, on this thread; or asks the source on the
-    /// runtime and replies when it answers, leaving this thread free for cached requests.
-    fn answer<T, R, Ask, Fut>(
-        &self,
-        known: Option<T>,
-        reply: R,
-        ask: Ask,
-        finish: impl FnOnce(&Shared, R, T) + Send + 'static,
-    ) where
-        T: Send + 'static,
-        R: Send + 'static,
-        Ask: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + Send,
-    {
-        match known {
-            Some(value) => finish(&self.shared, reply, value),
-            None => {
-                let shared = self.shared.clone();
-                self.shared.spawn(async move {
-                    let value = ask(shared.clone()).await;
-                    finish(&shared, reply, value);
-                });
-            }
-        }
-    }
-}
-
-struct Shared {
     volume: Arc<Volume>,
-    files: RwLock<HashMap<u64, OpenHandle>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<ListedEntry>>>>,
-    inodes: Mutex<HashMap<Ino, InodeIo>>,
-    next_handle: AtomicU64,
+    handles: Handles,
     passthrough: AtomicBool,
-}
-
-#[derive(Clone)]
-struct OpenHandle {
-    file: Arc<OpenFile>,
-    passthrough: bool,
-}
-
-/// How an inode is open right now, as far as the kernel's io modes go.
-#[derive(Default)]
-struct InodeIo {
-    /// Opens served by the daemon (through the page cache).
-    daemon_opens: u32,
-    /// The backing file shared by the inode's passthrough opens, and how many there are.
-    backing: Option<(Arc<BackingId>, u32)>,
-    /// The backing file is the source file itself (opened for a writer), not a cache file:
-    /// writers may share it.
-    backing_is_source: bool,
-}
-
-impl InodeIo {
-    /// Whether a writer may open the inode now: not while it is read through a cache file.
-    fn writable(&self) -> bool {
-        self.backing.is_none() || self.backing_is_source
-    }
-}
-
-fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.errno())
 }
 
 fn log_error(op: &'static str, ino: Ino, e: &FsError) {
@@ -199,965 +122,751 @@ fn log_error(op: &'static str, ino: Ino, e: &FsError) {
     }
 }
 
-fn system_time(t: Timestamp) -> SystemTime {
-    if t.secs >= 0 {
-        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-            + Duration::from_nanos(u64::from(t.nanos))
-    }
+fn reply_error(reply: Reply, op: &'static str, ino: Ino, e: &FsError) {
+    log_error(op, ino, e);
+    reply.error(e.errno());
 }
 
-fn file_type(kind: Kind) -> FileType {
+fn type_bits(kind: Kind) -> u32 {
     match kind {
-        Kind::File => FileType::RegularFile,
-        Kind::Directory => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-        Kind::Fifo => FileType::NamedPipe,
-        Kind::Socket => FileType::Socket,
-        Kind::CharDevice => FileType::CharDevice,
-        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::File => libc::S_IFREG,
+        Kind::Directory => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+        Kind::CharDevice => libc::S_IFCHR,
+        Kind::BlockDevice => libc::S_IFBLK,
     }
 }
 
-fn file_attr(ino: Ino, attr: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino),
+/// The `DT_*` type of a directory entry.
+fn dirent_type(kind: Kind) -> u32 {
+    u32::from(match kind {
+        Kind::File => libc::DT_REG,
+        Kind::Directory => libc::DT_DIR,
+        Kind::Symlink => libc::DT_LNK,
+        Kind::Fifo => libc::DT_FIFO,
+        Kind::Socket => libc::DT_SOCK,
+        Kind::CharDevice => libc::DT_CHR,
+        Kind::BlockDevice => libc::DT_BLK,
+    })
+}
+
+fn attributes(ino: Ino, attr: &Attr) -> Attributes {
+    let time = |t: Timestamp| (t.secs, t.nanos);
+    Attributes {
+        ino,
         size: attr.size,
         blocks: attr.size.div_ceil(512),
-        atime: system_time(attr.atime),
-        mtime: system_time(attr.mtime),
-        ctime: system_time(attr.ctime),
-        crtime: system_time(attr.mtime),
-        kind: file_type(attr.kind),
-        perm: attr.perm,
+        atime: time(attr.atime),
+        mtime: time(attr.mtime),
+        ctime: time(attr.ctime),
+        mode: type_bits(attr.kind) | u32::from(attr.perm),
         nlink: attr.nlink,
         uid: attr.uid,
         gid: attr.gid,
         rdev: attr.rdev,
         blksize: IO_BLOCK,
-        flags: 0,
     }
 }
 
-impl Shared {
-    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.volume.runtime().spawn(task);
-    }
-
-    fn reply_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
-        match result {
-            Ok(entry) => reply.entry(
-                &entry.ttl,
-                &file_attr(entry.ino, &entry.attr),
-                Generation(0),
-            ),
-            // A negative entry: the kernel remembers the name is absent for the metadata TTL.
-            Err(e) if e.errno() == libc::ENOENT => {
-                let mut absent = file_attr(0, &placeholder_attr());
-                absent.ino = INodeNo(0);
-                reply.entry(&self.volume.kernel_ttl(), &absent, Generation(0));
-            }
-            Err(e) => {
-                log_error("lookup", parent, &e);
-                reply.error(errno(&e));
-            }
-        }
-    }
-
-    fn reply_attr(reply: ReplyAttr, ino: Ino, result: Result<Entry, FsError>) {
-        match result {
-            Ok(entry) => reply.attr(&entry.ttl, &file_attr(entry.ino, &entry.attr)),
-            Err(e) => {
-                log_error("getattr", ino, &e);
-                reply.error(errno(&e));
-            }
-        }
-    }
-
-    /// Chooses how the kernel reads an opened file and replies.
-    fn reply_open(&self, reply: ReplyOpen, ino: Ino, result: Result<Arc<OpenFile>, FsError>) {
-        let file = match result {
-            Ok(file) => file,
-            Err(e) => {
-                log_error("open", ino, &e);
-                return reply.error(errno(&e));
-            }
-        };
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
-        let io = inodes.entry(ino).or_default();
-        if file.writable && !io.writable() {
-            // The kernel would make this open passthrough too, and its writes would land in the
-            // cache file instead of the source: refuse, as for a running executable.
-            drop(inodes);
-            tracing::warn!(
-                ino,
-                "refusing to open for writing a file that is being read through passthrough (ETXTBSY)"
-            );
-            self.volume.runtime().spawn({
-                let volume = self.volume.clone();
-                async move { volume.release(&file).await }
-            });
-            return reply.error(Errno::ETXTBSY);
-        }
-        let backing = match &mut io.backing {
-            // The kernel requires every open of an inode in passthrough mode to use it.
-            Some((backing, count)) => {
-                *count += 1;
-                Some(backing.clone())
-            }
-            None if file.writable => self.source_backing(io, &file, |fd| reply.open_backing(fd)),
-            None if file.passthrough_ready
-                && io.daemon_opens == 0
-                && self.passthrough.load(Ordering::Relaxed) =>
-            {
-                let opened = file
-                    .lease
-                    .as_ref()
-                    .and_then(|lease| lease.data_file())
-                    .map(|data| reply.open_backing(data));
-                match opened {
-                    Some(Ok(id)) => {
-                        let id = Arc::new(id);
-                        io.backing = Some((id.clone(), 1));
-                        Some(id)
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
-                        self.passthrough.store(false, Ordering::Relaxed);
-                        None
-                    }
-                    None => None,
-                }
-            }
-            None => None,
-        };
-        if backing.is_none() {
-            io.daemon_opens += 1;
-        }
-        let through_source = io.backing_is_source;
-        drop(inodes);
-        let passthrough = backing.is_some();
-        if passthrough && file.writable {
-            self.volume.direct_writer(ino, true);
-        } else if passthrough && !through_source {
-            self.volume.note_passthrough(&file);
-        }
-        let mut flags = open_flags(&file);
-        if passthrough {
-            // The kernel refuses KEEP_CACHE together with passthrough.
-            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
-        }
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(handle, OpenHandle { file, passthrough });
-        match backing {
-            Some(id) => reply.opened_passthrough(FileHandle(handle), flags, &id),
-            None => reply.opened(FileHandle(handle), flags),
-        }
-    }
-
-    /// For a writer of an inode nobody else has open: the source file itself as the backing
-    /// file, so that the kernel writes to it directly (a directory source). Readers that open
-    /// the inode meanwhile share it, so they read the source's current bytes too.
-    fn source_backing(
-        &self,
-        io: &mut InodeIo,
-        file: &OpenFile,
-        open_backing: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
-        if io.daemon_opens > 0 || !self.passthrough.load(Ordering::Relaxed) {
-            return None;
-        }
-        let fd = self.volume.open_direct_writer(file)?;
-        match open_backing(&fd) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                io.backing = Some((id.clone(), 1));
-                io.backing_is_source = true;
-                Some(id)
-            }
-            Err(e) => {
-                // E.g. a source directory on a stacked file system (overlayfs): this writer is
-                // served by the daemon; cached files may still pass through.
-                tracing::debug!(ino = file.ino, error = %e, "the kernel refused the source file as a passthrough backing file");
-                None
-            }
-        }
-    }
-
-    /// Registers a file opened by `create` (served by the daemon, or written through to the
-    /// source file as [`Shared::source_backing`] allows) and replies.
-    fn reply_create(
-        &self,
-        reply: ReplyCreate,
-        parent: Ino,
-        result: Result<(Entry, Arc<OpenFile>), FsError>,
-    ) {
-        let (entry, file) = match result {
-            Ok(created) => created,
-            Err(e) => {
-                log_error("create", parent, &e);
-                return reply.error(errno(&e));
-            }
-        };
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
-        let io = inodes.entry(entry.ino).or_default();
-        let shareable = io.backing_is_source;
-        let backing = match &mut io.backing {
-            Some((backing, count)) if shareable => {
-                *count += 1;
-                Some(backing.clone())
-            }
-            Some(_) => None,
-            None => self.source_backing(io, &file, |fd| reply.open_backing(fd)),
-        };
-        if backing.is_none() {
-            io.daemon_opens += 1;
-        }
-        drop(inodes);
-        let passthrough = backing.is_some();
-        if passthrough {
-            self.volume.direct_writer(entry.ino, true);
-        }
-        let mut flags = open_flags(&file);
-        if passthrough {
-            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
-        }
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(handle, OpenHandle { file, passthrough });
-        let attr = file_attr(entry.ino, &entry.attr);
-        match backing {
-            Some(id) => reply.created_passthrough(
-                &entry.ttl,
-                &attr,
-                Generation(0),
-                FileHandle(handle),
-                flags,
-                &id,
-            ),
-            None => reply.created(&entry.ttl, &attr, Generation(0), FileHandle(handle), flags),
-        }
-    }
-
-    fn handle(&self, fh: FileHandle) -> Option<OpenHandle> {
-        self.files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-            .cloned()
-    }
-
-    /// Replies to a request whose answer is only success or an errno.
-    fn reply_empty(reply: ReplyEmpty, op: &'static str, ino: Ino, result: Result<(), FsError>) {
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                log_error(op, ino, &e);
-                reply.error(errno(&e));
-            }
-        }
-    }
-
-    fn release_file(&self, handle: u64) -> Option<Arc<OpenFile>> {
-        let open = self
-            .files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&handle)?;
-        let ino = open.file.ino;
-        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(io) = inodes.get_mut(&ino) else {
-            return Some(open.file);
-        };
-        if open.passthrough {
-            if open.file.writable {
-                self.volume.direct_writer(ino, false);
-            }
-            if let Some((_, count)) = &mut io.backing {
-                *count -= 1;
-                if *count == 0 {
-                    io.backing = None;
-                    io.backing_is_source = false;
-                }
-            }
-        } else {
-            io.daemon_opens = io.daemon_opens.saturating_sub(1);
-        }
-        if io.backing.is_none() && io.daemon_opens == 0 {
-            inodes.remove(&ino);
-        }
-        Some(open.file)
-    }
-
-    fn open_dir(&self, reply: ReplyOpen, ino: Ino, result: Result<Vec<ListedEntry>, FsError>) {
-        match result {
-            Ok(entries) => {
-                let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                self.dirs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(handle, Arc::new(entries));
-                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                if self.volume.metadata_ttl() == Ttl::Forever {
-                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(handle), flags);
-            }
-            Err(e) => {
-                log_error("opendir", ino, &e);
-                reply.error(errno(&e));
-            }
-        }
-    }
-
-    fn read_write(&self) -> bool {
-        self.volume.read_write()
-    }
-
-    /// Replies to mkdir and symlink.
-    fn reply_created_entry(&self, reply: ReplyEntry, parent: Ino, result: Result<Entry, FsError>) {
-        match result {
-            Ok(entry) => reply.entry(
-                &entry.ttl,
-                &file_attr(entry.ino, &entry.attr),
-                Generation(0),
-            ),
-            Err(e) => {
-                log_error("create", parent, &e);
-                reply.error(errno(&e));
-            }
-        }
-    }
-
-    fn listing(&self, handle: FileHandle) -> Option<Arc<Vec<ListedEntry>>> {
-        self.dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&handle.0)
-            .cloned()
-    }
-
-    /// The parent of a directory, for `..`.
-    fn parent_of(&self, ino: Ino) -> Ino {
-        if ino == ROOT {
-            return ROOT;
-        }
-        self.volume.parent_of(ino).unwrap_or(ROOT)
+fn entry_out(entry: &Entry) -> EntryOut {
+    EntryOut {
+        nodeid: entry.ino,
+        ttl: entry.ttl,
+        attr: attributes(entry.ino, &entry.attr),
     }
 }
 
 /// How the kernel is to treat an opened file. Writers need FLUSH (close commits); readers of
-/// a read-only file do not.
-fn open_flags(file: &OpenFile) -> FopenFlags {
-    let mut flags = FopenFlags::empty();
+/// a read-only file do not. The kernel refuses KEEP_CACHE together with passthrough.
+fn open_flags(file: &OpenFile, mode: OpenMode) -> u32 {
+    let mut flags = 0;
     if !file.writable {
-        flags |= FopenFlags::FOPEN_NOFLUSH;
+        flags |= fopen::NOFLUSH;
     }
-    if file.keep_cache && !file.passthrough_ready {
-        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    if file.keep_cache && !file.passthrough_ready && mode == OpenMode::Daemon {
+        flags |= fopen::KEEP_CACHE;
     }
     flags
 }
 
-fn owner(req: &Request) -> Owner {
-    Owner {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
-}
-
-fn time_change(time: Option<TimeOrNow>) -> Option<SetTime> {
-    time.map(|t| match t {
-        TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(at) => {
-            let (secs, nanos) = match at.duration_since(UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-                Err(before) => {
-                    let d = before.duration();
-                    (
-                        -(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0),
-                        (1_000_000_000 - d.subsec_nanos()) % 1_000_000_000,
-                    )
-                }
-            };
-            SetTime::At(Timestamp { secs, nanos })
-        }
+fn set_time(change: Option<TimeChange>) -> Option<SetTime> {
+    change.map(|t| match t {
+        TimeChange::Now => SetTime::Now,
+        TimeChange::At { secs, nanos } => SetTime::At(Timestamp { secs, nanos }),
     })
 }
 
-/// Attributes for a negative entry, which the kernel ignores.
-fn placeholder_attr() -> Attr {
-    Attr {
-        kind: Kind::File,
-        size: 0,
-        perm: 0,
-        uid: 0,
-        gid: 0,
-        nlink: 0,
-        rdev: 0,
-        fileid: 0,
-        atime: Timestamp::default(),
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-    }
+/// The id a request had when first sent (a resent one has [`UNIQUE_RESEND`] set).
+fn original_unique(unique: u64) -> u64 {
+    unique & !UNIQUE_RESEND
 }
 
-impl Filesystem for FuseAdapter {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_MAX_PAGES
-            | InitFlags::FUSE_ASYNC_READ;
-        if self.shared.volume.metadata_ttl() != Ttl::Forever {
-            wanted |= InitFlags::FUSE_AUTO_INVAL_DATA;
+impl FuseAdapter {
+    fn new(volume: Arc<Volume>, handles: Handles, passthrough: bool) -> Self {
+        FuseAdapter {
+            volume,
+            handles,
+            passthrough: AtomicBool::new(passthrough),
         }
-        for flag in wanted.iter() {
-            if config.add_capabilities(flag).is_err() {
-                tracing::debug!(?flag, "kernel does not offer this FUSE capability");
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.volume
+            .runtime()
+            .spawn(task.instrument(tracing::Span::current()));
+    }
+
+    /// Replies with what the core knows already, on this thread; or asks the source on the
+    /// runtime and replies when it answers, leaving this thread free for cached requests.
+    fn answer<T, Ask, Fut>(
+        self: &Arc<Self>,
+        known: Option<T>,
+        reply: Reply,
+        ask: Ask,
+        finish: impl FnOnce(&Arc<FuseAdapter>, Reply, T) + Send + 'static,
+    ) where
+        T: Send + 'static,
+        Ask: FnOnce(Arc<Volume>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send,
+    {
+        match known {
+            Some(value) => finish(self, reply, value),
+            None => {
+                let this = self.clone();
+                self.spawn(async move {
+                    let value = ask(this.volume.clone()).await;
+                    finish(&this, reply, value);
+                });
             }
         }
-        if self.shared.passthrough.load(Ordering::Relaxed) {
-            let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(1).is_ok();
-            if !enabled {
-                tracing::info!(
-                    "kernel offers no FUSE passthrough; cached files are served by the daemon"
+    }
+
+    fn reply_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => {
+                self.volume.persist_inodes();
+                reply.entry(&entry_out(&entry));
+            }
+            // A negative entry: the kernel remembers the name is absent for the metadata TTL.
+            Err(e) if e.errno() == libc::ENOENT => reply.entry(&EntryOut {
+                nodeid: 0,
+                ttl: self.volume.kernel_ttl(),
+                attr: Attributes::default(),
+            }),
+            Err(e) => reply_error(reply, "lookup", parent, &e),
+        }
+    }
+
+    fn reply_attr(reply: Reply, ino: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => reply.attr(entry.ttl, &attributes(entry.ino, &entry.attr)),
+            Err(e) => reply_error(reply, "getattr", ino, &e),
+        }
+    }
+
+    /// Decides how the kernel reads (or writes) an opened file, registers the handle and
+    /// replies; `entry` makes it a CREATE reply.
+    fn reply_open(
+        self: &Arc<Self>,
+        reply: Reply,
+        ino: Ino,
+        result: Result<Arc<OpenFile>, FsError>,
+        entry: Option<Entry>,
+        may_wait: bool,
+    ) {
+        let file = match result {
+            Ok(file) => file,
+            Err(e) => return reply_error(reply, "open", ino, &e),
+        };
+        // A writer of a directory source may write to the source file directly. Opened before
+        // the decision, outside the lock: the source may be a network mount that hangs.
+        let source_file = (file.writable && self.passthrough.load(Ordering::Relaxed))
+            .then(|| self.volume.open_direct_writer(&file))
+            .flatten();
+        let mut opens = self.handles.opens.lock().unwrap_or_else(|p| p.into_inner());
+        let mode = match opens.decide(ino, file.writable) {
+            Decision::Refuse if may_wait => {
+                // The reader may have just closed: the kernel sends RELEASE in the background,
+                // and another thread may read this OPEN first. Give it a moment.
+                drop(opens);
+                let this = self.clone();
+                self.spawn(async move {
+                    tokio::time::sleep(RELEASE_GRACE).await;
+                    this.reply_open(reply, ino, Ok(file), entry, false);
+                });
+                return;
+            }
+            Decision::Refuse => {
+                // The kernel would make this open passthrough too, and its writes would land in
+                // the cache file instead of the source: refuse, as for a running executable.
+                drop(opens);
+                tracing::warn!(
+                    ino,
+                    "refusing to open for writing a file that is being read through passthrough (ETXTBSY)"
                 );
-                self.shared.passthrough.store(false, Ordering::Relaxed);
+                let volume = self.volume.clone();
+                self.spawn(async move { volume.release(&file).await });
+                return reply.error(libc::ETXTBSY);
+            }
+            Decision::Share { backing, kind } => OpenMode::Passthrough { backing, kind },
+            Decision::Daemon => OpenMode::Daemon,
+            Decision::Free => self.new_backing(&reply, &file, source_file),
+        };
+        opens.record(ino, mode);
+        drop(opens);
+        match mode {
+            OpenMode::Passthrough { .. } if file.writable => self.volume.direct_writer(ino, true),
+            OpenMode::Passthrough {
+                kind: BackingKind::Cache,
+                ..
+            } => self.volume.note_passthrough(&file),
+            _ => {}
+        }
+        let flags = open_flags(&file, mode);
+        let unique = original_unique(reply.unique());
+        let fh = self.handles.insert_file(unique, ino, mode, file);
+        send_open(reply, fh, flags, mode, entry);
+    }
+
+    /// A backing file for an open that nothing constrains: the source file for a writer (a
+    /// directory source), the complete cache file for a reader; or none (the daemon serves).
+    fn new_backing(
+        &self,
+        reply: &Reply,
+        file: &OpenFile,
+        source_file: Option<std::os::fd::OwnedFd>,
+    ) -> OpenMode {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return OpenMode::Daemon;
+        }
+        if let Some(source_file) = source_file {
+            return match reply.channel().open_backing(source_file.as_fd()) {
+                Ok(backing) => OpenMode::Passthrough {
+                    backing,
+                    kind: BackingKind::Source,
+                },
+                Err(e) => {
+                    // E.g. a source directory on a stacked file system (overlayfs): this writer
+                    // is served by the daemon; cached files may still pass through.
+                    tracing::debug!(ino = file.ino, error = %e, "the kernel refused the source file as a passthrough backing file");
+                    OpenMode::Daemon
+                }
+            };
+        }
+        if file.writable || !file.passthrough_ready {
+            return OpenMode::Daemon;
+        }
+        let Some(data) = file.lease.as_ref().and_then(|lease| lease.data_file()) else {
+            return OpenMode::Daemon;
+        };
+        match reply.channel().open_backing(data.as_fd()) {
+            Ok(backing) => OpenMode::Passthrough {
+                backing,
+                kind: BackingKind::Cache,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
+                self.passthrough.store(false, Ordering::Relaxed);
+                OpenMode::Daemon
             }
         }
-        let _ = config.set_max_background(MAX_BACKGROUND);
-        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+    }
+
+    /// Answers a resent OPEN or CREATE that an earlier process had answered already (the
+    /// kernel never got that answer) with the same handle; `false` if it had not.
+    fn answer_again(&self, reply: Reply, create: bool) -> Result<(), Reply> {
+        if reply.unique() & UNIQUE_RESEND == 0 {
+            return Err(reply);
+        }
+        let Some((fh, handle)) = self.handles.answered(original_unique(reply.unique())) else {
+            return Err(reply);
+        };
+        let entry = match create {
+            true => match self.volume.known_entry(handle.ino) {
+                Some(entry) => Some(entry),
+                None => return Err(reply),
+            },
+            false => None,
+        };
+        tracing::info!(
+            fh,
+            ino = handle.ino,
+            "answering a resent open with the handle given before the restart"
+        );
+        let flags = if handle.writable { 0 } else { fopen::NOFLUSH };
+        send_open(reply, fh, flags, handle.mode, entry);
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let parent = parent.0;
-        let name = name.as_bytes();
-        let known = self.shared.volume.try_lookup(parent, name);
-        let name = name.to_vec();
-        self.answer(
-            known,
-            reply,
-            move |shared| async move { shared.volume.lookup(parent, &name).await },
-            move |shared, reply, result| shared.reply_entry(reply, parent, result),
-        );
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ino = ino.0;
-        self.answer(
-            self.shared.volume.try_getattr(ino),
-            reply,
-            move |shared| async move { shared.volume.getattr(ino).await },
-            move |_, reply, result| Shared::reply_attr(reply, ino, result),
-        );
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let ino = ino.0;
-        self.answer(
-            self.shared.volume.try_read_link(ino),
-            reply,
-            move |shared| async move { shared.volume.read_link(ino).await },
-            move |_, reply, result| match result {
-                Ok(target) => reply.data(&target),
-                Err(e) => {
-                    log_error("readlink", ino, &e);
-                    reply.error(errno(&e));
-                }
-            },
-        );
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // O_TRUNC arrives as a separate SETATTR (no atomic O_TRUNC), which a read-only volume
-        // refuses.
-        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        let ino = ino.0;
-        self.answer(
-            self.shared.volume.try_open_file(ino, writable),
-            reply,
-            move |shared| async move { shared.volume.open_file(ino, writable).await },
-            move |shared, reply, result| shared.reply_open(reply, ino, result),
-        );
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let Some(open) = self
-            .shared
-            .files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-            .cloned()
-        else {
-            return reply.error(Errno::EBADF);
-        };
-        let volume = &self.shared.volume;
-        if let Some(data) = volume.try_read(&open.file, offset, size) {
-            return reply.data(&data);
+    /// The open file of a handle, rebuilt (after a restart) if needed.
+    async fn open_file_of(&self, handle: &FileHandle) -> Result<Arc<OpenFile>, FsError> {
+        if let Some(file) = handle.file() {
+            return Ok(file.clone());
         }
-        let volume = volume.clone();
-        self.shared.spawn(async move {
-            match volume.read(&open.file, offset, size).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    log_error("read", ino.0, &e);
-                    reply.error(errno(&e));
+        let file = self.volume.open_file(handle.ino, handle.writable).await?;
+        Ok(handle.set_file(file))
+    }
+
+    fn release(&self, reply: Reply, fh: u64) {
+        if let Some(handle) = self.handles.remove_file(fh) {
+            let closed = self
+                .handles
+                .opens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(handle.ino, handle.mode);
+            if let Some(backing) = closed {
+                if let Err(e) = reply.channel().close_backing(backing) {
+                    tracing::warn!(backing, error = %e, "cannot close a passthrough backing file");
                 }
             }
-        });
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        if let Some(file) = self.shared.release_file(fh.0).filter(|f| f.writable) {
-            let volume = self.shared.volume.clone();
-            self.shared
-                .spawn(async move { volume.release(&file).await });
+            if handle.writable {
+                if let OpenMode::Passthrough { .. } = handle.mode {
+                    self.volume.direct_writer(handle.ino, false);
+                }
+                if let Some(file) = handle.file().cloned() {
+                    let volume = self.volume.clone();
+                    self.spawn(async move { volume.release(&file).await });
+                }
+            }
         }
         reply.ok();
     }
 
-    // Every close() of a written file flushes: that is where written data becomes durable
-    // (close-to-open consistency). Readers never flush (FOPEN_NOFLUSH).
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _lo: LockOwner,
-        reply: ReplyEmpty,
+    fn commit(self: &Arc<Self>, reply: Reply, ino: Ino, fh: u64, op: &'static str) {
+        let Some(handle) = self.handles.file(fh).filter(|h| h.writable) else {
+            return reply.ok();
+        };
+        let this = self.clone();
+        self.spawn(async move {
+            let result = match this.open_file_of(&handle).await {
+                Ok(file) => this.volume.commit(&file).await,
+                Err(e) => Err(e),
+            };
+            reply_empty(reply, op, ino, result);
+        });
+    }
+
+    fn read(self: &Arc<Self>, reply: Reply, ino: Ino, fh: u64, offset: u64, size: u32) {
+        let Some(handle) = self.handles.file(fh) else {
+            return reply.error(libc::EBADF);
+        };
+        if let Some(file) = handle.file() {
+            if let Some(data) = self.volume.try_read(file, offset, size) {
+                return reply.data(&data);
+            }
+        }
+        let this = self.clone();
+        self.spawn(async move {
+            let result = match this.open_file_of(&handle).await {
+                Ok(file) => this.volume.read(&file, offset, size).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply_error(reply, "read", ino, &e),
+            }
+        });
+    }
+
+    fn write(self: &Arc<Self>, reply: Reply, ino: Ino, fh: u64, offset: u64, data: &[u8]) {
+        let Some(handle) = self.handles.file(fh) else {
+            return reply.error(libc::EBADF);
+        };
+        // A directory source writes straight from the kernel's buffer, on this thread.
+        if let Some(file) = handle.file() {
+            if let Some(result) = self.volume.try_write(file, offset, data) {
+                return match result {
+                    Ok(written) => reply.written(written),
+                    Err(e) => reply_error(reply, "write", ino, &e),
+                };
+            }
+        }
+        // Otherwise the bytes are copied once, into the buffer the write owns until it lands.
+        let (this, data) = (self.clone(), data.to_vec());
+        self.spawn(async move {
+            let result = match this.open_file_of(&handle).await {
+                Ok(file) => this.volume.write(&file, offset, data).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(written) => reply.written(written),
+                Err(e) => reply_error(reply, "write", ino, &e),
+            }
+        });
+    }
+
+    fn open_dir(&self, reply: Reply, ino: Ino, result: Result<Vec<ListedEntry>, FsError>) {
+        match result {
+            Ok(entries) => {
+                let fh = self.handles.next_handle();
+                self.handles.insert_dir(fh, Arc::new(entries));
+                let mut flags = fopen::CACHE_DIR;
+                if self.volume.metadata_ttl() == Ttl::Forever {
+                    flags |= fopen::KEEP_CACHE;
+                }
+                reply.opened(&OpenOut {
+                    fh,
+                    flags,
+                    backing_id: None,
+                });
+            }
+            Err(e) => reply_error(reply, "opendir", ino, &e),
+        }
+    }
+
+    /// Lists an open directory from `offset`. A handle an earlier process opened is listed
+    /// again (the listing is the same unless the source changed).
+    fn read_dir(
+        self: &Arc<Self>,
+        reply: Reply,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        plus: bool,
     ) {
-        self.commit(ino.0, fh, "flush", reply);
-    }
-
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
-        self.commit(ino.0, fh, "fsync", reply);
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ino = ino.0;
+        if let Some(entries) = self.handles.dir(fh) {
+            return self.fill_dir(reply, ino, &entries, offset, size, plus);
+        }
         self.answer(
-            self.shared.volume.try_list(ino),
+            self.volume.try_list(ino),
             reply,
-            move |shared| async move { shared.volume.list(ino).await },
-            move |shared, reply, result| shared.open_dir(reply, ino, result),
+            move |volume| async move { volume.list(ino).await },
+            move |this, reply, result| match result {
+                Ok(entries) => {
+                    let entries = Arc::new(entries);
+                    this.handles.insert_dir(fh, entries.clone());
+                    this.fill_dir(reply, ino, &entries, offset, size, plus);
+                }
+                Err(e) => reply_error(reply, "readdir", ino, &e),
+            },
         );
     }
 
-    fn readdir(
+    fn fill_dir(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
+        reply: Reply,
+        ino: Ino,
+        entries: &[ListedEntry],
         offset: u64,
-        mut reply: ReplyDirectory,
+        size: u32,
+        plus: bool,
     ) {
-        let Some(entries) = self.shared.listing(fh) else {
-            return reply.error(Errno::EBADF);
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            self.volume.parent_of(ino).unwrap_or(ROOT)
         };
-        let parent = self.shared.parent_of(ino.0);
         let dots = [
-            (ino.0, FileType::Directory, &b"."[..]),
-            (parent, FileType::Directory, &b".."[..]),
+            (ino, Kind::Directory, &b"."[..]),
+            (parent, Kind::Directory, &b".."[..]),
         ];
-        let listed = entries
-            .iter()
-            .map(|e| (e.ino, file_type(e.kind), &e.name[..]));
+        let listed = entries.iter().map(|e| (e.ino, e.kind, &e.name[..]));
+        if plus {
+            self.volume.persist_inodes();
+        }
+        let mut buffer = DirectoryBuffer::new(size);
         for (index, (child, kind, name)) in dots
             .into_iter()
             .chain(listed)
             .enumerate()
             .skip(offset as usize)
         {
-            if reply.add(
-                INodeNo(child),
-                index as u64 + 1,
-                kind,
-                OsStr::from_bytes(name),
-            ) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let Some(entries) = self.shared.listing(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        let volume = &self.shared.volume;
-        let parent = self.shared.parent_of(ino.0);
-        let dots = [(ino.0, &b"."[..]), (parent, &b".."[..])];
-        let listed = entries.iter().map(|e| (e.ino, &e.name[..]));
-        for (index, (child, name)) in dots
-            .into_iter()
-            .chain(listed)
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let Some(entry) = volume.known_entry(child) else {
-                continue;
+            let next = index as u64 + 1;
+            let added = if plus {
+                let Some(entry) = self.volume.known_entry(child) else {
+                    continue;
+                };
+                buffer.add_plus(&entry_out(&entry), next, dirent_type(kind), name)
+            } else {
+                buffer.add(child, next, dirent_type(kind), name)
             };
-            let full = reply.add(
-                INodeNo(child),
-                index as u64 + 1,
-                OsStr::from_bytes(name),
-                &entry.ttl,
-                &file_attr(child, &entry.attr),
-                Generation(0),
-            );
-            if full {
+            if !added {
                 break;
             }
         }
-        reply.ok();
+        reply.data(buffer.bytes());
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.shared
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, reply: Reply) {
         const BLOCK: u64 = 4096;
-        let status = self.shared.volume.status();
+        let status = self.volume.status();
         let (total, free) = match status.cache {
             Some(usage) => (usage.capacity, usage.capacity.saturating_sub(usage.used)),
             None => (0, 0),
         };
-        reply.statfs(
-            total / BLOCK,
-            free / BLOCK,
-            free / BLOCK,
-            status.nodes_known,
-            0,
-            BLOCK as u32,
-            255,
-            BLOCK as u32,
+        reply.statfs(&StatfsOut {
+            blocks: total / BLOCK,
+            bfree: free / BLOCK,
+            bavail: free / BLOCK,
+            files: status.nodes_known,
+            ffree: 0,
+            bsize: BLOCK as u32,
+            namelen: 255,
+            frsize: BLOCK as u32,
+        });
+    }
+
+    /// The answer to a change a read-only volume cannot make, or that no volume makes.
+    fn refuse_change(&self, reply: Reply, on_read_write: i32) {
+        reply.error(if self.volume.read_write() {
+            on_read_write
+        } else {
+            libc::EROFS
+        });
+    }
+
+    fn dispatch(self: &Arc<Self>, request: Request<'_>, reply: Reply) {
+        let header = request.header;
+        let (ino, owner) = (
+            header.nodeid,
+            Owner {
+                uid: header.uid,
+                gid: header.gid,
+            },
         );
-    }
-
-    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) && !self.shared.read_write() {
-            return reply.error(Errno::EROFS);
-        }
-        reply.ok();
-    }
-
-    // Extended attributes are not served: ENOSYS makes the kernel stop asking.
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    // Changes go to the core, which refuses them with EROFS on a read-only volume (whose mount
-    // is read-only too, so the kernel refuses them first).
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let changes = SetAttr {
-            perm: mode.map(|m| (m & 0o7777) as u16),
-            uid,
-            gid,
-            size,
-            atime: time_change(atime),
-            mtime: time_change(mtime),
-        };
-        let (ino, shared) = (ino.0, self.shared.clone());
-        self.shared.spawn(async move {
-            Shared::reply_attr(reply, ino, shared.volume.setattr(ino, changes).await);
-        });
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
-        reply: ReplyEntry,
-    ) {
-        // Device nodes, FIFOs and sockets have no place in a dataset volume.
-        reply.error(if self.shared.read_write() {
-            Errno::EPERM
-        } else {
-            Errno::EROFS
-        });
-    }
-
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
-        let (parent, name) = (parent.0, name.as_bytes().to_vec());
-        let (perm, owner) = ((mode & !umask & 0o7777) as u16, owner(req));
-        let shared = self.shared.clone();
-        self.shared.spawn(async move {
-            let result = shared.volume.mkdir(parent, &name, perm, owner).await;
-            shared.reply_created_entry(reply, parent, result);
-        });
-    }
-
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent.0, name, false, reply);
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent.0, name, true, reply);
-    }
-
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        let (parent, name) = (parent.0, name.as_bytes().to_vec());
-        let (target, owner) = (target.as_os_str().as_bytes().to_vec(), owner(req));
-        let shared = self.shared.clone();
-        self.shared.spawn(async move {
-            let result = shared.volume.symlink(parent, &name, &target, owner).await;
-            shared.reply_created_entry(reply, parent, result);
-        });
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        new_parent: INodeNo,
-        new_name: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        if !flags.is_empty() {
-            // RENAME_NOREPLACE and RENAME_EXCHANGE cannot be done atomically on the source.
-            return reply.error(Errno::EINVAL);
-        }
-        let (parent, new_parent) = (parent.0, new_parent.0);
-        let (name, new_name) = (name.as_bytes().to_vec(), new_name.as_bytes().to_vec());
-        let shared = self.shared.clone();
-        self.shared.spawn(async move {
-            let result = shared
-                .volume
-                .rename(parent, &name, new_parent, &new_name)
-                .await;
-            Shared::reply_empty(reply, "rename", parent, result);
-        });
-    }
-
-    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        // Hard links would give one file two names in the cache's view; not supported.
-        reply.error(if self.shared.read_write() {
-            Errno::EPERM
-        } else {
-            Errno::EROFS
-        });
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _wf: WriteFlags,
-        _flags: OpenFlags,
-        _lo: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let Some(open) = self.shared.handle(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        // A directory source writes straight from the kernel's buffer, on this thread.
-        if let Some(result) = self.shared.volume.try_write(&open.file, offset, data) {
-            return match result {
-                Ok(written) => reply.written(written),
-                Err(e) => {
-                    log_error("write", ino.0, &e);
-                    reply.error(errno(&e));
-                }
-            };
-        }
-        // Otherwise the bytes are copied once, into the buffer the write owns until it lands.
-        let (volume, data) = (self.shared.volume.clone(), data.to_vec());
-        self.shared.spawn(async move {
-            match volume.write(&open.file, offset, data).await {
-                Ok(written) => reply.written(written),
-                Err(e) => {
-                    log_error("write", ino.0, &e);
-                    reply.error(errno(&e));
-                }
+        match request.operation {
+            Operation::Lookup { name } => {
+                let known = self.volume.try_lookup(ino, name);
+                let name = name.to_vec();
+                self.answer(
+                    known,
+                    reply,
+                    move |volume| async move { volume.lookup(ino, &name).await },
+                    move |this, reply, result| this.reply_entry(reply, ino, result),
+                );
             }
+            Operation::Getattr { .. } => self.answer(
+                self.volume.try_getattr(ino),
+                reply,
+                move |volume| async move { volume.getattr(ino).await },
+                move |_, reply, result| Self::reply_attr(reply, ino, result),
+            ),
+            Operation::Readlink => self.answer(
+                self.volume.try_read_link(ino),
+                reply,
+                move |volume| async move { volume.read_link(ino).await },
+                move |_, reply, result| match result {
+                    Ok(target) => reply.data(&target),
+                    Err(e) => reply_error(reply, "readlink", ino, &e),
+                },
+            ),
+            Operation::Open { flags } => {
+                let Err(reply) = self.answer_again(reply, false) else {
+                    return;
+                };
+                // O_TRUNC arrives as a separate SETATTR (no atomic O_TRUNC), which a read-only
+                // volume refuses.
+                let writable = flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32;
+                let volume = self.volume.clone();
+                self.answer(
+                    self.volume.try_open_file(ino, writable),
+                    reply,
+                    move |_| async move { volume.open_file(ino, writable).await },
+                    move |this, reply, result| this.reply_open(reply, ino, result, None, true),
+                );
+            }
+            Operation::Read { fh, offset, size } => self.read(reply, ino, fh, offset, size),
+            Operation::Write { fh, offset, data } => self.write(reply, ino, fh, offset, data),
+            Operation::Release { fh } => self.release(reply, fh),
+            // Every close() of a written file flushes: that is where written data becomes
+            // durable (close-to-open consistency). Readers never flush (FOPEN_NOFLUSH).
+            Operation::Flush { fh } => self.commit(reply, ino, fh, "flush"),
+            Operation::Fsync { fh } => self.commit(reply, ino, fh, "fsync"),
+            Operation::Opendir => self.answer(
+                self.volume.try_list(ino),
+                reply,
+                move |volume| async move { volume.list(ino).await },
+                move |this, reply, result| this.open_dir(reply, ino, result),
+            ),
+            Operation::Readdir {
+                fh,
+                offset,
+                size,
+                plus,
+            } => self.read_dir(reply, ino, fh, offset, size, plus),
+            Operation::Releasedir { fh } => {
+                self.handles.remove_dir(fh);
+                reply.ok();
+            }
+            Operation::Fsyncdir | Operation::Destroy => reply.ok(),
+            Operation::Statfs => self.statfs(reply),
+            Operation::Access { mask } => {
+                if mask & libc::W_OK as u32 != 0 && !self.volume.read_write() {
+                    return reply.error(libc::EROFS);
+                }
+                reply.ok();
+            }
+            // Extended attributes are not served: ENOSYS makes the kernel stop asking.
+            Operation::Getxattr | Operation::Listxattr | Operation::Lseek { .. } => {
+                reply.error(libc::ENOSYS)
+            }
+            Operation::Setxattr | Operation::Removexattr => {
+                self.refuse_change(reply, libc::ENOTSUP)
+            }
+            Operation::Fallocate => self.refuse_change(reply, libc::EOPNOTSUPP),
+            // Device nodes, FIFOs and sockets have no place in a dataset volume; hard links
+            // would give one file two names in the cache's view.
+            Operation::Mknod { .. } | Operation::Link { .. } => {
+                self.refuse_change(reply, libc::EPERM)
+            }
+            // Changes go to the core, which refuses them with EROFS on a read-only volume
+            // (whose mount is read-only too, so the kernel refuses them first).
+            Operation::Setattr(set) => self.setattr(reply, ino, set),
+            Operation::Mkdir { name, mode, umask } => {
+                let (name, perm) = (name.to_vec(), (mode & !umask & 0o7777) as u16);
+                let this = self.clone();
+                self.spawn(async move {
+                    let result = this.volume.mkdir(ino, &name, perm, owner).await;
+                    this.reply_created_entry(reply, ino, result);
+                });
+            }
+            Operation::Symlink { name, target } => {
+                let (name, target) = (name.to_vec(), target.to_vec());
+                let this = self.clone();
+                self.spawn(async move {
+                    let result = this.volume.symlink(ino, &name, &target, owner).await;
+                    this.reply_created_entry(reply, ino, result);
+                });
+            }
+            Operation::Unlink { name } => self.remove(reply, ino, name, false),
+            Operation::Rmdir { name } => self.remove(reply, ino, name, true),
+            Operation::Rename {
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                if flags != 0 {
+                    // RENAME_NOREPLACE and RENAME_EXCHANGE cannot be done atomically on the
+                    // source.
+                    return reply.error(libc::EINVAL);
+                }
+                let (name, new_name) = (name.to_vec(), new_name.to_vec());
+                let volume = self.volume.clone();
+                self.spawn(async move {
+                    let result = volume.rename(ino, &name, new_parent, &new_name).await;
+                    reply_empty(reply, "rename", ino, result);
+                });
+            }
+            Operation::Create {
+                name,
+                flags,
+                mode,
+                umask,
+            } => {
+                let Err(reply) = self.answer_again(reply, true) else {
+                    return;
+                };
+                let name = name.to_vec();
+                let perm = (mode & !umask & 0o7777) as u16;
+                let exclusive = flags & libc::O_EXCL as u32 != 0;
+                let this = self.clone();
+                self.spawn(async move {
+                    match this.volume.create(ino, &name, perm, owner, exclusive).await {
+                        Ok((entry, file)) => {
+                            this.volume.persist_inodes();
+                            let ino = entry.ino;
+                            this.reply_open(reply, ino, Ok(file), Some(entry), true);
+                        }
+                        Err(e) => reply_error(reply, "create", ino, &e),
+                    }
+                });
+            }
+            Operation::Init { .. } => reply.error(libc::EIO),
+            Operation::Forget { .. } | Operation::BatchForget(_) | Operation::Interrupt => {}
+            Operation::Unsupported => reply.error(libc::ENOSYS),
+        }
+    }
+
+    fn setattr(self: &Arc<Self>, reply: Reply, ino: Ino, set: SetattrIn) {
+        let changes = SetAttr {
+            perm: set.mode.map(|m| (m & 0o7777) as u16),
+            uid: set.uid,
+            gid: set.gid,
+            size: set.size,
+            atime: set_time(set.atime),
+            mtime: set_time(set.mtime),
+        };
+        let volume = self.volume.clone();
+        self.spawn(async move {
+            Self::reply_attr(reply, ino, volume.setattr(ino, changes).await);
         });
     }
 
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let (parent, name) = (parent.0, name.as_bytes().to_vec());
-        let perm = (mode & !umask & 0o7777) as u16;
-        let (owner, exclusive) = (owner(req), flags & libc::O_EXCL != 0);
-        let shared = self.shared.clone();
-        self.shared.spawn(async move {
-            let result = shared
-                .volume
-                .create(parent, &name, perm, owner, exclusive)
-                .await;
-            shared.reply_create(reply, parent, result);
+    fn remove(self: &Arc<Self>, reply: Reply, parent: Ino, name: &[u8], directory: bool) {
+        let (name, volume) = (name.to_vec(), self.volume.clone());
+        self.spawn(async move {
+            let result = volume.remove(parent, &name, directory).await;
+            let op = if directory { "rmdir" } else { "unlink" };
+            reply_empty(reply, op, parent, result);
         });
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(if self.shared.read_write() {
-            Errno::ENOTSUP
-        } else {
-            Errno::EROFS
-        });
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(if self.shared.read_write() {
-            Errno::ENOTSUP
-        } else {
-            Errno::EROFS
-        });
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(if self.shared.read_write() {
-            Errno::EOPNOTSUPP
-        } else {
-            Errno::EROFS
-        });
+    /// Replies to mkdir and symlink.
+    fn reply_created_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+        match result {
+            Ok(entry) => {
+                self.volume.persist_inodes();
+                reply.entry(&entry_out(&entry));
+            }
+            Err(e) => reply_error(reply, "create", parent, &e),
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Replies to a request whose answer is only success or an errno.
+fn reply_empty(reply: Reply, op: &'static str, ino: Ino, result: Result<(), FsError>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply_error(reply, op, ino, &e),
+    }
+}
 
-    #[test]
-    fn fs_names_cannot_break_mount_options() {
-        assert_eq!(sanitize_fs_name("nfs://h/a,b c"), "nfs://h/a_b_c");
+fn send_open(reply: Reply, fh: u64, flags: u32, mode: OpenMode, entry: Option<Entry>) {
+    let open = OpenOut {
+        fh,
+        flags,
+        backing_id: match mode {
+            OpenMode::Passthrough { backing, .. } => Some(backing),
+            OpenMode::Daemon => None,
+        },
+    };
+    match entry {
+        Some(entry) => reply.created(&entry_out(&entry), &open),
+        None => reply.opened(&open),
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init_flags(&self, _offered: u64) -> u64 {
+        let mut wanted = init::DO_READDIRPLUS
+            | init::PARALLEL_DIROPS
+            | init::CACHE_SYMLINKS
+            | init::ASYNC_READ
+            | init::BIG_WRITES;
+        if self.volume.metadata_ttl() != Ttl::Forever {
+            wanted |= init::AUTO_INVAL_DATA;
+        }
+        if self.passthrough.load(Ordering::Relaxed) {
+            wanted |= init::PASSTHROUGH;
+        }
+        wanted
     }
 
-    #[test]
-    fn times_before_the_epoch_convert() {
-        let t = system_time(Timestamp {
-            secs: -2,
-            nanos: 500_000_000,
-        });
-        assert_eq!(
-            UNIX_EPOCH.duration_since(t).unwrap(),
-            Duration::from_millis(1500)
+    fn handle(self: &Arc<Self>, request: Request<'_>, reply: Reply) {
+        let span = tracing::debug_span!(
+            "fuse",
+            unique = request.header.unique,
+            ino = request.header.nodeid
         );
+        let _entered = span.enter();
+        self.dispatch(request, reply);
     }
+
+    // Lookup counts are not kept yet: every node stays known (see docs/architecture.md).
+    fn forget(&self, _nodeid: u64, _nlookup: u64) {}
 }

@@ -7,6 +7,7 @@
 //! restart: within the metadata TTL a remount does not ask the source again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +104,9 @@ impl Table {
 pub struct MetaStore {
     table: RwLock<Table>,
     journal: Option<Journal<MetaRecord>>,
+    /// Inode numbers were assigned since the journal was last handed to the kernel's page
+    /// cache ([`MetaStore::persist_inodes`]).
+    new_inodes: AtomicBool,
 }
 
 impl MetaStore {
@@ -114,13 +118,23 @@ impl MetaStore {
                 next_ino: ROOT + 1,
             }),
             journal: None,
+            new_inodes: AtomicBool::new(false),
         }
     }
 
     /// A store persisted through `journal`, loaded from the records it held.
     pub fn persistent(journal: Journal<MetaRecord>, records: Vec<MetaRecord>) -> Self {
         let mut nodes: HashMap<Ino, Node> = HashMap::new();
+        // Every number ever given out, removed ones included: the kernel may still hold them,
+        // so they are never given again.
+        let mut highest = ROOT;
         for record in records {
+            match &record {
+                MetaRecord::Node { ino, .. } | MetaRecord::Removed { ino } => {
+                    highest = highest.max(*ino);
+                }
+                MetaRecord::Listed { .. } | MetaRecord::Link { .. } => {}
+            }
             match record {
                 MetaRecord::Node {
                     ino,
@@ -196,10 +210,13 @@ impl MetaStore {
             }
         }
         nodes.retain(|ino, _| reachable.contains(ino));
-        let next_ino = nodes.keys().max().copied().unwrap_or(ROOT).max(ROOT) + 1;
         let store = MetaStore {
-            table: RwLock::new(Table { nodes, next_ino }),
+            table: RwLock::new(Table {
+                nodes,
+                next_ino: highest + 1,
+            }),
             journal: Some(journal),
+            new_inodes: AtomicBool::new(false),
         };
         store.rewrite(&store.write());
         store
@@ -243,6 +260,12 @@ impl MetaStore {
                 });
             }
         }
+        // The highest number given out survives the rewrite even if its node is gone (a
+        // removal of it is what replay counts).
+        let highest = table.next_ino - 1;
+        if highest > ROOT && !table.nodes.contains_key(&highest) {
+            records.push(MetaRecord::Removed { ino: highest });
+        }
         // Parents before children, so that replay can rebuild children maps in one pass.
         records.sort_by_key(|r| match r {
             MetaRecord::Node { ino, .. } => (*ino, 0),
@@ -251,6 +274,15 @@ impl MetaStore {
         });
         if let Err(e) = journal.rewrite(records) {
             tracing::warn!(error = %e, "cannot compact the metadata journal");
+        }
+    }
+
+    /// Hands the records of newly numbered inodes to the kernel's page cache (write(2), no
+    /// fsync), so that a successor daemon knows every number the kernel may hold: called before
+    /// a reply gives new numbers to the kernel. A crash of the node ends the connection anyway.
+    pub fn persist_inodes(&self) {
+        if self.new_inodes.swap(false, Ordering::AcqRel) {
+            self.flush(false);
         }
     }
 
@@ -372,6 +404,7 @@ impl MetaStore {
             dir.children.insert(name.into(), ino);
         }
         self.append(table, record);
+        self.new_inodes.store(true, Ordering::Release);
         Some(ino)
     }
 
@@ -689,6 +722,36 @@ mod tests {
             .upsert_child(sub, b"g", handle("sub/g"), attr(Kind::File, 1))
             .unwrap();
         assert!(other > file);
+    }
+
+    #[test]
+    fn numbers_of_removed_nodes_are_never_given_again_even_after_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let removed;
+        {
+            let (journal, records) = Journal::open(&path).unwrap();
+            let store = MetaStore::persistent(journal, records);
+            store.set_root(handle(""), attr(Kind::Directory, 0));
+            removed = store
+                .upsert_child(ROOT, b"gone", handle("gone"), attr(Kind::File, 1))
+                .unwrap();
+            store.remove_child(ROOT, b"gone");
+            store.persist_inodes();
+        }
+        for _ in 0..2 {
+            // The first reload drops the node and rewrites the journal; the second replays
+            // only that rewrite.
+            let (journal, records) = Journal::open(&path).unwrap();
+            let store = MetaStore::persistent(journal, records);
+            assert!(store.with(removed, |_| ()).is_none());
+            let next = store
+                .upsert_child(ROOT, b"new", handle("new"), attr(Kind::File, 2))
+                .unwrap();
+            assert!(next > removed, "{next} reuses a number up to {removed}");
+            store.remove_child(ROOT, b"new");
+            store.persist_inodes();
+        }
     }
 
     #[test]

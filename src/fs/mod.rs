@@ -8,7 +8,9 @@
 //! cached data. Tests drive the core directly, without FUSE.
 
 pub mod fuse;
+pub mod handles;
 pub mod meta;
+pub mod passthrough;
 pub mod warm;
 mod write;
 
@@ -322,6 +324,12 @@ impl Volume {
 
     pub fn read_write(&self) -> bool {
         self.config.read_write
+    }
+
+    /// Makes inode numbers given out since the last call known to a successor daemon (see
+    /// [`MetaStore::persist_inodes`]); called before they reach the kernel.
+    pub fn persist_inodes(&self) {
+        self.meta.persist_inodes();
     }
 
     fn entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
