@@ -210,6 +210,35 @@ pub struct DaemonStatus {
     /// Volumes being mounted or unmounted right now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingVolume>,
+    /// Volumes a previous daemon served that this one could not take over, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<LostVolume>,
+    /// The descriptor keeper: its pid when it answers (`None`: none answers, or none is
+    /// configured, and volumes end with this daemon).
+    #[serde(default)]
+    pub keeper_pid: Option<u32>,
+}
+
+/// A volume whose connection could not be taken over from a previous daemon: its readers
+/// get errors (the connection was ended), and it must be staged again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LostVolume {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// How a volume's connection stands against a daemon restart.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Recovery {
+    /// The keeper holds the connection: a restarted daemon takes it over.
+    pub kept: bool,
+    /// Times a daemon took the connection over from a previous one.
+    pub recoveries: u64,
+    /// When that last happened (milliseconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery_ms: Option<u64>,
 }
 
 /// One mounted volume of a daemon. `cache.owner` is the volume's own part of the cache.
@@ -225,6 +254,8 @@ pub struct DaemonVolume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_size: Option<u64>,
     pub read_write: bool,
+    #[serde(default)]
+    pub recovery: Recovery,
     #[serde(flatten)]
     pub volume: VolumeStatus,
 }

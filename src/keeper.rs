@@ -459,6 +459,13 @@ impl Client {
         }
     }
 
+    /// The keeper's process id, if one answers.
+    pub fn pid(&self) -> Option<u32> {
+        let peer = self.connect().ok()?;
+        let credentials = socket::getsockopt(&peer.fd, sockopt::PeerCredentials).ok()?;
+        u32::try_from(credentials.pid()).ok()
+    }
+
     pub fn list(&self) -> Result<Vec<String>, KeeperError> {
         let peer = self.connect()?;
         match self.call(&peer, Request::List, &[])? {

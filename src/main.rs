@@ -33,6 +33,8 @@ enum Command {
     Status(StatusArgs),
     /// The node's cache daemon: one cache, one FUSE session per volume, a control socket.
     Daemon(DaemonArgs),
+    /// Holds the daemon's FUSE descriptors so that volumes survive a daemon restart.
+    Keeper(KeeperArgs),
     /// CSI Identity and Controller services on a unix socket (the cluster's provisioner).
     Controller(ControllerArgs),
     /// CSI Identity and Node services on a unix socket (one per node, beside its cache daemon).
@@ -155,6 +157,27 @@ struct DaemonArgs {
     /// Connections to each NFS server (each carries one call at a time).
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Where each volume's connection is described for a restarted daemon (a tmpfs that lives
+    /// as long as the node's mounts, such as /run). Default: `state` beside --socket.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The descriptor keeper's socket. Default: `keeper.sock` beside --socket.
+    #[arg(long)]
+    keeper_socket: Option<PathBuf>,
+    /// Start a keeper when none answers on --keeper-socket (in Kubernetes the keeper is its
+    /// own DaemonSet: false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spawn_keeper: bool,
+    /// No keeper: every volume ends with this daemon (and SIGTERM unmounts them).
+    #[arg(long, conflicts_with_all = ["keeper_socket"])]
+    no_keeper: bool,
+}
+
+#[derive(Args)]
+struct KeeperArgs {
+    /// Where to listen (mode 0600; only root or this user may connect).
+    #[arg(long, default_value = reservoir::keeper::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -237,6 +260,7 @@ fn main() -> ExitCode {
         Command::Mount(_)
         | Command::Controller(_)
         | Command::Daemon(_)
+        | Command::Keeper(_)
         | Command::Node(_)
         | Command::Csi(_) => "info",
         _ => "warn",
@@ -267,6 +291,7 @@ fn main() -> ExitCode {
             ),
         },
         Command::Daemon(args) => daemon_command(args),
+        Command::Keeper(args) => keeper_command(args),
         Command::Controller(args) => {
             reservoir::csi::server::run_controller(reservoir::csi::server::ControllerConfig {
                 endpoint: args.endpoint,
@@ -384,6 +409,16 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let block_size = u32::try_from(args.block_size.0)
         .map_err(|_| anyhow::anyhow!("--block-size {} is too large", args.block_size))?;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let socket = std::path::absolute(&args.socket).unwrap_or(args.socket);
+    let beside_socket = |name: &str| socket.with_file_name(name);
+    let state_dir = args.state_dir.unwrap_or_else(|| beside_socket("state"));
+    let keeper = (!args.no_keeper).then(|| reservoir::daemon::KeeperOptions {
+        socket: args
+            .keeper_socket
+            .clone()
+            .unwrap_or_else(|| beside_socket("keeper.sock")),
+        spawn: args.spawn_keeper,
+    });
     reservoir::daemon::run(reservoir::daemon::DaemonConfig {
         cache: CacheConfig {
             dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir),
@@ -392,7 +427,7 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             low_watermark: args.low_watermark,
             block_size,
         },
-        socket: std::path::absolute(&args.socket).unwrap_or(args.socket),
+        socket,
         source_options: SourceOptions {
             timeout: args.source_timeout,
             connections: args.connections.clamp(1, 256),
@@ -402,7 +437,15 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or((cpus * 2).clamp(4, 16))
             .clamp(1, 256),
         passthrough: true,
+        state_dir: std::path::absolute(&state_dir).unwrap_or(state_dir),
+        keeper,
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keeper_command(args: KeeperArgs) -> anyhow::Result<ExitCode> {
+    let socket = std::path::absolute(&args.socket).unwrap_or(args.socket);
+    reservoir::keeper::run(&socket)?;
     Ok(ExitCode::SUCCESS)
 }
 

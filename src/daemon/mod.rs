@@ -18,6 +18,7 @@
 //! `mount` at the same path) clears.
 
 mod client;
+mod session;
 mod spec;
 
 use std::collections::HashMap;
@@ -33,11 +34,14 @@ use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control::{
     self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Request, Response,
 };
-use crate::fs::fuse::{self as fuse_adapter, MountConfig};
+use crate::fs::fuse::{self as fuse_adapter, MountConfig, Served};
 use crate::fs::handles::Handles;
+use crate::fs::meta::now_ms;
 use crate::fs::warm::Request as WarmRequest;
 use crate::fs::{Volume, VolumeConfig};
-use crate::fuse::Session;
+use crate::fuse::{Channel, Connection, Session};
+use crate::keeper;
+use session::{SessionDir, SessionRecord};
 use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
 
@@ -54,6 +58,12 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// How long SIGTERM waits for mounts and unmounts in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+/// How long a daemon handing over lets the requests being served finish.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
+/// How long a new daemon waits for the previous one (holding the cache lock) to exit.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(60);
+/// How long a spawned keeper gets to answer.
+const KEEPER_START_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -80,14 +90,29 @@ pub struct DaemonConfig {
     /// Threads serving FUSE requests, per volume.
     pub threads: usize,
     pub passthrough: bool,
+    /// Where each volume's connection is described for a successor (a tmpfs such as /run).
+    pub state_dir: PathBuf,
+    /// The descriptor keeper; `None`: volumes end with the daemon.
+    pub keeper: Option<KeeperOptions>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; then unmounts every volume, flushes the cache and
-/// removes the socket.
+#[derive(Clone, Debug)]
+pub struct KeeperOptions {
+    pub socket: PathBuf,
+    /// Start `reservoir keeper` when none answers (single-host use; in Kubernetes the keeper
+    /// is its own DaemonSet).
+    pub spawn: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. First it takes over the volumes a previous daemon
+/// served (their connections held by the keeper). At the end it hands every volume over to
+/// its successor if the keeper holds them all, and otherwise unmounts them.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // The cache lock first: a second daemon on the same cache directory is refused before it
-    // touches the socket of the first.
-    let cache = Cache::open(config.cache.clone())?;
+    // touches the socket of the first, and a successor waits here until its predecessor has
+    // fully exited (the kernel releases the lock only then), so that no request it had read is
+    // served twice.
+    let cache = open_cache_waiting(&config.cache)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("reservoir-daemon")
@@ -103,6 +128,12 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     let socket = config.socket.clone();
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+    let keeper = config.keeper.as_ref().map(|options| {
+        if options.spawn {
+            ensure_keeper(options);
+        }
+        keeper::Client::new(&options.socket)
+    });
     let daemon = Arc::new(Daemon {
         cache,
         config,
@@ -110,7 +141,16 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         changed: Notify::new(),
         shutting_down: AtomicBool::new(false),
         ended: ended_tx,
+        keeper,
+        lost: Mutex::new(Vec::new()),
     });
+    runtime.block_on(daemon.resume_all());
+    if daemon.keeper.is_some() {
+        let watched = daemon.clone();
+        let _ = std::thread::Builder::new()
+            .name("keeper-watch".into())
+            .spawn(move || watched.watch_keeper());
+    }
     tracing::info!(
         socket = %socket.display(),
         cache = %daemon.cache.config().dir.display(),
@@ -122,8 +162,16 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let flusher = tokio::spawn(daemon.clone().flush_periodically());
         let reaper = tokio::spawn(daemon.clone().reap(ended_rx));
         let reason = wait_for_signal().await;
-        tracing::info!(reason, "stopping: unmounting every volume");
         server.abort();
+        if daemon.all_kept() {
+            tracing::info!(reason, "stopping: handing every volume over to the next daemon");
+            daemon.hand_over().await;
+            let _ = std::fs::remove_file(&daemon.config.socket);
+            // Nothing is torn down: the mounts stay, the keeper holds their connections, and
+            // the next daemon serves them.
+            std::process::exit(0);
+        }
+        tracing::info!(reason, "stopping: unmounting every volume");
         daemon.shutdown().await;
         flusher.abort();
         reaper.abort();
@@ -166,6 +214,9 @@ pub struct Daemon {
     shutting_down: AtomicBool,
     /// FUSE session threads report here when their session ends: `(volume id, generation)`.
     ended: mpsc::UnboundedSender<(String, u64)>,
+    keeper: Option<keeper::Client>,
+    /// Volumes a previous daemon served that could not be taken over, and why.
+    lost: Mutex<Vec<control::LostVolume>>,
 }
 
 #[derive(Default)]
@@ -195,6 +246,11 @@ struct Hosted {
     session: Session,
     /// The mount's device number, to abort its FUSE connection if it will not end.
     dev: Option<u64>,
+    /// Where the connection is described for a successor.
+    state: SessionDir,
+    record: SessionRecord,
+    /// The keeper holds the connection's descriptors.
+    kept: AtomicBool,
 }
 
 /// An operation's refusal, sent to the client as an error line.
@@ -317,6 +373,92 @@ impl Daemon {
         let target = prepared?;
 
         let id = &spec.request.volume_id;
+        let (runtime, volume) = self.open_volume(spec).await?;
+        let state = SessionDir::for_volume(&self.config.state_dir, id);
+        let handles = match state.create().map_err(|e| e.to_string()).and_then(|()| {
+            Handles::logged(&state.handles()).map_err(|e| e.to_string())
+        }) {
+            Ok(handles) => handles,
+            Err(message) => {
+                tracing::warn!(volume = %id, error = message, "cannot keep the volume's session state; it will not survive a daemon restart");
+                Handles::in_memory()
+            }
+        };
+
+        let mount_config = MountConfig {
+            fs_name: spec.root.id(),
+            threads: self.config.threads,
+            passthrough: self.config.passthrough,
+            read_write: spec.request.read_write,
+        };
+        let (volume_for_mount, on_end) = (volume.clone(), self.on_end(id, generation));
+        let target_owned = target.clone();
+        let mounted = tokio::task::spawn_blocking(move || {
+            fuse_adapter::mount(
+                volume_for_mount,
+                &target_owned,
+                &mount_config,
+                handles,
+                on_end,
+            )
+            .map_err(|e| format!("cannot mount {}: {e}", target_owned.display()))
+        })
+        .await;
+        let served = match mounted {
+            Ok(Ok(served)) => served,
+            Ok(Err(message)) => {
+                state.remove();
+                volume.cache().inspect(|c| c.discard_journals_on_release());
+                drop(volume);
+                runtime.shutdown_background();
+                return Err(message);
+            }
+            Err(e) => {
+                state.remove();
+                runtime.shutdown_background();
+                return Err(format!("mounting {} failed: {e}", target.display()));
+            }
+        };
+        set_read_ahead(&target);
+        let dev = std::fs::metadata(&target).ok().map(|m| m.dev());
+        let record = SessionRecord {
+            format: session::FORMAT,
+            request: spec.request.clone(),
+            params: served.params,
+            channels: served.session.channels().len(),
+            device: dev.map_or((0, 0), |d| (libc::major(d), libc::minor(d))),
+            mounted_at_ms: now_ms(),
+            recoveries: 0,
+            last_recovery_ms: None,
+        };
+        if let Err(e) = state.write(&record) {
+            tracing::warn!(volume = %id, error = %e, "cannot record the volume's session; it will not survive a daemon restart");
+        }
+        let kept = self.deposit(&state, served.session.channels());
+        if !spec.preload.is_empty() {
+            volume.start_warm(WarmRequest {
+                paths: spec.preload.clone(),
+                parallel: control::DEFAULT_PARALLEL,
+            });
+        }
+        Ok(Box::new(Hosted {
+            target,
+            volume,
+            runtime,
+            session: served.session,
+            dev,
+            state,
+            record,
+            kept: AtomicBool::new(kept),
+        }))
+    }
+
+    /// Opens a volume's source over its view of the node's cache, with a runtime of its own.
+    async fn open_volume(
+        &self,
+        spec: &VolumeSpec,
+    ) -> Result<(tokio::runtime::Runtime, Arc<Volume>), Refusal> {
+        let id = &spec.request.volume_id;
         let view = self
             .cache
             .for_owner(id, spec.quota)
@@ -338,63 +480,294 @@ impl Daemon {
                 },
             ))
             .await;
-        let volume = match opened {
-            Ok(Ok(volume)) => volume,
+        match opened {
+            Ok(Ok(volume)) => Ok((runtime, volume)),
             Ok(Err(e)) => {
                 runtime.shutdown_background();
-                return Err(format!("volume {id}: {e}"));
+                Err(format!("volume {id}: {e}"))
             }
             Err(e) => {
                 runtime.shutdown_background();
-                return Err(format!("volume {id}: opening the source failed: {e}"));
+                Err(format!("volume {id}: opening the source failed: {e}"))
             }
-        };
+        }
+    }
 
-        let mount_config = MountConfig {
-            fs_name: spec.root.id(),
-            threads: self.config.threads,
-            passthrough: self.config.passthrough,
-            read_write: spec.request.read_write,
+    /// What a session's threads do when the connection ends: tell the reaper.
+    fn on_end(&self, id: &str, generation: u64) -> impl FnOnce() + Send + 'static {
+        let (ended, id) = (self.ended.clone(), id.to_string());
+        move || {
+            let _ = ended.send((id, generation));
+        }
+    }
+
+    /// Gives the keeper copies of a connection's descriptors; whether it took them.
+    fn deposit(&self, state: &SessionDir, channels: &[Arc<Channel>]) -> bool {
+        let Some(keeper) = &self.keeper else {
+            return false;
         };
-        let (volume_for_mount, ended) = (volume.clone(), self.ended.clone());
-        let (id_owned, target_owned) = (id.clone(), target.clone());
-        let mounted = tokio::task::spawn_blocking(move || {
-            mount_session(
-                volume_for_mount,
-                &target_owned,
-                &mount_config,
-                id_owned,
-                generation,
-                ended,
-            )
+        let fds: Vec<_> = channels.iter().map(|c| c.fd()).collect();
+        match keeper.keep(&state.name(), &fds) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(session = state.name(), error = %e, "the keeper does not hold this volume's connection: it will not survive a daemon restart until the keeper is back");
+                false
+            }
+        }
+    }
+
+    /// Takes over every volume a previous daemon left in the state directory.
+    async fn resume_all(self: &Arc<Self>) {
+        for state in SessionDir::all(&self.config.state_dir) {
+            match self.resume(&state).await {
+                Ok((id, hosted)) => {
+                    let target = hosted.target.clone();
+                    let spec = match VolumeSpec::new(hosted.record.request.clone()) {
+                        Ok(spec) => Arc::new(spec),
+                        Err(e) => {
+                            self.give_up(&state, &id, &target, e.to_string());
+                            continue;
+                        }
+                    };
+                    let mut registry = self.lock();
+                    registry.next_generation += 1;
+                    let generation = registry.next_generation;
+                    registry.volumes.insert(
+                        id,
+                        Slot {
+                            spec,
+                            generation,
+                            phase: Phase::Mounted(hosted),
+                        },
+                    );
+                }
+                Err((id, target, reason)) => self.give_up(&state, &id, &target, reason),
+            }
+        }
+    }
+
+    /// Serves a connection a previous daemon left: its record, its descriptors from the
+    /// keeper, its handle log.
+    async fn resume(
+        self: &Arc<Self>,
+        state: &SessionDir,
+    ) -> Result<(String, Box<Hosted>), (String, PathBuf, String)> {
+        let mut record = state
+            .read()
+            .map_err(|e| (state.name(), PathBuf::new(), e.to_string()))?;
+        let id = record.request.volume_id.clone();
+        let target = record.request.target_path.clone();
+        let fail = |reason: String| (id.clone(), target.clone(), reason);
+        if session::mount_device(&target) != Some(record.device) {
+            return Err(fail(format!(
+                "the mount at {} is gone (unmounted while no daemon ran)",
+                target.display()
+            )));
+        }
+        let Some(keeper) = &self.keeper else {
+            return Err(fail("no keeper is configured, so the connection ended with the previous daemon".into()));
+        };
+        let fds = match keeper.give(&state.name()) {
+            Ok(Some(fds)) if !fds.is_empty() => fds,
+            Ok(_) => {
+                return Err(fail(
+                    "the keeper holds no descriptors for it: the connection ended with the previous daemon".into(),
+                ));
+            }
+            Err(e) => return Err(fail(format!("the keeper did not answer: {e}"))),
+        };
+        let spec = VolumeSpec::new(record.request.clone()).map_err(|e| fail(e.to_string()))?;
+        let handles = Handles::logged(&state.handles()).map_err(|e| {
+            fail(format!(
+                "its file handles cannot be read ({e}): open files would not be recognised"
+            ))
+        })?;
+        let (runtime, volume) = self.open_volume(&spec).await.map_err(fail)?;
+        let generation = {
+            let registry = self.lock();
+            registry.next_generation + 1
+        };
+        let connection = Connection::resume(fds, record.params);
+        let on_end = self.on_end(&id, generation);
+        let served: Served =
+            match fuse_adapter::resume(volume.clone(), connection, handles, on_end) {
+                Ok(served) => served,
+                Err(e) => {
+                    runtime.shutdown_background();
+                    return Err(fail(format!("cannot serve the connection: {e}")));
+                }
+            };
+        record.recoveries += 1;
+        record.last_recovery_ms = Some(now_ms());
+        if let Err(e) = state.write(&record) {
+            tracing::warn!(volume = %id, error = %e, "cannot update the volume's session record");
+        }
+        tracing::info!(
+            volume = %id,
+            target = %target.display(),
+            recoveries = record.recoveries,
+            channels = served.session.channels().len(),
+            "took the volume over from the previous daemon"
+        );
+        let dev = Some(libc::makedev(record.device.0, record.device.1));
+        Ok((
+            id,
+            Box::new(Hosted {
+                target,
+                volume,
+                runtime,
+                session: served.session,
+                dev,
+                state: state.clone(),
+                record,
+                kept: AtomicBool::new(true),
+            }),
+        ))
+    }
+
+    /// A volume that cannot be taken over: ends its connection (readers get errors instead
+    /// of waiting forever), frees its mount point, and reports it.
+    fn give_up(&self, state: &SessionDir, id: &str, target: &Path, reason: String) {
+        tracing::error!(volume = %id, target = %target.display(), reason, "cannot take the volume over from the previous daemon");
+        if let Some(keeper) = &self.keeper {
+            let _ = keeper.release(&state.name());
+        }
+        if !target.as_os_str().is_empty() {
+            clear_dead_mount(target);
+        }
+        state.remove();
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(control::LostVolume {
+                volume_id: id.to_string(),
+                target_path: target.to_path_buf(),
+                reason,
+                at_ms: now_ms(),
+            });
+    }
+
+    /// Whether the keeper holds every volume's connection, so that this daemon may stop
+    /// without ending them.
+    fn all_kept(&self) -> bool {
+        let Some(keeper) = &self.keeper else {
+            return false;
+        };
+        let Ok(held) = keeper.list() else {
+            return false;
+        };
+        self.lock().volumes.values().all(|slot| match &slot.phase {
+            Phase::Mounted(hosted) => held.contains(&hosted.state.name()),
+            Phase::Mounting | Phase::Unmounting => false,
+        })
+    }
+
+    /// SIGTERM with the keeper holding every connection: stop taking requests, let those
+    /// being served finish (a while), and persist what a successor reads. Requests read and not
+    /// answered by then are resent to the successor.
+    async fn hand_over(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let volumes: Vec<Arc<Volume>> = {
+            let registry = self.lock();
+            registry
+                .volumes
+                .values()
+                .filter_map(|slot| match &slot.phase {
+                    Phase::Mounted(hosted) => {
+                        hosted.session.hand_over();
+                        Some(hosted.volume.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + HAND_OVER_WAIT;
+        loop {
+            let busy: usize = {
+                let registry = self.lock();
+                registry
+                    .volumes
+                    .values()
+                    .map(|slot| match &slot.phase {
+                        Phase::Mounted(hosted) => hosted.session.in_flight(),
+                        _ => 0,
+                    })
+                    .sum()
+            };
+            if busy == 0 || tokio::time::Instant::now() >= deadline {
+                if busy > 0 {
+                    tracing::info!(busy, "leaving requests being served to the next daemon");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cache = self.cache.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for volume in volumes {
+                volume.flush(true);
+            }
+            if let Err(e) = cache.flush(true) {
+                tracing::warn!(error = %e, "cannot flush the cache index");
+            }
         })
         .await;
-        let (session, dev) = match mounted {
-            Ok(Ok(parts)) => parts,
-            Ok(Err(message)) => {
-                volume.cache().inspect(|c| c.discard_journals_on_release());
-                drop(volume);
-                runtime.shutdown_background();
-                return Err(message);
-            }
-            Err(e) => {
-                runtime.shutdown_background();
-                return Err(format!("mounting {} failed: {e}", target.display()));
-            }
+    }
+
+    /// Deposits every connection again whenever a keeper (re)appears.
+    fn watch_keeper(self: Arc<Self>) {
+        let Some(keeper) = &self.keeper else {
+            return;
         };
-        if !spec.preload.is_empty() {
-            volume.start_warm(WarmRequest {
-                paths: spec.preload.clone(),
-                parallel: control::DEFAULT_PARALLEL,
-            });
+        let spawn = self.config.keeper.as_ref().is_some_and(|k| k.spawn);
+        loop {
+            match keeper.watch() {
+                Ok(watch) => {
+                    let hosted: Vec<(SessionDir, Vec<Arc<Channel>>)> = self
+                        .lock()
+                        .volumes
+                        .values()
+                        .filter_map(|slot| match &slot.phase {
+                            Phase::Mounted(h) if !h.kept.load(Ordering::Relaxed) => {
+                                Some((h.state.clone(), h.session.channels().to_vec()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    for (state, channels) in hosted {
+                        if self.deposit(&state, &channels) {
+                            tracing::info!(session = state.name(), "the keeper holds the volume's connection again");
+                            self.mark_kept(&state, true);
+                        }
+                    }
+                    watch.wait();
+                    tracing::warn!("the keeper stopped; volumes survive a daemon restart again once it is back");
+                    for slot in self.lock().volumes.values() {
+                        if let Phase::Mounted(hosted) = &slot.phase {
+                            hosted.kept.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(_) => {
+                    if spawn {
+                        if let Some(options) = &self.config.keeper {
+                            ensure_keeper(options);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
         }
-        Ok(Box::new(Hosted {
-            target,
-            volume,
-            runtime,
-            session,
-            dev,
-        }))
+    }
+
+    fn mark_kept(&self, state: &SessionDir, kept: bool) {
+        for slot in self.lock().volumes.values() {
+            if let Phase::Mounted(hosted) = &slot.phase {
+                if hosted.state.name() == state.name() {
+                    hosted.kept.store(kept, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Unmounts whatever volume is at `target`; `Ok(false)` when nothing was mounted there.
@@ -433,7 +806,9 @@ impl Daemon {
             }
         };
         tracing::info!(volume = %id, target = %target.display(), "unmounting");
-        let _ = tokio::task::spawn_blocking(move || teardown(*hosted, true)).await;
+        let daemon_keeper = self.keeper.clone();
+        let _ = tokio::task::spawn_blocking(move || teardown(*hosted, true, daemon_keeper.as_ref()))
+            .await;
         self.lock().volumes.remove(&id);
         self.changed.notify_waiters();
         tracing::info!(volume = %id, target = %target.display(), "unmounted");
@@ -448,7 +823,15 @@ impl Daemon {
                 .volumes
                 .values()
                 .map(|slot| match &slot.phase {
-                    Phase::Mounted(hosted) => Ok((slot.spec.clone(), hosted.volume.clone())),
+                    Phase::Mounted(hosted) => Ok((
+                        slot.spec.clone(),
+                        hosted.volume.clone(),
+                        control::Recovery {
+                            kept: hosted.kept.load(Ordering::Relaxed),
+                            recoveries: hosted.record.recoveries,
+                            last_recovery_ms: hosted.record.last_recovery_ms,
+                        },
+                    )),
                     Phase::Mounting => Err((slot.spec.clone(), "mounting")),
                     Phase::Unmounting => Err((slot.spec.clone(), "unmounting")),
                 })
@@ -457,13 +840,14 @@ impl Daemon {
         let mut volumes: Vec<DaemonVolume> = mounted
             .into_iter()
             .filter_map(Result::ok)
-            .map(|(spec, volume)| DaemonVolume {
+            .map(|(spec, volume, recovery)| DaemonVolume {
                 volume_id: spec.request.volume_id.clone(),
                 target_path: spec.request.target_path.clone(),
                 requested_source: spec.request.source.clone(),
                 sub_path: spec.request.sub_path.clone(),
                 cache_size: spec.request.cache_size,
                 read_write: spec.request.read_write,
+                recovery,
                 volume: volume.status(),
             })
             .collect();
@@ -485,6 +869,8 @@ impl Daemon {
             owners: self.cache.owners(),
             volumes,
             pending,
+            lost: self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            keeper_pid: self.keeper.as_ref().and_then(|k| k.pid()),
         }
     }
 
@@ -553,8 +939,9 @@ impl Daemon {
         let teardowns: Vec<_> = hosted
             .into_iter()
             .map(|(id, hosted)| {
+                let daemon_keeper = self.keeper.clone();
                 tokio::task::spawn_blocking(move || {
-                    let target = teardown(*hosted, false);
+                    let target = teardown(*hosted, false, daemon_keeper.as_ref());
                     tracing::info!(volume = %id, target = %target.display(), "unmounted");
                 })
             })
@@ -589,7 +976,11 @@ impl Daemon {
                 continue;
             };
             tracing::warn!(volume = %id, "the volume was unmounted from outside the daemon; forgetting it");
-            let _ = tokio::task::spawn_blocking(move || teardown(*hosted, false)).await;
+            let daemon_keeper = self.keeper.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                teardown(*hosted, false, daemon_keeper.as_ref())
+            })
+            .await;
             self.lock().volumes.remove(&id);
             self.changed.notify_waiters();
         }
@@ -671,35 +1062,18 @@ fn clear_dead_mount(target: &Path) -> bool {
     }
 }
 
-/// Mounts `volume` at `target` and serves it; the daemon hears when the session ends.
-fn mount_session(
-    volume: Arc<Volume>,
-    target: &Path,
-    config: &MountConfig,
-    id: String,
-    generation: u64,
-    ended: mpsc::UnboundedSender<(String, u64)>,
-) -> Result<(Session, Option<u64>), Refusal> {
-    let on_end = move || {
-        let _ = ended.send((id, generation));
-    };
-    let served = fuse_adapter::mount(volume, target, config, Handles::in_memory(), on_end)
-        .map_err(|e| format!("cannot mount {}: {e}", target.display()))?;
-    set_read_ahead(target);
-    let dev = std::fs::metadata(target).ok().map(|m| m.dev());
-    Ok((served.session, dev))
-}
-
 /// Unmounts a hosted volume and stops everything it runs; returns its target path. With
 /// `discard`, the volume's metadata journals are removed from the cache (it was unmounted for
 /// good); its cached files stay.
-fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
+fn teardown(hosted: Hosted, discard: bool, keeper: Option<&keeper::Client>) -> PathBuf {
     let Hosted {
         target,
         volume,
         runtime,
         mut session,
         dev,
+        state,
+        ..
     } = hosted;
     // A busy mount is detached; its session ends with the last close, or when the connection
     // is aborted below.
@@ -716,6 +1090,12 @@ fn teardown(hosted: Hosted, discard: bool) -> PathBuf {
     if !ended {
         tracing::warn!("the FUSE session did not end; leaving its threads behind");
     }
+    if let Some(keeper) = keeper {
+        if let Err(e) = keeper.release(&state.name()) {
+            tracing::warn!(session = state.name(), error = %e, "cannot tell the keeper to drop an unmounted volume's connection");
+        }
+    }
+    state.remove();
     volume.finish();
     if discard {
         if let Some(cache) = volume.cache() {
@@ -738,6 +1118,71 @@ fn abort_connection(dev: u64) {
             "aborted a FUSE connection that would not end"
         ),
         Err(e) => tracing::warn!(path, error = %e, "cannot abort the FUSE connection"),
+    }
+}
+
+/// Opens the node's cache, waiting while a previous daemon still holds it.
+fn open_cache_waiting(config: &CacheConfig) -> Result<Arc<Cache>, DaemonError> {
+    let deadline = std::time::Instant::now() + PREDECESSOR_WAIT;
+    let mut told = false;
+    loop {
+        match Cache::open(config.clone()) {
+            Err(CacheError::Locked { holder, .. }) if std::time::Instant::now() < deadline => {
+                if !told {
+                    tracing::info!(holder, "waiting for the previous daemon to exit");
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Starts `reservoir keeper` on the configured socket unless one answers there. It runs in a
+/// session of its own, so that it outlives this daemon.
+fn ensure_keeper(options: &KeeperOptions) {
+    let client = keeper::Client::new(&options.socket);
+    if client.list().is_ok() {
+        return;
+    }
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a keeper: this program's path is unknown");
+            return;
+        }
+    };
+    let log_path = options.socket.with_extension("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path);
+    let mut command = std::process::Command::new(program);
+    command
+        .arg("keeper")
+        .arg("--socket")
+        .arg(&options.socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    match log {
+        Ok(log) => command.stderr(log),
+        Err(_) => command.stderr(std::process::Stdio::null()),
+    };
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    match command.spawn() {
+        Ok(child) => {
+            tracing::info!(pid = child.id(), socket = %options.socket.display(), log = %log_path.display(), "started a keeper");
+            let deadline = std::time::Instant::now() + KEEPER_START_WAIT;
+            while client.list().is_err() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot start a keeper"),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::abi::{self, BackingMap};
 
@@ -41,6 +41,8 @@ pub struct Channel {
     /// Set when this process hands the connection over: replies it has not sent are left to
     /// the successor (the kernel resends their requests) instead of being failed on drop.
     handing_over: AtomicBool,
+    /// Requests read from this channel and not answered yet.
+    in_flight: AtomicUsize,
 }
 
 impl Channel {
@@ -59,6 +61,7 @@ impl Channel {
         Channel {
             fd,
             handing_over: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -145,5 +148,18 @@ impl Channel {
 
     pub fn handing_over(&self) -> bool {
         self.handing_over.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Requests being served.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 }

@@ -95,6 +95,7 @@ fn encode_open(e: &mut Encoder, open: &OpenOut) {
 
 impl Reply {
     pub fn new(channel: Arc<Channel>, unique: u64) -> Reply {
+        channel.request_started();
         Reply {
             channel,
             unique,
@@ -112,6 +113,7 @@ impl Reply {
 
     fn send(mut self, error: i32, parts: &[&[u8]]) {
         self.sent = true;
+        self.channel.request_ended();
         let len = abi::OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
         let header = abi::out_header(len, error, self.unique);
         let mut slices = Vec::with_capacity(parts.len() + 1);
@@ -188,17 +190,15 @@ impl Reply {
     pub(super) fn init(self, body: &[u8]) {
         self.send(0, &[body]);
     }
-
-    /// Leaves the request unanswered on purpose: this process is going away, and the kernel
-    /// will give the request to the successor.
-    pub fn abandon(mut self) {
-        self.sent = true;
-    }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if !self.sent && !self.channel.handing_over() {
+        if self.sent {
+            return;
+        }
+        self.channel.request_ended();
+        if !self.channel.handing_over() {
             tracing::warn!(
                 unique = self.unique,
                 "a FUSE request was dropped unanswered; failing it with EIO"

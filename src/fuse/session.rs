@@ -253,6 +253,11 @@ impl Session {
     pub fn channels(&self) -> &[Arc<Channel>] {
         &self.channels
     }
+
+    /// Requests being served (read and not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.channels.iter().map(|c| c.in_flight()).sum()
+    }
 }
 
 fn mount_fuse(mountpoint: &Path, options: &MountOptions, master: &Channel) -> io::Result<()> {
