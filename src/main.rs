@@ -158,7 +158,7 @@ struct DaemonArgs {
     #[arg(long, default_value_t = 16)]
     connections: usize,
     /// Where each volume's connection is described for a restarted daemon (a tmpfs that lives
-    /// as long as the node's mounts, such as /run). Default: `state` beside --socket.
+    /// as long as the node's mounts, such as /run). Default: `sessions` beside --socket.
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// The descriptor keeper's socket. Default: `keeper.sock` beside --socket.
@@ -411,7 +411,7 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let socket = std::path::absolute(&args.socket).unwrap_or(args.socket);
     let beside_socket = |name: &str| socket.with_file_name(name);
-    let state_dir = args.state_dir.unwrap_or_else(|| beside_socket("state"));
+    let state_dir = args.state_dir.unwrap_or_else(|| beside_socket("sessions"));
     let keeper = (!args.no_keeper).then(|| reservoir::daemon::KeeperOptions {
         socket: args
             .keeper_socket

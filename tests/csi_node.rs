@@ -1071,7 +1071,8 @@ async fn kubelet_end_to_end_with_nfs() {
         "{condition:?}"
     );
 
-    // A later publish starts a new daemon, stages the volume again and serves the new pod.
+    // A later publish starts a new daemon, which takes the volume over from the dead one (the
+    // keeper held its connection): pod 1 is served again, and the new pod too.
     let pod4 = pod_target(&plugin, "pod-4");
     node.node_publish_volume(publish_request(
         &id,
@@ -1086,7 +1087,6 @@ async fn kubelet_end_to_end_with_nfs() {
     let new_daemon = daemon_pid(&plugin.daemon_socket).expect("a new daemon");
     assert_ne!(new_daemon, daemon);
     plugin.remember_daemon();
-    // Pod 1 still has the dead session of the first daemon: abnormal, saying why.
     let stats = node
         .node_get_volume_stats(stats_request(&id, &pod1))
         .await
@@ -1094,8 +1094,12 @@ async fn kubelet_end_to_end_with_nfs() {
         .into_inner();
     let condition = stats.volume_condition.unwrap();
     assert!(
-        condition.abnormal && condition.message.contains("no longer serves"),
+        !condition.abnormal && condition.message.contains("taken over"),
         "{condition:?}"
+    );
+    assert_eq!(
+        read_as_nobody(&pod1.join("b.bin")),
+        std::fs::read(export.join("ds/b.bin")).unwrap()
     );
     assert_eq!(
         read_as_nobody(&pod4.join("b.bin")),
@@ -1108,8 +1112,8 @@ async fn kubelet_end_to_end_with_nfs() {
         .into_inner();
     assert!(!stats.volume_condition.unwrap().abnormal);
 
-    // The daemon dies again; a repeated stage (as kubelet does for a new pod) clears the dead
-    // session and stages the volume on a third daemon.
+    // The daemon dies again; a repeated stage (as kubelet does for a new pod) starts a third
+    // daemon, which takes the volume over again.
     signal(new_daemon, libc::SIGKILL);
     while process_alive(new_daemon) {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use common::data::{describe_tree, disk_usage, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
-use common::mount::{Dirs, bin, is_mounted, signal, unmount_all_under, wait_until};
+use common::mount::{Dirs, bin, clean_up_under, is_mounted, signal, wait_until};
 
 /// A running `reservoir daemon`. Dropping it stops it (SIGTERM, then SIGKILL) and detaches
 /// anything still mounted under the test's directory, also when the test panics.
@@ -183,7 +183,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
-        unmount_all_under(&self.root);
+        clean_up_under(&self.root);
     }
 }
 
@@ -397,11 +397,28 @@ fn volumes_over_directories_and_nfs_share_one_cache_with_quotas() {
         "A's files are kept, unowned: {status}"
     );
 
-    // SIGTERM: every volume unmounted, the socket removed, exit 0.
+    // SIGTERM: the keeper holds every connection, so the daemon hands the volumes over
+    // instead of unmounting them: they stay mounted, the socket is removed, exit 0. The next
+    // daemon, started the same way, serves them again.
     let mut daemon = daemon;
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log_text());
-    assert!(!is_mounted(&mnt_b) && !is_mounted(&mnt_c));
+    assert!(is_mounted(&mnt_b) && is_mounted(&mnt_c));
     assert!(!daemon.socket.exists());
+    let successor = Daemon::start(&dirs, &["--cache-size", "128Mi"]);
+    for id in ["vol-b", "vol-c"] {
+        let volume = successor.volume(id);
+        assert_eq!(volume["recovery"]["recoveries"], 1, "{volume}");
+        assert_eq!(volume["recovery"]["kept"], true, "{volume}");
+    }
+    assert_eq!(
+        describe_tree(&mnt_c),
+        describe_tree(&src_c),
+        "C after the hand-over"
+    );
+    assert_eq!(
+        std::fs::read(mnt_b.join("big.bin")).unwrap(),
+        std::fs::read(src_b.join("big.bin")).unwrap()
+    );
 }
 
 #[test]
@@ -538,7 +555,7 @@ fn the_library_client_starts_a_daemon_and_drives_it() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             signal(self.0, libc::SIGKILL);
-            unmount_all_under(&self.1);
+            clean_up_under(&self.1);
         }
     }
     let stop = Stop(pid, dirs.root.path().to_path_buf());

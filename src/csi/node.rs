@@ -657,10 +657,17 @@ impl Node {
                 volume.volume_id
             )));
         }
+        let recovery = &volume.recovery;
         let condition = if volume.volume.online {
             VolumeCondition {
                 abnormal: false,
-                message: "ok".to_string(),
+                message: match recovery.recoveries {
+                    0 => "ok".to_string(),
+                    n => format!(
+                        "ok; taken over from a restarted cache daemon {n} time(s), last {} ms after the epoch",
+                        recovery.last_recovery_ms.unwrap_or_default()
+                    ),
+                },
             }
         } else {
             VolumeCondition {

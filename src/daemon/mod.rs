@@ -41,9 +41,9 @@ use crate::fs::warm::Request as WarmRequest;
 use crate::fs::{Volume, VolumeConfig};
 use crate::fuse::{Channel, Connection, Session};
 use crate::keeper;
-use session::{SessionDir, SessionRecord};
 use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
+use session::{SessionDir, SessionRecord};
 
 pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
 pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target};
@@ -60,8 +60,10 @@ const RUNTIME_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
 /// How long a daemon handing over lets the requests being served finish.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
-/// How long a new daemon waits for the previous one (holding the cache lock) to exit.
-const PREDECESSOR_WAIT: Duration = Duration::from_secs(60);
+/// How long a new daemon waits for the previous one, killed or handing over, to finish
+/// exiting (the cache lock is released only then); a daemon still holding it after this is a
+/// running one, and the new daemon is refused.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(10);
 /// How long a spawned keeper gets to answer.
 const KEEPER_START_WAIT: Duration = Duration::from_secs(5);
 
@@ -164,7 +166,10 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let reason = wait_for_signal().await;
         server.abort();
         if daemon.all_kept() {
-            tracing::info!(reason, "stopping: handing every volume over to the next daemon");
+            tracing::info!(
+                reason,
+                "stopping: handing every volume over to the next daemon"
+            );
             daemon.hand_over().await;
             let _ = std::fs::remove_file(&daemon.config.socket);
             // Nothing is torn down: the mounts stay, the keeper holds their connections, and
@@ -375,9 +380,11 @@ impl Daemon {
         let id = &spec.request.volume_id;
         let (runtime, volume) = self.open_volume(spec).await?;
         let state = SessionDir::for_volume(&self.config.state_dir, id);
-        let handles = match state.create().map_err(|e| e.to_string()).and_then(|()| {
-            Handles::logged(&state.handles()).map_err(|e| e.to_string())
-        }) {
+        let handles = match state
+            .create()
+            .map_err(|e| e.to_string())
+            .and_then(|()| Handles::logged(&state.handles()).map_err(|e| e.to_string()))
+        {
             Ok(handles) => handles,
             Err(message) => {
                 tracing::warn!(volume = %id, error = message, "cannot keep the volume's session state; it will not survive a daemon restart");
@@ -565,7 +572,9 @@ impl Daemon {
             )));
         }
         let Some(keeper) = &self.keeper else {
-            return Err(fail("no keeper is configured, so the connection ended with the previous daemon".into()));
+            return Err(fail(
+                "no keeper is configured, so the connection ended with the previous daemon".into(),
+            ));
         };
         let fds = match keeper.give(&state.name()) {
             Ok(Some(fds)) if !fds.is_empty() => fds,
@@ -589,14 +598,14 @@ impl Daemon {
         };
         let connection = Connection::resume(fds, record.params);
         let on_end = self.on_end(&id, generation);
-        let served: Served =
-            match fuse_adapter::resume(volume.clone(), connection, handles, on_end) {
-                Ok(served) => served,
-                Err(e) => {
-                    runtime.shutdown_background();
-                    return Err(fail(format!("cannot serve the connection: {e}")));
-                }
-            };
+        let served: Served = match fuse_adapter::resume(volume.clone(), connection, handles, on_end)
+        {
+            Ok(served) => served,
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(fail(format!("cannot serve the connection: {e}")));
+            }
+        };
         record.recoveries += 1;
         record.last_recovery_ms = Some(now_ms());
         if let Err(e) = state.write(&record) {
@@ -736,12 +745,17 @@ impl Daemon {
                         .collect();
                     for (state, channels) in hosted {
                         if self.deposit(&state, &channels) {
-                            tracing::info!(session = state.name(), "the keeper holds the volume's connection again");
+                            tracing::info!(
+                                session = state.name(),
+                                "the keeper holds the volume's connection again"
+                            );
                             self.mark_kept(&state, true);
                         }
                     }
                     watch.wait();
-                    tracing::warn!("the keeper stopped; volumes survive a daemon restart again once it is back");
+                    tracing::warn!(
+                        "the keeper stopped; volumes survive a daemon restart again once it is back"
+                    );
                     for slot in self.lock().volumes.values() {
                         if let Phase::Mounted(hosted) = &slot.phase {
                             hosted.kept.store(false, Ordering::Relaxed);
@@ -807,8 +821,9 @@ impl Daemon {
         };
         tracing::info!(volume = %id, target = %target.display(), "unmounting");
         let daemon_keeper = self.keeper.clone();
-        let _ = tokio::task::spawn_blocking(move || teardown(*hosted, true, daemon_keeper.as_ref()))
-            .await;
+        let _ =
+            tokio::task::spawn_blocking(move || teardown(*hosted, true, daemon_keeper.as_ref()))
+                .await;
         self.lock().volumes.remove(&id);
         self.changed.notify_waiters();
         tracing::info!(volume = %id, target = %target.display(), "unmounted");
@@ -1172,11 +1187,19 @@ fn ensure_keeper(options: &KeeperOptions) {
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     match command.spawn() {
-        Ok(child) => {
+        Ok(mut child) => {
             tracing::info!(pid = child.id(), socket = %options.socket.display(), log = %log_path.display(), "started a keeper");
+            // Reaped when it ends, so that no zombie stays behind while this daemon runs.
+            let _ = std::thread::Builder::new()
+                .name("keeper-reaper".into())
+                .spawn(move || child.wait());
             let deadline = std::time::Instant::now() + KEEPER_START_WAIT;
             while client.list().is_err() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));

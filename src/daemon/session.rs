@@ -75,14 +75,17 @@ impl SessionDir {
         }
     }
 
-    /// Every volume directory under `root`.
+    /// Every volume directory under `root` (named as [`SessionDir::for_volume`] names them;
+    /// anything else there is left alone).
     pub fn all(root: &Path) -> Vec<SessionDir> {
         let Ok(entries) = std::fs::read_dir(root) else {
             return Vec::new();
         };
+        let ours = |name: &str| name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit());
         let mut dirs: Vec<SessionDir> = entries
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| ours(&e.file_name().to_string_lossy()))
             .map(|e| SessionDir { path: e.path() })
             .collect();
         dirs.sort_by(|a, b| a.path.cmp(&b.path));
@@ -197,6 +200,12 @@ mod tests {
         dir.write(&record).unwrap();
         assert_eq!(dir.read().unwrap(), record);
         assert_eq!(SessionDir::all(root.path()).len(), 1);
+        std::fs::create_dir(root.path().join("volumes")).unwrap();
+        assert_eq!(
+            SessionDir::all(root.path()).len(),
+            1,
+            "others' directories are not ours"
+        );
 
         let mut future = serde_json::to_value(&record).unwrap();
         future["format"] = 2.into();
@@ -216,7 +225,10 @@ mod tests {
         let (major, minor) = mount_device(Path::new("/proc")).expect("/proc is a mount");
         let meta = std::fs::metadata("/proc").unwrap();
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((major, minor), (libc::major(meta.dev()), libc::minor(meta.dev())));
+        assert_eq!(
+            (major, minor),
+            (libc::major(meta.dev()), libc::minor(meta.dev()))
+        );
         assert!(mount_device(Path::new("/proc/self")).is_none());
     }
 }

@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
-use super::mount::{bin, signal, unmount_all_under};
+use super::mount::{bin, clean_up_under, signal};
 
 /// A running CSI process of the real binary, with its own directory.
 pub struct Plugin {
@@ -226,7 +226,7 @@ impl Drop for Plugin {
         for pid in std::mem::take(&mut self.daemons) {
             stop_process(pid);
         }
-        unmount_all_under(self.dir.path());
+        clean_up_under(self.dir.path());
         if std::thread::panicking() {
             eprintln!("{}", self.log_text());
         }

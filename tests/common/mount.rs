@@ -97,6 +97,39 @@ pub fn unmount_all_under(root: &Path) {
     }
 }
 
+/// Stops every `reservoir keeper` whose socket lies under `root` (the keepers a test's
+/// daemons started), then detaches every mount under `root`: with nobody holding their
+/// connections any more, nothing of the test lingers.
+pub fn clean_up_under(root: &Path) {
+    stop_keepers_under(root);
+    unmount_all_under(root);
+}
+
+/// SIGKILLs every `reservoir keeper` listening under `root`; a keeper keeps nothing but
+/// descriptors, which die with it.
+pub fn stop_keepers_under(root: &Path) {
+    let root = root.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_keeper = args.get(1).is_some_and(|a| a == "keeper");
+        if is_keeper && args.iter().any(|a| a.starts_with(&root)) {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// A running `reservoir mount`.
 pub struct Mount {
     child: Option<Child>,
