@@ -1,4 +1,5 @@
 pub mod csi;
+pub mod daemon;
 pub mod data;
 pub mod ganesha;
 pub mod mount;
