@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control;
-use crate::fs::fuse::{self, MountConfig};
-use crate::fs::handles::Handles;
+use crate::fs::fuse::{self, MountConfig, SessionLogs};
 use crate::fs::{FsError, Volume, VolumeConfig};
 use crate::fuse::{ConnectionError, Session};
 use crate::source::{SourceOptions, SourceSpec};
@@ -174,7 +173,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         volume.clone(),
         &mountpoint,
         &mount_config,
-        Handles::in_memory(),
+        SessionLogs::in_memory(),
         || {},
     )
     .map_err(|cause| {

@@ -511,3 +511,163 @@ fn a_keeper_restart_never_touches_a_volume() {
     assert_eq!(tally.wrong.load(Ordering::Relaxed), 0, "{}", report(&tally));
     assert_eq!(daemon.volume("vol")["recovery"]["recoveries"], 1);
 }
+
+/// One change through the mount, made by an application process (`python3 -c act`, run in
+/// the mount); `check` looks at the source afterwards. The test process itself never holds a
+/// file of the mount: a process that does must not start the daemon, since exec closes the
+/// inherited file, and the close of a written file waits for the daemon being started.
+struct Change {
+    point: &'static str,
+    act: &'static str,
+    check: fn(&Path),
+}
+
+fn changes() -> Vec<Change> {
+    use std::os::unix::fs::PermissionsExt;
+    vec![
+        Change {
+            point: "after-source:create",
+            act: "import os\n\
+                  f = os.open('created', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n\
+                  os.write(f, b'written after an exclusive create'); os.close(f)",
+            check: |src| {
+                assert_eq!(
+                    std::fs::read(src.join("created")).unwrap(),
+                    b"written after an exclusive create"
+                )
+            },
+        },
+        Change {
+            point: "after-source:mkdir",
+            act: "import os; os.mkdir('made')",
+            check: |src| assert!(src.join("made").is_dir()),
+        },
+        Change {
+            point: "after-source:symlink",
+            act: "import os; os.symlink('pointed-at', 'link')",
+            check: |src| {
+                assert_eq!(
+                    std::fs::read_link(src.join("link")).unwrap(),
+                    Path::new("pointed-at")
+                )
+            },
+        },
+        Change {
+            point: "after-source:unlink",
+            act: "import os; os.unlink('victim')",
+            check: |src| assert!(!src.join("victim").exists()),
+        },
+        Change {
+            point: "after-source:rmdir",
+            act: "import os; os.rmdir('empty')",
+            check: |src| assert!(!src.join("empty").exists()),
+        },
+        Change {
+            point: "after-source:rename",
+            act: "import os; os.rename('old-name', 'new-name')",
+            check: |src| {
+                assert!(!src.join("old-name").exists());
+                assert_eq!(std::fs::read(src.join("new-name")).unwrap(), b"moved");
+            },
+        },
+        Change {
+            point: "after-source:setattr",
+            act: "import os\n\
+                  f = os.open('long', os.O_WRONLY); os.ftruncate(f, 4); os.close(f)\n\
+                  os.chmod('long', 0o600)",
+            check: |src| {
+                assert_eq!(std::fs::read(src.join("long")).unwrap(), b"0123");
+                let mode = std::fs::metadata(src.join("long"))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600);
+            },
+        },
+        Change {
+            point: "after-source:write",
+            act: "import os\n\
+                  f = os.open('overwritten', os.O_WRONLY); os.pwrite(f, b'NEW', 2)\n\
+                  os.fsync(f); os.close(f)",
+            check: |src| assert_eq!(std::fs::read(src.join("overwritten")).unwrap(), b"abNEWfgh"),
+        },
+    ]
+}
+
+fn prepare_for_changes(src: &Path) {
+    std::fs::write(src.join("victim"), b"to be removed").unwrap();
+    std::fs::create_dir(src.join("empty")).unwrap();
+    std::fs::write(src.join("old-name"), b"moved").unwrap();
+    std::fs::write(src.join("long"), b"0123456789").unwrap();
+    std::fs::write(src.join("overwritten"), b"abcdefgh").unwrap();
+}
+
+/// Every change with the daemon killed after the source made it and before the kernel got the
+/// answer: the kernel resends the request to the next daemon, and the application gets what
+/// it would have got without the crash.
+fn resent_changes_answer_as_without_the_crash(source: &str, src: &Path, dirs: &Dirs, nfs: bool) {
+    prepare_for_changes(src);
+    let mut daemon = Daemon::start(dirs, &["--cache-size", "256Mi"]);
+    let mnt = dirs.path("volume");
+    daemon.mount_ok(
+        "rw",
+        &mnt,
+        source,
+        json!({"read_write": true, "metadata_ttl": "1s"}),
+    );
+    let mut recoveries = 0;
+    for change in changes() {
+        // A directory source's writers write to the source file themselves (passthrough): no
+        // WRITE reaches the daemon, so there is nothing to resend.
+        if change.point == "after-source:write" && !nfs {
+            continue;
+        }
+        assert_eq!(daemon.stop(), Some(0), "{}", daemon.log_text());
+        daemon.set_env(&[("RESERVOIR_FAILPOINT", change.point)]);
+        daemon.restart();
+        recoveries += 1;
+        let acting = std::process::Command::new("python3")
+            .args(["-c", change.act])
+            .current_dir(&mnt)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        assert!(
+            daemon.wait_for_exit(Duration::from_secs(30)),
+            "{}: the failpoint did not stop the daemon:\n{}",
+            change.point,
+            daemon.log_text()
+        );
+        daemon.set_env(&[]);
+        daemon.restart();
+        recoveries += 1;
+        let outcome = acting.wait_with_output().unwrap();
+        assert!(
+            outcome.status.success(),
+            "{}: the application saw {}\n{}",
+            change.point,
+            String::from_utf8_lossy(&outcome.stderr),
+            daemon.log_text()
+        );
+        (change.check)(src);
+        assert_eq!(daemon.volume("rw")["recovery"]["recoveries"], recoveries);
+    }
+}
+
+#[test]
+fn resent_changes_to_a_directory_source_answer_as_without_the_crash() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    resent_changes_answer_as_without_the_crash(src.to_str().unwrap(), &src, &dirs, false);
+}
+
+#[test]
+fn resent_changes_to_an_nfs_source_answer_as_without_the_crash() {
+    let dirs = Dirs::new();
+    let export = dirs.path("export");
+    std::fs::create_dir(&export).unwrap();
+    let server = common::ganesha::Ganesha::start(&export);
+    let url = server.url(&server.exports()[0]);
+    resent_changes_answer_as_without_the_crash(&url, &export, &dirs, true);
+}

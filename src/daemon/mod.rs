@@ -34,8 +34,7 @@ use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control::{
     self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Request, Response,
 };
-use crate::fs::fuse::{self as fuse_adapter, MountConfig, Served};
-use crate::fs::handles::Handles;
+use crate::fs::fuse::{self as fuse_adapter, MountConfig, Served, SessionLogs};
 use crate::fs::meta::now_ms;
 use crate::fs::warm::Request as WarmRequest;
 use crate::fs::{Volume, VolumeConfig};
@@ -380,15 +379,15 @@ impl Daemon {
         let id = &spec.request.volume_id;
         let (runtime, volume) = self.open_volume(spec).await?;
         let state = SessionDir::for_volume(&self.config.state_dir, id);
-        let handles = match state
+        let logs = match state
             .create()
             .map_err(|e| e.to_string())
-            .and_then(|()| Handles::logged(&state.handles()).map_err(|e| e.to_string()))
+            .and_then(|()| state.logs().map_err(|e| e.to_string()))
         {
-            Ok(handles) => handles,
+            Ok(logs) => logs,
             Err(message) => {
                 tracing::warn!(volume = %id, error = message, "cannot keep the volume's session state; it will not survive a daemon restart");
-                Handles::in_memory()
+                SessionLogs::in_memory()
             }
         };
 
@@ -401,14 +400,8 @@ impl Daemon {
         let (volume_for_mount, on_end) = (volume.clone(), self.on_end(id, generation));
         let target_owned = target.clone();
         let mounted = tokio::task::spawn_blocking(move || {
-            fuse_adapter::mount(
-                volume_for_mount,
-                &target_owned,
-                &mount_config,
-                handles,
-                on_end,
-            )
-            .map_err(|e| format!("cannot mount {}: {e}", target_owned.display()))
+            fuse_adapter::mount(volume_for_mount, &target_owned, &mount_config, logs, on_end)
+                .map_err(|e| format!("cannot mount {}: {e}", target_owned.display()))
         })
         .await;
         let served = match mounted {
@@ -586,7 +579,7 @@ impl Daemon {
             Err(e) => return Err(fail(format!("the keeper did not answer: {e}"))),
         };
         let spec = VolumeSpec::new(record.request.clone()).map_err(|e| fail(e.to_string()))?;
-        let handles = Handles::logged(&state.handles()).map_err(|e| {
+        let logs = state.logs().map_err(|e| {
             fail(format!(
                 "its file handles cannot be read ({e}): open files would not be recognised"
             ))
@@ -598,8 +591,7 @@ impl Daemon {
         };
         let connection = Connection::resume(fds, record.params);
         let on_end = self.on_end(&id, generation);
-        let served: Served = match fuse_adapter::resume(volume.clone(), connection, handles, on_end)
-        {
+        let served: Served = match fuse_adapter::resume(volume.clone(), connection, logs, on_end) {
             Ok(served) => served,
             Err(e) => {
                 runtime.shutdown_background();
@@ -1122,17 +1114,30 @@ fn teardown(hosted: Hosted, discard: bool, keeper: Option<&keeper::Client>) -> P
     target
 }
 
-/// Aborts the FUSE connection of the mount with device number `dev` (fusectl).
+/// Aborts the FUSE connection of the mount with device number `dev` (fusectl, mounted here if
+/// the host has not).
 fn abort_connection(dev: u64) {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let id = (u64::from(major) << 20) | u64::from(minor);
-    let path = format!("/sys/fs/fuse/connections/{id}/abort");
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let path = connections.join(id.to_string()).join("abort");
+    if !path.exists() {
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            connections,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
     match std::fs::write(&path, "1") {
         Ok(()) => tracing::warn!(
             connection = id,
             "aborted a FUSE connection that would not end"
         ),
-        Err(e) => tracing::warn!(path, error = %e, "cannot abort the FUSE connection"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot abort the FUSE connection")
+        }
     }
 }
 

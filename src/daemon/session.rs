@@ -5,7 +5,8 @@
 //! - `session.json`: the volume as it was asked for, where it is mounted, what was agreed with
 //!   the kernel at INIT, and how many channels serve it (the keeper holds their descriptors
 //!   under the directory's name);
-//! - `handles`: the file handle log ([`crate::fs::handles`]).
+//! - `handles`: the file handle log ([`crate::fs::handles`]);
+//! - `intents`: the changes being made on the source ([`crate::fs::intents`]).
 //!
 //! Inode numbers live with the volume's metadata in the cache directory. Files are written
 //! with write(2) and renamed into place, never fsynced: a daemon crash keeps them in the page
@@ -16,12 +17,17 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::control::MountRequest;
+use crate::fs::fuse::SessionLogs;
+use crate::fs::handles::Handles;
+use crate::fs::intents::Intents;
 use crate::fuse::KernelParams;
+use crate::journal::JournalError;
 
 /// The layout of `session.json`; a daemon refuses to resume a format it does not know.
 pub const FORMAT: u32 = 1;
 const RECORD: &str = "session.json";
 const HANDLES: &str = "handles";
+const INTENTS: &str = "intents";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -100,8 +106,12 @@ impl SessionDir {
             .unwrap_or_default()
     }
 
-    pub fn handles(&self) -> PathBuf {
-        self.path.join(HANDLES)
+    /// The connection's handle and change logs, with what an earlier daemon logged.
+    pub fn logs(&self) -> Result<SessionLogs, JournalError> {
+        Ok(SessionLogs {
+            handles: Handles::logged(&self.path.join(HANDLES))?,
+            intents: Intents::logged(&self.path.join(INTENTS))?,
+        })
     }
 
     fn io(&self, cause: std::io::Error) -> SessionError {

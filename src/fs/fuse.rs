@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::Instrument;
 
 use super::handles::{FileHandle, Handles};
+use super::intents::Intents;
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::passthrough::{BackingKind, Decision, OpenMode};
 use super::{Entry, FsError, OpenFile, Volume};
+use crate::failpoint;
 use crate::fuse::abi::{UNIQUE_RESEND, fopen, init};
 use crate::fuse::{
     Attributes, Connection, ConnectionError, DirectoryBuffer, EntryOut, Filesystem, KernelParams,
@@ -53,10 +55,10 @@ pub fn mount(
     volume: Arc<Volume>,
     mountpoint: &Path,
     config: &MountConfig,
-    handles: Handles,
+    logs: SessionLogs,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Served, ConnectionError> {
-    let adapter = FuseAdapter::new(volume, handles, config.passthrough);
+    let adapter = FuseAdapter::new(volume, logs, config.passthrough);
     let options = MountOptions {
         fs_name: config.fs_name.clone(),
         read_only: !config.read_write,
@@ -71,11 +73,11 @@ pub fn mount(
 pub fn resume(
     volume: Arc<Volume>,
     connection: Connection,
-    handles: Handles,
+    logs: SessionLogs,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Served, ConnectionError> {
     let passthrough = connection.params().passthrough();
-    let adapter = FuseAdapter::new(volume, handles, passthrough);
+    let adapter = FuseAdapter::new(volume, logs, passthrough);
     for handle in adapter.handles.files() {
         if let OpenMode::Passthrough {
             kind: BackingKind::Source,
@@ -111,7 +113,23 @@ fn serve(
 pub struct FuseAdapter {
     volume: Arc<Volume>,
     handles: Handles,
+    intents: Intents,
     passthrough: AtomicBool,
+}
+
+/// What a connection logs for a successor daemon (in memory only for `reservoir mount`).
+pub struct SessionLogs {
+    pub handles: Handles,
+    pub intents: Intents,
+}
+
+impl SessionLogs {
+    pub fn in_memory() -> Self {
+        SessionLogs {
+            handles: Handles::in_memory(),
+            intents: Intents::in_memory(),
+        }
+    }
 }
 
 fn log_error(op: &'static str, ino: Ino, e: &FsError) {
@@ -204,10 +222,11 @@ fn original_unique(unique: u64) -> u64 {
 }
 
 impl FuseAdapter {
-    fn new(volume: Arc<Volume>, handles: Handles, passthrough: bool) -> Self {
+    fn new(volume: Arc<Volume>, logs: SessionLogs, passthrough: bool) -> Self {
         FuseAdapter {
             volume,
-            handles,
+            handles: logs.handles,
+            intents: logs.intents,
             passthrough: AtomicBool::new(passthrough),
         }
     }
@@ -478,6 +497,7 @@ impl FuseAdapter {
         // A directory source writes straight from the kernel's buffer, on this thread.
         if let Some(file) = handle.file() {
             if let Some(result) = self.volume.try_write(file, offset, data) {
+                failpoint::hit("after-source:write");
                 return match result {
                     Ok(written) => reply.written(written),
                     Err(e) => reply_error(reply, "write", ino, &e),
@@ -491,6 +511,7 @@ impl FuseAdapter {
                 Ok(file) => this.volume.write(&file, offset, data).await,
                 Err(e) => Err(e),
             };
+            failpoint::hit("after-source:write");
             match result {
                 Ok(written) => reply.written(written),
                 Err(e) => reply_error(reply, "write", ino, &e),
@@ -718,19 +739,35 @@ impl FuseAdapter {
             Operation::Setattr(set) => self.setattr(reply, ino, set),
             Operation::Mkdir { name, mode, umask } => {
                 let (name, perm) = (name.to_vec(), (mode & !umask & 0o7777) as u16);
-                let this = self.clone();
-                self.spawn(async move {
-                    let result = this.volume.mkdir(ino, &name, perm, owner).await;
-                    this.reply_created_entry(reply, ino, result);
-                });
+                self.change(
+                    reply,
+                    "after-source:mkdir",
+                    move |volume, redone| async move {
+                        match volume.mkdir(ino, &name, perm, owner).await {
+                            Err(e) if redone && e.errno() == libc::EEXIST => {
+                                volume.lookup(ino, &name).await
+                            }
+                            result => result,
+                        }
+                    },
+                    move |this, reply, result| this.reply_created_entry(reply, ino, result),
+                );
             }
             Operation::Symlink { name, target } => {
                 let (name, target) = (name.to_vec(), target.to_vec());
-                let this = self.clone();
-                self.spawn(async move {
-                    let result = this.volume.symlink(ino, &name, &target, owner).await;
-                    this.reply_created_entry(reply, ino, result);
-                });
+                self.change(
+                    reply,
+                    "after-source:symlink",
+                    move |volume, redone| async move {
+                        match volume.symlink(ino, &name, &target, owner).await {
+                            Err(e) if redone && e.errno() == libc::EEXIST => {
+                                volume.lookup(ino, &name).await
+                            }
+                            result => result,
+                        }
+                    },
+                    move |this, reply, result| this.reply_created_entry(reply, ino, result),
+                );
             }
             Operation::Unlink { name } => self.remove(reply, ino, name, false),
             Operation::Rmdir { name } => self.remove(reply, ino, name, true),
@@ -746,11 +783,20 @@ impl FuseAdapter {
                     return reply.error(libc::EINVAL);
                 }
                 let (name, new_name) = (name.to_vec(), new_name.to_vec());
-                let volume = self.volume.clone();
-                self.spawn(async move {
-                    let result = volume.rename(ino, &name, new_parent, &new_name).await;
-                    reply_empty(reply, "rename", ino, result);
-                });
+                self.change(
+                    reply,
+                    "after-source:rename",
+                    move |volume, redone| async move {
+                        match volume.rename(ino, &name, new_parent, &new_name).await {
+                            // Renamed already: the old name is gone, the new one is there.
+                            Err(e) if redone && e.errno() == libc::ENOENT => {
+                                volume.lookup(new_parent, &new_name).await.map(drop)
+                            }
+                            result => result,
+                        }
+                    },
+                    move |_, reply, result| reply_empty(reply, "rename", ino, result),
+                );
             }
             Operation::Create {
                 name,
@@ -764,17 +810,29 @@ impl FuseAdapter {
                 let name = name.to_vec();
                 let perm = (mode & !umask & 0o7777) as u16;
                 let exclusive = flags & libc::O_EXCL as u32 != 0;
-                let this = self.clone();
-                self.spawn(async move {
-                    match this.volume.create(ino, &name, perm, owner, exclusive).await {
+                self.change(
+                    reply,
+                    "after-source:create",
+                    move |volume, redone| async move {
+                        match volume.create(ino, &name, perm, owner, exclusive).await {
+                            // Created already, by this very request: open what it created.
+                            Err(e) if redone && e.errno() == libc::EEXIST => {
+                                let entry = volume.lookup(ino, &name).await?;
+                                let file = volume.open_file(entry.ino, true).await?;
+                                Ok((entry, file))
+                            }
+                            result => result,
+                        }
+                    },
+                    move |this, reply, result| match result {
                         Ok((entry, file)) => {
                             this.volume.persist_inodes();
                             let ino = entry.ino;
                             this.reply_open(reply, ino, Ok(file), Some(entry), true);
                         }
                         Err(e) => reply_error(reply, "create", ino, &e),
-                    }
-                });
+                    },
+                );
             }
             Operation::Init { .. } => reply.error(libc::EIO),
             Operation::Forget { .. } | Operation::BatchForget(_) | Operation::Interrupt => {}
@@ -793,16 +851,62 @@ impl FuseAdapter {
         };
         let volume = self.volume.clone();
         self.spawn(async move {
-            Self::reply_attr(reply, ino, volume.setattr(ino, changes).await);
+            let result = volume.setattr(ino, changes).await;
+            failpoint::hit("after-source:setattr");
+            Self::reply_attr(reply, ino, result);
         });
     }
 
     fn remove(self: &Arc<Self>, reply: Reply, parent: Ino, name: &[u8], directory: bool) {
-        let (name, volume) = (name.to_vec(), self.volume.clone());
+        let name = name.to_vec();
+        let (op, point) = match directory {
+            true => ("rmdir", "after-source:rmdir"),
+            false => ("unlink", "after-source:unlink"),
+        };
+        self.change(
+            reply,
+            point,
+            move |volume, redone| async move {
+                match volume.remove(parent, &name, directory).await {
+                    // Removed already, by this very request.
+                    Err(e) if redone && e.errno() == libc::ENOENT => Ok(()),
+                    result => result,
+                }
+            },
+            move |_, reply, result| reply_empty(reply, op, parent, result),
+        );
+    }
+
+    /// Runs a change of the source for the request `reply` answers, on the runtime. The
+    /// request's id is recorded first, so that if this daemon dies before answering, its
+    /// successor knows the change may have been made when the kernel resends the request
+    /// (`redone`), and answers as this daemon would have. `point` is the change's failpoint.
+    fn change<T, Run, Fut>(
+        self: &Arc<Self>,
+        reply: Reply,
+        point: &'static str,
+        run: Run,
+        finish: impl FnOnce(&Arc<FuseAdapter>, Reply, T) + Send + 'static,
+    ) where
+        T: Send + 'static,
+        Run: FnOnce(Arc<Volume>, bool) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send,
+    {
+        let unique = original_unique(reply.unique());
+        let redone = reply.unique() & UNIQUE_RESEND != 0 && self.intents.inherited(unique);
+        if redone {
+            tracing::info!(
+                unique,
+                "a change resent after a restart; the previous daemon may have made it"
+            );
+        }
+        self.intents.begin(unique);
+        let this = self.clone();
         self.spawn(async move {
-            let result = volume.remove(parent, &name, directory).await;
-            let op = if directory { "rmdir" } else { "unlink" };
-            reply_empty(reply, op, parent, result);
+            let value = run(this.volume.clone(), redone).await;
+            failpoint::hit(point);
+            finish(&this, reply, value);
+            this.intents.end(unique);
         });
     }
 

@@ -9,6 +9,7 @@
 
 pub mod fuse;
 pub mod handles;
+pub mod intents;
 pub mod meta;
 pub mod passthrough;
 pub mod warm;

@@ -24,6 +24,8 @@ pub struct Daemon {
     args: Vec<String>,
     cache: PathBuf,
     program: PathBuf,
+    /// Extra environment of the next start.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -53,6 +55,7 @@ impl Daemon {
             args: args.iter().map(|a| a.to_string()).collect(),
             cache: cache.to_path_buf(),
             program: PathBuf::from(bin()),
+            env: Vec::new(),
         };
         daemon.spawn()?;
         Ok(daemon)
@@ -93,6 +96,7 @@ impl Daemon {
             .arg(&self.socket)
             .args(&self.args)
             .env("RUST_LOG", "info,reservoir=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.log).unwrap())
@@ -119,6 +123,31 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The environment of the next start (`RESERVOIR_FAILPOINT`, for instance).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; whether it did.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let exited = match self.child.as_mut() {
+                None => true,
+                Some(child) => child.try_wait().ok().flatten().is_some(),
+            };
+            if exited {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     pub fn pid(&self) -> Option<u32> {
