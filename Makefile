@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test lint deploy-check sanity bench-quick bench bench-writes build release clean
+.PHONY: demo test lint deploy-check sanity bench-quick bench bench-writes crash-stress upgrade-check build release clean
 
 release:
 	$(CARGO) build --release --locked
@@ -61,6 +61,21 @@ bench:
 bench-writes:
 	scripts/install-deps.sh test
 	$(CARGO) test --release --locked --test write_bench -- --ignored --nocapture
+
+## Crash recovery under load: 50 kill -9 of the daemon at random moments under 8 readers that
+## check every byte; prints the readers' worst stall and the time from a kill to the first
+## answer (p50/p99), the figures in docs/benchmarks.md.
+crash-stress:
+	scripts/install-deps.sh test
+	RECOVERY_KILLS=50 $(CARGO) test --locked --test recovery kill_9 -- --nocapture
+
+## A new daemon takes over an older one's state: the session state of every released format
+## (tests/fixtures/state), and a live hand-over from PREVIOUS (another build's binary, if given)
+## to this build and back.
+upgrade-check:
+	scripts/install-deps.sh test
+	$(CARGO) test --locked --lib every_released_state_format_is_read
+	RESERVOIR_PREVIOUS_BIN=$(PREVIOUS) $(CARGO) test --locked --test recovery planned_hand_overs -- --nocapture
 
 clean:
 	$(CARGO) clean

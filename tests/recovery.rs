@@ -454,8 +454,9 @@ fn planned_hand_overs_to_another_build_and_back_fail_nothing() {
     let dirs = Dirs::new();
     let dataset = Dataset::create(&dirs);
     let current = PathBuf::from(common::mount::bin());
-    let previous =
-        std::env::var_os("RESERVOIR_PREVIOUS_BIN").map_or(current.clone(), PathBuf::from);
+    let previous = std::env::var_os("RESERVOIR_PREVIOUS_BIN")
+        .filter(|v| !v.is_empty())
+        .map_or(current.clone(), PathBuf::from);
     let (mut daemon, mnt) = serve(&dirs, &dataset, &[]);
     let readers = Readers::start(&mnt);
     // Upgrade (current → previous stands for the old build being replaced) and rollback.

@@ -79,6 +79,11 @@ pub enum DaemonError {
     },
     #[error("cannot start the daemon's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot start the daemon: state directory {path}: {cause}")]
+    State {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// Everything `reservoir daemon` needs.
@@ -114,6 +119,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // fully exited (the kernel releases the lock only then), so that no request it had read is
     // served twice.
     let cache = open_cache_waiting(&config.cache)?;
+    // The sessions are this daemon's alone too: a daemon of another cache directory pointed
+    // at the same state directory would otherwise serve the same connections.
+    let _sessions_lock = lock_waiting(&config.state_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("reservoir-daemon")
@@ -589,6 +597,12 @@ impl Daemon {
             let registry = self.lock();
             registry.next_generation + 1
         };
+        // Counted before serving: a daemon killed while it takes over has taken over.
+        record.recoveries += 1;
+        record.last_recovery_ms = Some(now_ms());
+        if let Err(e) = state.write(&record) {
+            tracing::warn!(volume = %id, error = %e, "cannot update the volume's session record");
+        }
         let connection = Connection::resume(fds, record.params);
         let on_end = self.on_end(&id, generation);
         let served: Served = match fuse_adapter::resume(volume.clone(), connection, logs, on_end) {
@@ -598,11 +612,6 @@ impl Daemon {
                 return Err(fail(format!("cannot serve the connection: {e}")));
             }
         };
-        record.recoveries += 1;
-        record.last_recovery_ms = Some(now_ms());
-        if let Err(e) = state.write(&record) {
-            tracing::warn!(volume = %id, error = %e, "cannot update the volume's session record");
-        }
         tracing::info!(
             volume = %id,
             target = %target.display(),
@@ -1155,6 +1164,31 @@ fn open_cache_waiting(config: &CacheConfig) -> Result<Arc<Cache>, DaemonError> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return Ok(other?),
+        }
+    }
+}
+
+/// Takes the state directory's lock, waiting while a previous daemon still holds it.
+fn lock_waiting(state_dir: &Path) -> Result<crate::lockfile::LockFile, DaemonError> {
+    let fail = |cause: std::io::Error| DaemonError::State {
+        path: state_dir.to_path_buf(),
+        cause,
+    };
+    std::fs::create_dir_all(state_dir).map_err(fail)?;
+    let deadline = std::time::Instant::now() + PREDECESSOR_WAIT;
+    loop {
+        match crate::lockfile::take(&state_dir.join("lock")) {
+            Ok(lock) => return Ok(lock),
+            Err(crate::lockfile::LockError::Held { .. })
+                if std::time::Instant::now() < deadline => {}
+            Err(crate::lockfile::LockError::Held { holder }) => {
+                return Err(fail(std::io::Error::other(format!(
+                    "in use by another reservoir daemon ({holder}); give each daemon its own --state-dir"
+                ))));
+            }
+            Err(crate::lockfile::LockError::Io { what, cause }) => {
+                return Err(fail(std::io::Error::new(cause.kind(), format!("{what}: {cause}"))));
+            }
         }
     }
 }

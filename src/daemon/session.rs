@@ -242,3 +242,105 @@ mod tests {
         assert!(mount_device(Path::new("/proc/self")).is_none());
     }
 }
+
+/// The state every released format writes, checked against what this build reads: a daemon of
+/// this release must take over volumes from a daemon of any earlier one (an upgrade) and from a
+/// later one of the same format (a rollback). Each release's fixtures are written once, by
+/// `cargo test --lib write_state_fixture -- --ignored`, and committed.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+    use crate::fs::passthrough::{BackingKind, Decision, OpenMode};
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state")
+    }
+
+    /// What the format-1 fixture holds: a read-write volume with a passthrough reader of inode
+    /// 5 (backing id 3, two handles), a daemon-served writer of inode 9, one handle released,
+    /// and a mkdir (request 40) that was being made.
+    fn record_v1() -> SessionRecord {
+        SessionRecord {
+            format: 1,
+            request: serde_json::from_str(
+                r#"{"volume_id":"pvc-fixture","target_path":"/var/lib/kubelet/plugins/kubernetes.io/csi/reservoir.csi.dev/x/globalmount","source":"nfs://10.0.0.5/exports/data","sub_path":"train","cache_size":10737418240,"metadata_ttl":"60s","read_write":true}"#,
+            )
+            .unwrap(),
+            params: KernelParams {
+                minor: 40,
+                flags: (1 << 37) | (1 << 39) | (1 << 30) | (1 << 13),
+                max_write: 1 << 20,
+            },
+            channels: 4,
+            device: (0, 61),
+            mounted_at_ms: 1_796_000_000_000,
+            recoveries: 2,
+            last_recovery_ms: Some(1_796_000_100_000),
+        }
+    }
+
+    #[test]
+    #[ignore = "writes this release's fixtures; run once per new format"]
+    fn write_state_fixture() {
+        let dir = fixtures().join(format!("format-{FORMAT}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let session = SessionDir { path: dir.clone() };
+        session.write(&record_v1()).unwrap();
+        let logs = session.logs().unwrap();
+        let cache_file = |backing| OpenMode::Passthrough {
+            backing,
+            kind: BackingKind::Cache,
+        };
+        logs.handles
+            .record_for_fixture(1, 5, false, cache_file(3), 10);
+        logs.handles
+            .record_for_fixture(2, 5, false, cache_file(3), 12);
+        logs.handles
+            .record_for_fixture(3, 9, true, OpenMode::Daemon, 14);
+        logs.handles
+            .record_for_fixture(4, 11, false, OpenMode::Daemon, 16);
+        logs.handles.release_for_fixture(4);
+        logs.intents.begin(40);
+    }
+
+    #[test]
+    fn every_released_state_format_is_read() {
+        let mut formats = 0;
+        for entry in std::fs::read_dir(fixtures()).expect("tests/fixtures/state") {
+            let fixture = entry.unwrap().path();
+            formats += 1;
+            // Reading rewrites the logs: work on a copy.
+            let copy = tempfile::tempdir().unwrap();
+            for file in std::fs::read_dir(&fixture).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::copy(&file, copy.path().join(file.file_name().unwrap())).unwrap();
+            }
+            let session = SessionDir {
+                path: copy.path().to_path_buf(),
+            };
+            assert_eq!(
+                session.read().unwrap(),
+                record_v1(),
+                "{}",
+                fixture.display()
+            );
+            let logs = session.logs().unwrap();
+            let reader = logs.handles.file(2).expect("handle 2");
+            assert_eq!((reader.ino, reader.writable), (5, false));
+            assert!(logs.handles.file(4).is_none(), "released");
+            assert_eq!(logs.handles.file(3).map(|h| h.writable), Some(true));
+            assert_eq!(logs.handles.answered(12).map(|(fh, _)| fh), Some(2));
+            assert_eq!(logs.handles.next_handle(), 5);
+            assert_eq!(
+                logs.handles.opens.lock().unwrap().decide(5, false),
+                Decision::Share {
+                    backing: 3,
+                    kind: BackingKind::Cache
+                }
+            );
+            assert!(logs.intents.inherited(40));
+        }
+        assert!(formats >= 1, "no fixture");
+    }
+}

@@ -215,6 +215,32 @@ impl Handles {
         self.files.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Logs an open as [`Handles::insert_file`] does, without an open file (fixtures of the
+    /// log's format).
+    #[cfg(test)]
+    pub fn record_for_fixture(
+        &self,
+        fh: u64,
+        ino: Ino,
+        writable: bool,
+        mode: OpenMode,
+        unique: u64,
+    ) {
+        self.next.fetch_max(fh + 1, Ordering::Relaxed);
+        self.log(HandleRecord::Opened {
+            fh,
+            ino,
+            writable,
+            mode,
+            unique,
+        });
+    }
+
+    #[cfg(test)]
+    pub fn release_for_fixture(&self, fh: u64) {
+        self.log(HandleRecord::Released { fh });
+    }
+
     fn log(&self, record: HandleRecord) {
         let Some(log) = &self.log else {
             return;
