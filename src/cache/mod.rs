@@ -97,7 +97,7 @@ pub enum CacheError {
     },
     #[error("cache settings: {0}")]
     Config(String),
-    #[error("cache index")]
+    #[error(transparent)]
     Journal(#[from] JournalError),
 }
 
