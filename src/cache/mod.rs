@@ -640,9 +640,14 @@ impl Drop for Cache {
             let journals =
                 std::mem::take(self.journals.get_mut().unwrap_or_else(|p| p.into_inner()));
             let dir = self.node.config.dir.join(layout::METADATA_DIR);
-            let mut external = self.node.lock_external();
+            {
+                // Admissions read this map under the node lock: no unlink while it is held.
+                let mut external = self.node.lock_external();
+                for name in &journals {
+                    external.remove(name);
+                }
+            }
             for name in journals {
-                external.remove(&name);
                 if let Err(e) = std::fs::remove_file(dir.join(&name)) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::warn!(
