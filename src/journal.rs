@@ -485,8 +485,9 @@ pub mod fault {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// Names a file: while it exists, every journal of the process waits before writing to
-    /// disk, and says so once per wait in the log ("journal writes stalled by the test switch").
+    /// Names a file: while it exists, the journals of the process wait before writing to disk
+    /// (all of them if the file is empty, else those whose file name it holds, e.g. `index`),
+    /// and say so once per wait in the log ("journal writes stalled by the test switch").
     pub const STALL_SWITCH_ENV: &str = "RESERVOIR_TEST_STALL_JOURNAL_WRITES";
 
     /// The switch of one journal.
@@ -519,17 +520,29 @@ pub mod fault {
             self.waiting.load(Ordering::SeqCst)
         }
 
-        fn stalled(&self) -> bool {
-            self.armed.load(Ordering::SeqCst) || self.switch.as_ref().is_some_and(|s| s.exists())
+        fn stalled(&self, journal: &Path) -> bool {
+            if self.armed.load(Ordering::SeqCst) {
+                return true;
+            }
+            let Some(switch) = &self.switch else {
+                return false;
+            };
+            match std::fs::read_to_string(switch) {
+                Ok(name) => {
+                    let name = name.trim();
+                    name.is_empty() || journal.file_name().is_some_and(|n| n == name)
+                }
+                Err(_) => false,
+            }
         }
 
         pub(super) fn wait_while_stalled(&self, journal: &Path) {
-            if !self.stalled() {
+            if !self.stalled(journal) {
                 return;
             }
             self.waiting.fetch_add(1, Ordering::SeqCst);
             tracing::warn!(journal = %journal.display(), "journal writes stalled by the test switch");
-            while self.stalled() {
+            while self.stalled(journal) {
                 std::thread::sleep(Duration::from_millis(10));
             }
             self.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -424,7 +424,8 @@ fn cached_reads_and_opens_answer_while_the_index_cannot_reach_the_disk() {
         || dirs.status()["cache"]["complete_files"] == 1,
     );
 
-    std::fs::write(&switch, b"").unwrap();
+    // Only the cache index stalls: its flush holds the index's file while blocks are stored.
+    std::fs::write(&switch, b"index").unwrap();
     // A watchdog ends the stall after a minute, so that a mount that waits on it fails the
     // test (on the times below) instead of hanging it.
     let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -436,16 +437,22 @@ fn cached_reads_and_opens_answer_while_the_index_cannot_reach_the_disk() {
             }
         })
     };
+    // A first cold read gives the index records to write (an idle flush has no I/O to stall).
+    assert!(
+        read_direct(&dirs.mnt.join("cold0.bin")).unwrap()
+            == std::fs::read(src.join("cold0.bin")).unwrap()
+    );
     wait_until(
-        "the flusher waits for the disk",
+        "the index's flush waits for the disk",
         Duration::from_secs(30),
         || {
-            mount
-                .log_text()
-                .contains("journal writes stalled by the test switch")
+            mount.log_text().lines().any(|line| {
+                line.contains("journal writes stalled by the test switch")
+                    && line.contains("cache/index")
+            })
         },
     );
-    for i in 0..8 {
+    for i in 1..8 {
         // A cold fill: admitted and stored while the index cannot be written.
         let cold = dirs.mnt.join(format!("cold{i}.bin"));
         let started = Instant::now();
