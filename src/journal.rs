@@ -5,14 +5,26 @@
 //! torn or corrupt frame and truncates there, so a crash loses at most the unflushed tail and
 //! never yields a misread record. Nothing here is fsynced on the hot path: what a lost tail
 //! forgets is re-learnt from the source, and cached bytes are verified by checksum before use.
+//!
+//! **Appends never wait for the disk.** Callers append while holding locks that requests need
+//! (the cache's node lock, taken by every open), so [`Journal::append`] only encodes the record
+//! into a buffer in memory. [`Journal::flush`] (a background task, once a second) moves the
+//! buffer to the file and, now and then, syncs it; it waits for the disk behind a lock of its
+//! own, which appends never take. A snapshot is taken in two steps for the same reason:
+//! [`Journal::snapshot`] under the caller's lock (memory only: it takes the buffer and encodes
+//! the live state), [`Snapshot::install`] outside it (write, sync, rename, directory sync).
+//!
+//! If the disk stops taking records for long (a stalled sync), the buffer would grow without
+//! bound: past [`MAX_BUFFERED`] it is dropped and appends are ignored until the next snapshot,
+//! which [`Journal::wants_rewrite`] then asks for. The log on disk stays a prefix of the
+//! history, as after a crash.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -25,34 +37,63 @@ const MAX_RECORD: usize = 64 << 20;
 /// [`MIN_COMPACT_BYTES`]).
 const GROWTH_BEFORE_COMPACTION: u64 = 3;
 const MIN_COMPACT_BYTES: u64 = 4 << 20;
+/// The most encoded records kept in memory waiting for the disk (about 400,000 records of the
+/// cache index; a flush empties the buffer every second while the disk answers).
+pub const MAX_BUFFERED: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("journal {path}: {what}: {cause}")]
+    #[error("journal {path}: {what}")]
     Io {
         path: PathBuf,
         what: &'static str,
+        #[source]
         cause: std::io::Error,
     },
-    #[error("journal {path}: cannot encode a record: {cause}")]
+    #[error("journal {path}: cannot encode a record")]
     Encode {
         path: PathBuf,
+        #[source]
         cause: postcard::Error,
     },
 }
 
 pub struct Journal<R> {
     path: PathBuf,
-    writer: Mutex<Writer>,
-    /// Bytes the log occupies, shared with whoever accounts for disk use.
+    /// Records appended and not yet written to the file. Held only to copy bytes in or out.
+    buffer: Mutex<Buffer>,
+    /// The file, held across writes and syncs (by flushes and snapshot installs only).
+    file: Mutex<LogFile>,
+    /// Bytes in the file, as last written.
+    on_disk: AtomicU64,
+    /// Bytes of the last snapshot, to decide when to take the next.
+    snapshot_bytes: AtomicU64,
+    /// Bytes the log occupies (in the file and buffered), shared with whoever accounts for disk
+    /// use.
     bytes: Arc<AtomicU64>,
+    #[cfg(debug_assertions)]
+    fault: fault::DiskStall,
     _records: PhantomData<fn(R) -> R>,
 }
 
-struct Writer {
-    file: BufWriter<File>,
-    snapshot_bytes: u64,
-    scratch: Vec<u8>,
+struct Buffer {
+    frames: Vec<u8>,
+    /// Which file the buffered frames continue: the snapshot they follow. A snapshot taken and
+    /// not yet installed moves it ahead of the file's, and flushes wait for the new file.
+    epoch: u64,
+    /// A snapshot is taken and not yet installed (or abandoned).
+    snapshot_outstanding: bool,
+    /// Bytes of the buffer that a snapshot not yet installed took (they go back if it fails).
+    held_by_snapshot: usize,
+    /// Records were lost (the buffer overflowed, or a write failed): the file is no longer the
+    /// whole history, so appends are ignored until a snapshot replaces it.
+    incomplete: bool,
+}
+
+struct LogFile {
+    file: File,
+    /// The snapshot the file starts with.
+    epoch: u64,
 }
 
 impl<R: Serialize + DeserializeOwned> Journal<R> {
@@ -90,37 +131,70 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
 
         let journal = Journal {
             path: path.to_path_buf(),
-            writer: Mutex::new(Writer {
-                file: BufWriter::with_capacity(256 << 10, file),
-                snapshot_bytes: valid as u64,
-                scratch: Vec::new(),
+            buffer: Mutex::new(Buffer {
+                frames: Vec::new(),
+                epoch: 0,
+                snapshot_outstanding: false,
+                held_by_snapshot: 0,
+                incomplete: false,
             }),
+            file: Mutex::new(LogFile { file, epoch: 0 }),
+            on_disk: AtomicU64::new(valid as u64),
+            snapshot_bytes: AtomicU64::new(valid as u64),
             bytes: Arc::new(AtomicU64::new(valid as u64)),
+            #[cfg(debug_assertions)]
+            fault: fault::DiskStall::from_env(),
             _records: PhantomData,
         };
         Ok((journal, records))
     }
 
+    /// Adds a record to the log: in memory, written by the next [`Journal::flush`].
     pub fn append(&self, record: &R) -> Result<(), JournalError> {
-        let mut writer = self.lock();
-        let Writer { file, scratch, .. } = &mut *writer;
-        encode_frame(record, scratch).map_err(|cause| JournalError::Encode {
-            path: self.path.clone(),
-            cause,
-        })?;
-        file.write_all(scratch).map_err(|cause| JournalError::Io {
-            path: self.path.clone(),
-            what: "append",
-            cause,
-        })?;
-        self.bytes
-            .fetch_add(scratch.len() as u64, Ordering::Relaxed);
+        let mut buffer = self.lock_buffer();
+        if buffer.incomplete {
+            return Ok(());
+        }
+        let start = buffer.frames.len();
+        if let Err(cause) = encode_frame(record, &mut buffer.frames) {
+            buffer.frames.truncate(start);
+            return Err(JournalError::Encode {
+                path: self.path.clone(),
+                cause,
+            });
+        }
+        if buffer.frames.len() > MAX_BUFFERED {
+            tracing::warn!(
+                journal = %self.path.display(),
+                buffered = buffer.frames.len(),
+                "the disk has not taken this journal's records for a while; dropping them until \
+                 the next snapshot (a restart now would re-learn them)"
+            );
+            buffer.frames = Vec::new();
+            buffer.incomplete = true;
+        }
+        self.account(&buffer);
         Ok(())
     }
+}
 
-    /// Writes buffered records to the file; with `sync`, also to stable storage.
+impl<R> Journal<R> {
+    /// Writes buffered records to the file; with `sync`, also to stable storage. Waits for the
+    /// disk, and for a snapshot being installed, but never holds up appends.
     pub fn flush(&self, sync: bool) -> Result<(), JournalError> {
-        let mut writer = self.lock();
+        let mut log = self.lock_file();
+        let frames = {
+            let mut buffer = self.lock_buffer();
+            if buffer.epoch != log.epoch {
+                // A snapshot is taken and not yet installed: the buffer continues the new file.
+                return Ok(());
+            }
+            std::mem::take(&mut buffer.frames)
+        };
+        if frames.is_empty() && !sync {
+            return Ok(());
+        }
+        self.before_disk_io();
         let io = |what| {
             move |cause| JournalError::Io {
                 path: self.path.clone(),
@@ -128,9 +202,18 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
                 cause,
             }
         };
-        writer.file.flush().map_err(io("flush"))?;
+        if let Err(e) = log.file.write_all(&frames).map_err(io("append")) {
+            // Part of a frame may be in the file: nothing after it would replay.
+            let mut buffer = self.lock_buffer();
+            buffer.incomplete = true;
+            buffer.frames = Vec::new();
+            self.account(&buffer);
+            return Err(e);
+        }
+        self.on_disk
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         if sync {
-            writer.file.get_ref().sync_data().map_err(io("sync"))?;
+            log.file.sync_data().map_err(io("sync"))?;
         }
         Ok(())
     }
@@ -145,80 +228,219 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         self.bytes.clone()
     }
 
-    /// True when the log has grown enough past its last snapshot to be worth rewriting.
+    /// True when the log has grown enough past its last snapshot to be worth rewriting, or has
+    /// lost records that only a snapshot brings back.
     pub fn wants_rewrite(&self) -> bool {
-        let snapshot = self.lock().snapshot_bytes;
+        if self.lock_buffer().incomplete {
+            return true;
+        }
+        let snapshot = self.snapshot_bytes.load(Ordering::Relaxed);
         let bytes = self.bytes();
         bytes >= MIN_COMPACT_BYTES && bytes > snapshot.saturating_mul(GROWTH_BEFORE_COMPACTION)
     }
+}
 
+impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// Replaces the whole log by `records` (the live state), atomically: a crash leaves either
-    /// the old log or the new one. The caller must keep appends that the snapshot does not
-    /// reflect from racing with this call (it holds its own state lock).
+    /// the old log or the new one. [`Journal::snapshot`] and [`Snapshot::install`] in one call,
+    /// for callers that may wait for the disk where they are.
     pub fn rewrite(&self, records: impl IntoIterator<Item = R>) -> Result<(), JournalError> {
-        let mut writer = self.lock();
+        match self.snapshot(records)? {
+            Some(snapshot) => snapshot.install(),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of a rewrite, in memory: takes what is buffered (the snapshot reflects
+    /// it) and encodes `records`. Call it under the lock that orders the caller's appends with
+    /// the state `records` is read from, and read that state lazily (the iterator runs after
+    /// the buffer is taken): a record appended before this call must be reflected in
+    /// `records`, and one appended after it goes to the new log. `None` when another snapshot
+    /// is still being installed.
+    pub fn snapshot(
+        &self,
+        records: impl IntoIterator<Item = R>,
+    ) -> Result<Option<Snapshot<'_, R>>, JournalError> {
+        let (epoch, before, was_incomplete) = {
+            let mut buffer = self.lock_buffer();
+            if buffer.snapshot_outstanding {
+                return Ok(None);
+            }
+            buffer.snapshot_outstanding = true;
+            buffer.epoch += 1;
+            let before = std::mem::take(&mut buffer.frames);
+            buffer.held_by_snapshot = before.len();
+            let was_incomplete = std::mem::replace(&mut buffer.incomplete, false);
+            (buffer.epoch, before, was_incomplete)
+        };
+        let mut snapshot = Snapshot {
+            journal: self,
+            epoch,
+            frames: Vec::new(),
+            before,
+            was_incomplete,
+            installed: false,
+        };
+        for record in records {
+            let start = snapshot.frames.len();
+            if let Err(cause) = encode_frame(&record, &mut snapshot.frames) {
+                snapshot.frames.truncate(start);
+                // Dropping the snapshot gives the buffer back.
+                return Err(JournalError::Encode {
+                    path: self.path.clone(),
+                    cause,
+                });
+            }
+        }
+        Ok(Some(snapshot))
+    }
+}
+
+impl<R> Journal<R> {
+    /// Updates the shared count of bytes (call with the buffer locked).
+    fn account(&self, buffer: &Buffer) {
+        let bytes = self.on_disk.load(Ordering::Relaxed)
+            + (buffer.frames.len() + buffer.held_by_snapshot) as u64;
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn lock_buffer(&self) -> MutexGuard<'_, Buffer> {
+        // Appends leave the buffer whole or truncate what they added: a panic elsewhere while
+        // it was held leaves nothing half-done; keep going rather than poison every caller.
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_file(&self) -> MutexGuard<'_, LogFile> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a test may make the disk stop answering (debug builds only).
+    fn before_disk_io(&self) {
+        #[cfg(debug_assertions)]
+        self.fault.wait_while_stalled(&self.path);
+    }
+
+    /// The test switch that stalls this journal's writes to disk.
+    #[cfg(debug_assertions)]
+    pub fn fault(&self) -> &fault::DiskStall {
+        &self.fault
+    }
+}
+
+/// A snapshot of the live state, encoded and waiting to replace the log
+/// ([`Journal::snapshot`]). Dropped without being installed, it gives the buffer back.
+#[must_use = "a snapshot replaces the log only once installed"]
+pub struct Snapshot<'a, R> {
+    journal: &'a Journal<R>,
+    epoch: u64,
+    frames: Vec<u8>,
+    /// What was buffered when the snapshot was taken: reflected in it, and owed to the old
+    /// file if the snapshot fails.
+    before: Vec<u8>,
+    was_incomplete: bool,
+    installed: bool,
+}
+
+impl<R> Snapshot<'_, R> {
+    /// Writes the snapshot to a new file, syncs it and puts it in place of the log. Waits for
+    /// the disk: call it outside any lock that requests need.
+    pub fn install(mut self) -> Result<(), JournalError> {
+        let journal = self.journal;
+        let path = &journal.path;
         let io = |what| {
             move |cause| JournalError::Io {
-                path: self.path.clone(),
+                path: path.clone(),
                 what,
                 cause,
             }
         };
-        let tmp = self.path.with_extension("rewrite");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io("create"))?);
-        let mut frame = Vec::new();
-        let mut written = 0u64;
-        for record in records {
-            encode_frame(&record, &mut frame).map_err(|cause| JournalError::Encode {
-                path: self.path.clone(),
-                cause,
-            })?;
-            out.write_all(&frame).map_err(io("write snapshot"))?;
-            written += frame.len() as u64;
+        let mut log = journal.lock_file();
+        journal.before_disk_io();
+        let tmp = path.with_extension("rewrite");
+        let written = (|| {
+            let mut file = File::create(&tmp).map_err(io("create a snapshot"))?;
+            file.write_all(&self.frames)
+                .map_err(io("write a snapshot"))?;
+            file.sync_all().map_err(io("sync a snapshot"))?;
+            std::fs::rename(&tmp, path).map_err(io("replace the log with a snapshot"))?;
+            Ok(file)
+        })();
+        let mut file = written.inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        // In place from here on: a failure to sync the directory only weakens durability.
+        if let Some(parent) = path.parent() {
+            if let Err(cause) = File::open(parent).and_then(|dir| dir.sync_all()) {
+                tracing::warn!(journal = %path.display(), error = &cause as &dyn std::error::Error, "cannot sync the directory of a rewritten journal");
+            }
         }
-        let file = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .map_err(io("write snapshot"))?;
-        file.sync_all().map_err(io("sync snapshot"))?;
-        std::fs::rename(&tmp, &self.path).map_err(io("replace"))?;
-        if let Some(parent) = self.path.parent() {
-            File::open(parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(io("sync directory"))?;
-        }
-        let mut file = file;
         file.seek(SeekFrom::End(0)).map_err(io("seek"))?;
-        // The old buffered writer points at the replaced file: its contents are in the snapshot.
-        let old = std::mem::replace(&mut writer.file, BufWriter::with_capacity(256 << 10, file));
-        drop(old.into_parts());
-        writer.snapshot_bytes = written;
-        self.bytes.store(written, Ordering::Relaxed);
+        *log = LogFile {
+            file,
+            epoch: self.epoch,
+        };
+        let written = self.frames.len() as u64;
+        journal.on_disk.store(written, Ordering::Relaxed);
+        journal.snapshot_bytes.store(written, Ordering::Relaxed);
+        self.installed = true;
+        let mut buffer = journal.lock_buffer();
+        buffer.snapshot_outstanding = false;
+        buffer.held_by_snapshot = 0;
+        journal.account(&buffer);
         Ok(())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
-        // A panic while holding the lock leaves at worst a partly buffered frame, which replay
-        // discards; keep going rather than poison every later caller.
-        self.writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
+impl<R> Drop for Snapshot<'_, R> {
+    fn drop(&mut self) {
+        if self.installed {
+            return;
+        }
+        // Not installed: the old file stays, and what was buffered before the snapshot goes
+        // back ahead of what came since.
+        let journal = self.journal;
+        let mut buffer = journal.lock_buffer();
+        buffer.snapshot_outstanding = false;
+        buffer.held_by_snapshot = 0;
+        buffer.epoch = self.epoch - 1;
+        if self.was_incomplete || buffer.incomplete {
+            buffer.incomplete = true;
+            buffer.frames = Vec::new();
+        } else {
+            let since = std::mem::take(&mut buffer.frames);
+            let mut frames = std::mem::take(&mut self.before);
+            frames.extend_from_slice(&since);
+            buffer.frames = frames;
+        }
+        journal.account(&buffer);
+    }
+}
+
+impl<R> Drop for Journal<R> {
+    /// Writes out what is buffered (without syncing), as a closed file would.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush(false) {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot write a journal's last records"
+            );
+        }
+    }
+}
+
+/// Appends one frame to `out`.
 fn encode_frame<R: Serialize>(record: &R, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
-    out.clear();
+    let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
-    let mut out_vec = std::mem::take(out);
-    out_vec = postcard::to_extend(record, out_vec)?;
-    let payload_len = out_vec.len() - FRAME_HEADER;
-    if payload_len > MAX_RECORD {
+    postcard::to_io(record, &mut *out)?;
+    let payload = &out[start + FRAME_HEADER..];
+    if payload.len() > MAX_RECORD {
         return Err(postcard::Error::SerializeBufferFull);
     }
-    let checksum = xxh3_64(&out_vec[FRAME_HEADER..]);
-    out_vec[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    out_vec[4..FRAME_HEADER].copy_from_slice(&checksum.to_le_bytes());
-    *out = out_vec;
+    let len = (payload.len() as u32).to_le_bytes();
+    let checksum = xxh3_64(payload).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + FRAME_HEADER].copy_from_slice(&checksum);
     Ok(())
 }
 
@@ -248,6 +470,84 @@ fn decode_all<R: DeserializeOwned>(contents: &[u8]) -> (Vec<R>, usize) {
         at = start + len;
     }
     (records, at)
+}
+
+/// Fault injection for tests: a journal's writes to its file can be made to wait, as on a disk
+/// that stopped answering. Compiled into debug builds only, so that nothing in the environment
+/// of the shipped (release) binary can stall it, while `cargo test` builds and runs debug
+/// binaries: tests stall the journals of a `reservoir` process they start through
+/// [`STALL_SWITCH_ENV`] (an environment variable rather than a cargo feature, so that the plain
+/// `cargo test` runs those tests), and a journal in their own process through
+/// [`DiskStall::arm`].
+#[cfg(debug_assertions)]
+pub mod fault {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Names a file: while it exists, the journals of the process wait before writing to disk
+    /// (all of them if the file is empty, else those whose file name it holds, e.g. `index`),
+    /// and say so once per wait in the log ("journal writes stalled by the test switch").
+    pub const STALL_SWITCH_ENV: &str = "RESERVOIR_TEST_STALL_JOURNAL_WRITES";
+
+    /// The switch of one journal.
+    #[derive(Default)]
+    pub struct DiskStall {
+        armed: AtomicBool,
+        waiting: AtomicUsize,
+        switch: Option<PathBuf>,
+    }
+
+    impl DiskStall {
+        pub(super) fn from_env() -> Self {
+            DiskStall {
+                switch: std::env::var_os(STALL_SWITCH_ENV).map(PathBuf::from),
+                ..DiskStall::default()
+            }
+        }
+
+        /// Makes writes to disk wait from now until [`DiskStall::release`].
+        pub fn arm(&self) {
+            self.armed.store(true, Ordering::SeqCst);
+        }
+
+        pub fn release(&self) {
+            self.armed.store(false, Ordering::SeqCst);
+        }
+
+        /// How many writers are waiting now.
+        pub fn waiting(&self) -> usize {
+            self.waiting.load(Ordering::SeqCst)
+        }
+
+        fn stalled(&self, journal: &Path) -> bool {
+            if self.armed.load(Ordering::SeqCst) {
+                return true;
+            }
+            let Some(switch) = &self.switch else {
+                return false;
+            };
+            match std::fs::read_to_string(switch) {
+                Ok(name) => {
+                    let name = name.trim();
+                    name.is_empty() || journal.file_name().is_some_and(|n| n == name)
+                }
+                Err(_) => false,
+            }
+        }
+
+        pub(super) fn wait_while_stalled(&self, journal: &Path) {
+            if !self.stalled(journal) {
+                return;
+            }
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(journal = %journal.display(), "journal writes stalled by the test switch");
+            while self.stalled(journal) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -322,5 +622,139 @@ mod tests {
         drop(journal);
         let (_, records) = Journal::<Rec>::open(&path).unwrap();
         assert_eq!(records, [Rec::A(1), Rec::A(2), Rec::A(3)]);
+    }
+
+    /// Runs `f` on another thread; its result, or `None` if it did not return within 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    fn appends_and_snapshots_never_wait_for_a_stalled_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (journal, _) = Journal::<Rec>::open(&path).unwrap();
+        let journal = Arc::new(journal);
+        journal.append(&Rec::A(0)).unwrap();
+        journal.fault().arm();
+        let flusher = {
+            let journal = journal.clone();
+            std::thread::spawn(move || journal.flush(true))
+        };
+        wait_for("the flush waits for the disk", || {
+            journal.fault().waiting() == 1
+        });
+        // The flush holds the file; appends and a snapshot are memory only.
+        let appended = within_10s({
+            let journal = journal.clone();
+            move || {
+                for i in 1..1000 {
+                    journal.append(&Rec::A(i)).unwrap();
+                }
+                journal.snapshot([Rec::A(42)]).unwrap().is_some()
+            }
+        });
+        assert_eq!(
+            appended,
+            Some(true),
+            "appends waited for a stalled disk write"
+        );
+        journal.fault().release();
+        flusher.join().unwrap().unwrap();
+    }
+
+    /// A flush that took records before a snapshot writes them to the old file; records
+    /// appended after the snapshot must reach the new one, not the file it replaces.
+    #[cfg(debug_assertions)]
+    #[test]
+    fn records_after_a_snapshot_land_in_the_new_log_even_past_a_flush_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (journal, _) = Journal::<Rec>::open(&path).unwrap();
+        let journal = Arc::new(journal);
+        journal.append(&Rec::A(1)).unwrap();
+        journal.fault().arm();
+        let flusher = {
+            let journal = journal.clone();
+            std::thread::spawn(move || journal.flush(false))
+        };
+        wait_for("the flush waits for the disk", || {
+            journal.fault().waiting() == 1
+        });
+        let snapshot = journal.snapshot([Rec::A(10), Rec::A(11)]).unwrap().unwrap();
+        journal.append(&Rec::A(12)).unwrap();
+        // A flush now has nothing it may write: the buffer continues the new log.
+        let second = {
+            let journal = journal.clone();
+            std::thread::spawn(move || journal.flush(false))
+        };
+        journal.fault().release();
+        flusher.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        snapshot.install().unwrap();
+        journal.append(&Rec::A(13)).unwrap();
+        journal.flush(false).unwrap();
+        assert_eq!(journal.bytes(), std::fs::metadata(&path).unwrap().len());
+        drop(journal);
+        let (_, records) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(records, [10, 11, 12, 13].map(Rec::A));
+    }
+
+    #[test]
+    fn an_abandoned_snapshot_gives_the_buffer_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (journal, _) = Journal::<Rec>::open(&path).unwrap();
+        journal.append(&Rec::A(1)).unwrap();
+        let snapshot = journal.snapshot([Rec::A(9)]).unwrap().unwrap();
+        assert!(
+            journal.snapshot([Rec::A(8)]).unwrap().is_none(),
+            "one snapshot at a time"
+        );
+        journal.append(&Rec::A(2)).unwrap();
+        drop(snapshot);
+        journal.append(&Rec::A(3)).unwrap();
+        journal.flush(false).unwrap();
+        drop(journal);
+        let (_, records) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(records, [1, 2, 3].map(Rec::A));
+    }
+
+    #[test]
+    fn an_overflowing_buffer_is_dropped_until_a_snapshot_restores_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (journal, _) = Journal::<Rec>::open(&path).unwrap();
+        journal.append(&Rec::A(1)).unwrap();
+        journal.flush(false).unwrap();
+        let big = "x".repeat(1 << 20);
+        for _ in 0..=MAX_BUFFERED >> 20 {
+            journal.append(&Rec::B { name: big.clone() }).unwrap();
+        }
+        assert!(journal.wants_rewrite(), "records were lost");
+        assert!(journal.bytes() < 1 << 20, "the buffer was let go");
+        journal.append(&Rec::A(2)).unwrap();
+        journal.flush(false).unwrap();
+        let (_, records) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(records, [Rec::A(1)], "nothing after the gap is written");
+        journal.rewrite([Rec::A(5)]).unwrap();
+        assert!(!journal.wants_rewrite());
+        journal.append(&Rec::A(6)).unwrap();
+        drop(journal);
+        let (_, records) = Journal::<Rec>::open(&path).unwrap();
+        assert_eq!(records, [5, 6].map(Rec::A));
     }
 }

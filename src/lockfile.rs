@@ -21,9 +21,10 @@ pub enum LockError {
     /// Another process holds the lock; `holder` is what its lock file says ("pid N").
     #[error("held by {holder}")]
     Held { holder: String },
-    #[error("{what}: {cause}")]
+    #[error("{what}")]
     Io {
         what: &'static str,
+        #[source]
         cause: std::io::Error,
     },
 }

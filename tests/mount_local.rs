@@ -6,8 +6,13 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::Path;
 
-use common::data::{describe_tree, disk_usage, sha256_file, write_random_file, write_small_tree};
-use common::mount::{Dirs, Mount, as_nobody, is_mounted, signal};
+use std::time::{Duration, Instant};
+
+use common::data::{
+    describe_tree, disk_usage, read_direct, sha256_bytes, sha256_file, write_random_file,
+    write_small_tree,
+};
+use common::mount::{Dirs, Mount, as_nobody, is_mounted, signal, wait_until};
 
 fn fetched(dirs: &Dirs) -> u64 {
     dirs.status()["bytes_fetched"]
@@ -378,4 +383,169 @@ fn sigterm_detaches_a_busy_mount_and_open_files_read_to_the_end() {
     assert!(head == expected, "wrong bytes after the detach");
     drop(open);
     assert_eq!(mount.stop(), Some(0), "{}", mount.log_text());
+}
+
+/// The cache's journals stop reaching the disk for the whole test (the journal's test switch,
+/// compiled into debug builds only: see `reservoir::journal::fault`), after the mount has
+/// started and while it fills: opens and daemon-served reads of cached files still answer at
+/// once, and so do cold reads, whose fills append to the index it cannot write.
+#[cfg(debug_assertions)]
+#[test]
+fn cached_reads_and_opens_answer_while_the_index_cannot_reach_the_disk() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random_file(&src.join("cached.bin"), 4 << 20, 51);
+    for i in 0..8 {
+        write_random_file(&src.join(format!("cold{i}.bin")), 2 << 20, 60 + i);
+    }
+    let switch = dirs.path("stall-journal-writes");
+    let mut mount = Mount::start_with_env(
+        &dirs,
+        src.to_str().unwrap(),
+        &[
+            "--cache-size",
+            "256Mi",
+            "--metadata-ttl",
+            "forever",
+            // Cached files are read by the daemon, not handed to the kernel.
+            "--no-passthrough",
+        ],
+        &[(
+            reservoir::journal::fault::STALL_SWITCH_ENV,
+            switch.as_path(),
+        )],
+    );
+    let cached = read_direct(&dirs.mnt.join("cached.bin")).unwrap();
+    assert_eq!(cached, std::fs::read(src.join("cached.bin")).unwrap());
+    wait_until(
+        "the file is complete in the cache",
+        Duration::from_secs(30),
+        || dirs.status()["cache"]["complete_files"] == 1,
+    );
+
+    // Only the cache index stalls: its flush holds the index's file while blocks are stored.
+    std::fs::write(&switch, b"index").unwrap();
+    // A watchdog ends the stall after a minute, so that a mount that waits on it fails the
+    // test (on the times below) instead of hanging it.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let switch = switch.clone();
+        std::thread::spawn(move || {
+            if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+                let _ = std::fs::remove_file(&switch);
+            }
+        })
+    };
+    // A first cold read gives the index records to write (an idle flush has no I/O to stall).
+    assert!(
+        read_direct(&dirs.mnt.join("cold0.bin")).unwrap()
+            == std::fs::read(src.join("cold0.bin")).unwrap()
+    );
+    wait_until(
+        "the index's flush waits for the disk",
+        Duration::from_secs(30),
+        || {
+            mount.log_text().lines().any(|line| {
+                line.contains("journal writes stalled by the test switch")
+                    && line.contains("cache/index")
+            })
+        },
+    );
+    for i in 1..8 {
+        // A cold fill: admitted and stored while the index cannot be written.
+        let cold = dirs.mnt.join(format!("cold{i}.bin"));
+        let started = Instant::now();
+        assert_eq!(
+            read_direct(&cold).unwrap(),
+            std::fs::read(src.join(format!("cold{i}.bin"))).unwrap()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a cold read took {:?} while the index could not be written",
+            started.elapsed()
+        );
+        for _ in 0..5 {
+            let started = Instant::now();
+            assert!(read_direct(&dirs.mnt.join("cached.bin")).unwrap() == cached);
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "an open and cached read took {:?} while the index could not be written",
+                started.elapsed()
+            );
+        }
+    }
+    // What statfs asks, answered meanwhile too.
+    let started = Instant::now();
+    nix::sys::statvfs::statvfs(&dirs.mnt).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(switch.exists(), "the stall held for the whole test");
+    std::fs::remove_file(&switch).unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert_eq!(mount.stop(), Some(0), "{}", mount.log_text());
+}
+
+/// The mount is killed (SIGKILL: no flush, no unmount) in the middle of a cold fill. A new
+/// mount over the same cache serves the file byte for byte, reusing the blocks the killed one
+/// had stored and recorded, and verifying them first.
+#[test]
+fn a_restart_after_sigkill_during_a_cold_fill_serves_every_byte_exactly() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    let size = 128usize << 20;
+    write_random_file(&src.join("data"), size, 71);
+    let expected = sha256_file(&src.join("data"));
+    let args = ["--cache-size", "512Mi", "--block-size", "1Mi"];
+    let mut mount = Mount::start(&dirs, src.to_str().unwrap(), &args);
+
+    // A slow reader: the cache fills at its pace (plus read-ahead).
+    let path = dirs.mnt.join("data");
+    let reader = std::thread::spawn(move || {
+        let mut file = std::fs::File::open(path)?;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            if file.read(&mut chunk)? == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    wait_until("16 MiB are fetched", Duration::from_secs(60), || {
+        fetched(&dirs) >= 16 << 20
+    });
+    // Past a flush of the index (every second), so that the restart has something to reuse.
+    std::thread::sleep(Duration::from_millis(1500));
+    let fetched_at_kill = fetched(&dirs);
+    assert!(
+        fetched_at_kill < size as u64,
+        "the fill finished before the kill ({fetched_at_kill} bytes)"
+    );
+    signal(mount.pid().expect("running"), libc::SIGKILL);
+    mount.stop();
+    assert!(
+        reader.join().unwrap().is_err(),
+        "the reader of a killed mount read to the end"
+    );
+
+    let _mount = Mount::start(&dirs, src.to_str().unwrap(), &args);
+    let served = std::fs::read(dirs.mnt.join("data")).unwrap();
+    assert_eq!(served.len(), size);
+    assert_eq!(
+        sha256_bytes(&served),
+        expected,
+        "wrong bytes after the restart"
+    );
+    let status = dirs.status();
+    let fetched_again = status["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        fetched_again <= (size as u64) - (8 << 20),
+        "the restart fetched {fetched_again} bytes: the killed mount's blocks were not reused"
+    );
+    assert_eq!(
+        status["cache"]["verify_failures"].as_u64(),
+        Some(0),
+        "{status}"
+    );
 }

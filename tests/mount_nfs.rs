@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::data::{describe_tree, sha256_file, write_random_file, write_small_tree};
+use common::data::{describe_tree, read_direct, sha256_file, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
 use common::mount::{Dirs, Mount, as_nobody, wait_until};
 
@@ -107,13 +107,21 @@ fn a_restart_with_the_server_down_serves_the_cached_part_offline() {
     );
 }
 
+/// A hung server must not take the threads that serve cached data. The mount has two FUSE
+/// threads and no passthrough, every read is `O_DIRECT` (so it reaches the daemon, never the
+/// page cache), and six cold readers wait on the hung server at once: if a cold read held its
+/// FUSE thread until the source timeout, the cached reads behind them would wait too.
 #[test]
 fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
+    const COLD_READERS: usize = 6;
+    const FUSE_THREADS: &str = "2";
     let dirs = Dirs::new();
     let export = dirs.path("export");
     std::fs::create_dir_all(&export).unwrap();
     write_random_file(&export.join("cached.bin"), 2 << 20, 41);
-    write_random_file(&export.join("cold.bin"), 2 << 20, 42);
+    for i in 0..COLD_READERS {
+        write_random_file(&export.join(format!("cold{i}.bin")), 2 << 20, 42 + i as u64);
+    }
     let mut server = Ganesha::start(&export);
     let url = server.url_with_ports(&server.exports()[0]);
     let _mount = Mount::start(
@@ -123,46 +131,74 @@ fn a_hung_server_never_stalls_cached_reads_and_uncached_reads_time_out() {
             "--cache-size",
             "128Mi",
             "--source-timeout",
-            "2s",
+            "3s",
             "--metadata-ttl",
             "forever",
+            "--threads",
+            FUSE_THREADS,
+            "--no-passthrough",
         ],
     );
-    let cached = sha256_file(&dirs.mnt.join("cached.bin"));
-    assert!(dirs.mnt.join("cold.bin").exists());
+    let cached = read_direct(&dirs.mnt.join("cached.bin")).unwrap();
+    assert!(cached == std::fs::read(export.join("cached.bin")).unwrap());
+    wait_until(
+        "the file is complete in the cache",
+        Duration::from_secs(30),
+        || dirs.status()["cache"]["complete_files"] == 1,
+    );
+    for i in 0..COLD_READERS {
+        assert!(dirs.mnt.join(format!("cold{i}.bin")).exists());
+    }
 
     server.pause();
-    // An uncached read waits for the source, at most about the source timeout (it may retry
-    // once on a fresh connection), then fails with EIO.
-    let cold = dirs.mnt.join("cold.bin");
-    let reader = std::thread::spawn(move || {
+    // Uncached reads wait for the source, at most about the source timeout (each may retry
+    // once on a fresh connection), then fail with EIO.
+    let readers: Vec<_> = (0..COLD_READERS)
+        .map(|i| {
+            let cold = dirs.mnt.join(format!("cold{i}.bin"));
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let error = read_direct(&cold).err().and_then(|e| e.raw_os_error());
+                (error, started.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile, every open and read of the cached file is served at once.
+    let mut rounds = 0;
+    while readers.iter().any(|r| !r.is_finished()) && rounds < 20 {
         let started = Instant::now();
-        (read_error(&cold), started.elapsed())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    // Meanwhile, cached data is served at once.
-    for _ in 0..20 {
-        let started = Instant::now();
-        assert_eq!(sha256_file(&dirs.mnt.join("cached.bin")), cached);
+        assert!(
+            read_direct(&dirs.mnt.join("cached.bin")).unwrap() == cached,
+            "wrong cached bytes"
+        );
         assert!(
             started.elapsed() < Duration::from_secs(1),
-            "a cached read was stalled by the source"
+            "a cached read took {:?} behind reads waiting for the hung source",
+            started.elapsed()
+        );
+        rounds += 1;
+    }
+    assert!(
+        rounds >= 5,
+        "only {rounds} cached reads while the cold ones waited"
+    );
+    for reader in readers {
+        let (error, waited) = reader.join().unwrap();
+        assert_eq!(error, Some(libc::EIO));
+        assert!(
+            waited < Duration::from_secs(15),
+            "uncached read took {waited:?}"
         );
     }
-    let (error, waited) = reader.join().unwrap();
-    assert_eq!(error, Some(libc::EIO));
-    assert!(
-        waited < Duration::from_secs(10),
-        "uncached read took {waited:?}"
-    );
 
     server.resume();
     wait_until("the source answers again", Duration::from_secs(30), || {
-        std::fs::read(dirs.mnt.join("cold.bin")).is_ok()
+        read_direct(&dirs.mnt.join("cold0.bin")).is_ok()
     });
     assert_eq!(
-        sha256_file(&dirs.mnt.join("cold.bin")),
-        sha256_file(&export.join("cold.bin"))
+        sha256_file(&dirs.mnt.join("cold1.bin")),
+        sha256_file(&export.join("cold1.bin"))
     );
 }
 

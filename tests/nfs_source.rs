@@ -493,6 +493,80 @@ async fn a_paused_server_times_out_and_recovers_when_resumed() {
     source.getattr(&file).await.unwrap();
 }
 
+/// Concurrent readers of one uncached block share one fetch, through the volume core over a
+/// real source: the server is paused while they arrive, so every reader is waiting before the
+/// first fetch can finish; with the sharing broken each would fetch the block itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_a_block_share_one_fetch() {
+    use reservoir::cache::{Cache, CacheConfig};
+    use reservoir::fs::{Volume, VolumeConfig};
+
+    const READERS: usize = 8;
+    const BLOCK: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir(&export).unwrap();
+    // Eight blocks: the last one is out of reach of the open's prefetch.
+    let data = pattern(8 * BLOCK, 9);
+    std::fs::write(export.join("file.bin"), &data).unwrap();
+    let mut server = Ganesha::start(&export);
+    let cache = Cache::open(CacheConfig {
+        dir: dir.path().join("cache"),
+        capacity: 256 << 20,
+        high_watermark: 0.95,
+        low_watermark: 0.85,
+        block_size: BLOCK as u32,
+    })
+    .unwrap();
+    let spec: SourceSpec = server.url(&export).parse().unwrap();
+    let volume = Volume::open(
+        spec,
+        options(Duration::from_secs(30), 16),
+        Some(cache),
+        VolumeConfig {
+            metadata_ttl: reservoir::units::Ttl::Forever,
+            read_write: false,
+        },
+    )
+    .await
+    .unwrap();
+    let entry = volume.resolve(b"file.bin").await.unwrap();
+    let file = volume.open_file(entry.ino, false).await.unwrap();
+    assert!(file.lease.is_some(), "the file is admitted to the cache");
+    // An open fetches the first blocks at once (for small files); let that finish.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while volume.status().bytes_fetched < 4 * BLOCK as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the open's prefetch did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = volume.status().bytes_fetched;
+
+    server.pause();
+    // The last block: no read-ahead follows it.
+    let offset = (7 * BLOCK) as u64;
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let (volume, file) = (volume.clone(), file.clone());
+            tokio::spawn(async move { volume.read(&file, offset, BLOCK as u32).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.resume();
+    for reader in readers {
+        let got = reader.await.unwrap().unwrap();
+        assert!(got == data[7 * BLOCK..], "a reader got wrong bytes");
+    }
+    assert_eq!(
+        volume.status().bytes_fetched - before,
+        BLOCK as u64,
+        "{READERS} readers of one block fetched it more than once"
+    );
+    tokio::task::block_in_place(|| volume.finish());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_harness_cleans_up_its_namespace() {
     let tree = tree();

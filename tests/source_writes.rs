@@ -16,7 +16,7 @@ use reservoir::source::local::LocalSource;
 use reservoir::source::nfs::NfsSource;
 use reservoir::source::{
     Handle, Kind, Landing, Owner, SetAttr, SetTime, Source, SourceError, SourceOptions, SourceSpec,
-    Timestamp,
+    SourceWrite, Timestamp,
 };
 
 /// The owner every new object is created for (not the daemon's root).

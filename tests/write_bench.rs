@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::ganesha::Ganesha;
 use common::mount::{Dirs, Mount};
 use reservoir::source::nfs::NfsSource;
-use reservoir::source::{Owner, Source, SourceOptions, SourceSpec};
+use reservoir::source::{Owner, Source, SourceOptions, SourceSpec, SourceWrite};
 
 const SIZE: usize = 1 << 30;
 const CHUNK: usize = 4 << 20;

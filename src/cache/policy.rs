@@ -90,7 +90,6 @@ impl Sketch {
 #[derive(Default)]
 pub struct EvictionOrder {
     order: BTreeSet<(u32, u64, ContentKey)>,
-    clock: u64,
 }
 
 /// Where a resident file stands in the eviction order.
@@ -101,11 +100,6 @@ pub struct Rank {
 }
 
 impl EvictionOrder {
-    pub fn tick(&mut self) -> u64 {
-        self.clock += 1;
-        self.clock
-    }
-
     pub fn insert(&mut self, key: ContentKey, rank: Rank) {
         self.order.insert((rank.frequency, rank.last_access, key));
     }

@@ -1,4 +1,6 @@
 use super::*;
+use std::time::Duration;
+use xxhash_rust::xxh3::xxh3_64;
 
 const BLOCK: u32 = 64 << 10;
 
@@ -45,6 +47,42 @@ fn du(dir: &Path) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// The node's and each owner's tallies of present bytes and complete files, kept as blocks
+/// come and go, against a walk over every file.
+fn assert_tallies_match_a_walk(cache: &Cache) {
+    let index = cache.node.lock_index();
+    let mut node = (0u64, 0u64);
+    let mut by_owner: HashMap<OwnerTag, (u64, u64)> = HashMap::new();
+    for file in index.files.values() {
+        let present: u64 = file
+            .blocks
+            .stored()
+            .iter()
+            .map(|(b, _)| {
+                let start = u64::from(*b) * u64::from(file.block_size);
+                (file.size - start).min(u64::from(file.block_size))
+            })
+            .sum();
+        let complete = u64::from(file.blocks.lock().is_complete());
+        node.0 += present;
+        node.1 += complete;
+        let owner = by_owner.entry(file.owner).or_default();
+        owner.0 += present;
+        owner.1 += complete;
+    }
+    let load = |tally: &Tally| {
+        (
+            tally.present_bytes.load(Ordering::Relaxed),
+            tally.complete_files.load(Ordering::Relaxed),
+        )
+    };
+    assert_eq!(load(&cache.node.tally), node, "node tally");
+    for (tag, owner) in &index.owners {
+        let walked = by_owner.get(tag).copied().unwrap_or_default();
+        assert_eq!(load(&owner.tally), walked, "tally of owner {tag}");
+    }
 }
 
 #[test]
@@ -121,6 +159,8 @@ fn a_corrupted_block_is_dropped_and_never_returned() {
     assert!(!cache.prepare_passthrough(&lease).unwrap());
     assert_eq!(cache.missing_blocks(&lease, 0, 1), [1]);
     assert_eq!(cache.usage().verify_failures, 1);
+    assert_eq!(cache.usage().complete_files, 0);
+    assert_tallies_match_a_walk(&cache);
     // Fetched again, it is served correctly.
     cache
         .store_block(&lease, 1, &data[BLOCK as usize..])
@@ -178,6 +218,7 @@ fn the_quota_holds_on_disk_and_eviction_frees_down_to_the_low_watermark() {
         // Evicted files are unlinked once the admission that evicted them returns.
         let files = walk_files(&dir.path().join(layout::DATA_DIR)).len() as u64;
         assert_eq!(files, usage.files, "data files on disk against entries");
+        assert_tallies_match_a_walk(&cache);
     }
     let usage = cache.usage();
     assert!(admitted > 30, "only {admitted} files admitted");
@@ -249,6 +290,48 @@ fn preload_does_not_displace_files_in_use() {
     for n in resident {
         assert!(cache.contains_complete(key(n), size));
     }
+}
+
+#[test]
+fn preload_displaces_files_used_once_and_frees_down_to_the_low_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 4 << 20;
+    let cache = Cache::open(config(dir.path(), capacity)).unwrap();
+    let size = 256 << 10;
+    // Files read once each, until a read no longer gets in: the cache is at its high watermark.
+    let mut resident = Vec::new();
+    for n in 0..100u64 {
+        match cache.lease(key(n), size, Priority::Access).unwrap() {
+            Some(lease) => {
+                fill(&cache, &lease, &content(n, size as usize));
+                resident.push(n);
+            }
+            None => break,
+        }
+    }
+    assert!(resident.len() > 8, "{} files admitted", resident.len());
+    let lease = cache
+        .lease(key(1000), size, Priority::Preload)
+        .unwrap()
+        .expect("a preload displaces files used only once");
+    fill(&cache, &lease, &content(1000, size as usize));
+    assert!(cache.contains_complete(key(1000), size));
+    let gone = resident
+        .iter()
+        .filter(|&&n| !cache.contains_complete(key(n), size))
+        .count();
+    // A preload makes room down to the low watermark, for the files it loads next: more than
+    // the one file's room.
+    assert!(gone > 1, "{gone} files evicted");
+    let usage = cache.usage();
+    let low = (capacity as f64 * 0.85) as u64;
+    assert!(
+        usage.used <= low + 2 * FS_BLOCK,
+        "used {} after a preload, low watermark {low}",
+        usage.used
+    );
+    assert_eq!(usage.evicted_files, gone as u64);
+    assert_tallies_match_a_walk(&cache);
 }
 
 #[test]
@@ -326,6 +409,7 @@ fn a_volume_over_its_quota_evicts_its_own_files_and_the_others_stay() {
         let usage = node.usage();
         assert!(usage.used <= capacity);
         assert!(du(dir.path()) <= capacity);
+        assert_tallies_match_a_walk(&node);
     }
     let mine = owner_usage_of(&a);
     assert!(admitted > 50, "only {admitted} files admitted");
@@ -363,6 +447,7 @@ fn the_node_capacity_holds_across_volumes() {
             usage.files,
             "{what}: {owners:?}"
         );
+        assert_tallies_match_a_walk(&node);
     };
     for n in 0..40u64 {
         for _ in 0..n + 2 {
@@ -436,6 +521,12 @@ fn owners_persist_share_files_and_adopt_those_left_behind() {
     let lease = b.lease(key(1), size, Priority::Access).unwrap().unwrap();
     assert!(lease.complete);
     assert_eq!(owner_usage_of(&b).files, 1);
+    assert_eq!(
+        owner_usage_of(&b).data_bytes,
+        size,
+        "the bytes moved with the file"
+    );
+    assert_tallies_match_a_walk(&node);
     node.flush(true).unwrap();
     drop((lease, b, node));
 
@@ -567,7 +658,7 @@ fn epochs_of_many_files_of_mixed_sizes_over_twice_the_cache_keep_hitting() {
         for &n in &order {
             let key = key(n as u64);
             // Admission is what is tested: data is never stored, so a hit is a resident entry.
-            if cache.node.lock_state().entries.contains_key(&key) {
+            if cache.node.lock_index().files.contains_key(&key) {
                 hit += sizes[n];
             }
             cache.lease(key, sizes[n], Priority::Access).unwrap();
@@ -578,4 +669,116 @@ fn epochs_of_many_files_of_mixed_sizes_over_twice_the_cache_keep_hitting() {
             assert!(hit_ratio >= 0.40, "epoch {epoch}: hit ratio {hit_ratio:.3}");
         }
     }
+}
+
+/// Runs `f` on another thread; its result, or `None` if it has not returned within 10 s (a
+/// thread stuck behind the stalled disk finishes once the stall is released).
+fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10)).ok()
+}
+
+/// The index cannot reach the disk (its flush is stuck in a write or sync for the whole test,
+/// through the journal's fault switch): opens, daemon-served reads, cold fills and status
+/// reports of every volume still answer, because nothing that needs the node lock or a file's
+/// lock waits for the index's disk.
+#[cfg(debug_assertions)]
+#[test]
+fn reads_opens_and_fills_answer_while_the_index_cannot_reach_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let a = node.for_owner("volume-a", quota(32 << 20)).unwrap();
+    let b = node.for_owner("volume-b", None).unwrap();
+    let size = 3 * BLOCK as usize + 5;
+    for (volume, n) in [(&a, 1), (&b, 2)] {
+        let lease = volume
+            .lease(key(n), size as u64, Priority::Access)
+            .unwrap()
+            .unwrap();
+        fill(volume, &lease, &content(n, size));
+    }
+    node.flush(true).unwrap();
+
+    let stall = || node.node.journal.fault();
+    stall().arm();
+    let flusher = {
+        let node = node.clone();
+        std::thread::spawn(move || node.flush(true))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stall().waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flush never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let answered = within_10s({
+        let (node, a, b) = (node.clone(), a.clone(), b.clone());
+        move || {
+            let read_whole = |volume: &Cache, n: u64| {
+                let lease = volume
+                    .lease(key(n), size as u64, Priority::Access)
+                    .unwrap()
+                    .unwrap();
+                assert!(lease.complete);
+                assert_eq!(
+                    volume.read(&lease, 0, size).unwrap().as_deref(),
+                    Some(&content(n, size)[..])
+                );
+            };
+            for round in 0..40u64 {
+                // Opens and cached reads of each volume's own file, and of the other's.
+                read_whole(&a, 1);
+                read_whole(&b, 2);
+                read_whole(&b, 1);
+                read_whole(&a, 2);
+                // A cold fill appends to the index it cannot write.
+                let n = 100 + round;
+                let lease = a
+                    .lease(key(n), size as u64, Priority::Access)
+                    .unwrap()
+                    .unwrap();
+                fill(&a, &lease, &content(n, size));
+                read_whole(&a, n);
+                // What statfs and status ask.
+                assert!(node.usage().complete_files >= 3 + round);
+                assert!(owner_usage_of(&a).files >= 2);
+            }
+        }
+    });
+    stall().release();
+    flusher.join().unwrap().unwrap();
+    assert!(
+        answered.is_some(),
+        "a read, open or fill waited for the index's disk"
+    );
+
+    // Nothing appended during the stall was lost.
+    node.flush(true).unwrap();
+    drop((a, b, node));
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    for n in [1, 2].into_iter().chain(100..140) {
+        assert!(node.contains_complete(key(n), size as u64), "file {n}");
+    }
+}
+
+/// Volumes' views leave the index to the node's own view: one write and one sync of it per
+/// flush of the node, however many volumes flush.
+#[test]
+fn only_the_node_view_writes_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Cache::open(config(dir.path(), 64 << 20)).unwrap();
+    let a = node.for_owner("volume-a", None).unwrap();
+    let lease = a.lease(key(1), 100, Priority::Access).unwrap().unwrap();
+    fill(&a, &lease, &content(1, 100));
+    let index = dir.path().join(layout::INDEX_FILE);
+    let before = std::fs::metadata(&index).unwrap().len();
+    a.flush(true).unwrap();
+    assert_eq!(std::fs::metadata(&index).unwrap().len(), before);
+    node.flush(true).unwrap();
+    assert!(std::fs::metadata(&index).unwrap().len() > before);
 }

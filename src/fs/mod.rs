@@ -286,6 +286,7 @@ impl Volume {
         source.ok_or_else(|| SourceError::Unavailable {
             source_name: self.source_id.clone(),
             message: "not connected (started offline; retrying)".into(),
+            cause: None,
         })
     }
 

@@ -114,7 +114,15 @@ async fn a_changed_file_is_fetched_again_after_the_ttl() {
     let file = volume.open_file(f.ino, false).await.unwrap();
     assert_eq!(read_all(&volume, &file).await, b"version one");
 
-    std::fs::write(&path, b"version two!").unwrap();
+    // The same size: only the file's times tell the two versions apart (set an hour apart,
+    // since two writes in quick succession may get the same coarse timestamp).
+    std::fs::write(&path, b"version two").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
     // Within the TTL the known version is served.
     let file = volume.open_file(f.ino, false).await.unwrap();
     assert_eq!(read_all(&volume, &file).await, b"version one");
@@ -126,7 +134,7 @@ async fn a_changed_file_is_fetched_again_after_the_ttl() {
         !file.keep_cache,
         "the kernel must drop pages of the old version"
     );
-    assert_eq!(read_all(&volume, &file).await, b"version two!");
+    assert_eq!(read_all(&volume, &file).await, b"version two");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use super::meta::Ino;
 use super::{Entry, FsError, OpenFile, Result, Volume, content_key};
 use crate::cache::ContentKey;
-use crate::source::{Attr, Handle, Kind, Landing, Owner, SetAttr, Source, SourceError, Writer};
+use crate::source::{Attr, FileWriter, Handle, Kind, Landing, Owner, SetAttr, Source, SourceError};
 
 /// Bytes of one file's writes that may be sent and not yet answered. Eight 1 MiB WRITEs keep
 /// the server busy while the kernel hands over the next request; more only hold memory.
@@ -93,7 +93,7 @@ impl WriteState {
 /// sources), opened at the first write and closed with the handle.
 #[derive(Default)]
 pub struct HandleWrites {
-    writer: tokio::sync::OnceCell<Option<Arc<dyn Writer>>>,
+    writer: tokio::sync::OnceCell<Option<Arc<dyn FileWriter>>>,
 }
 
 impl Volume {
@@ -395,7 +395,7 @@ impl Volume {
         &self,
         file: &OpenFile,
         source: &Arc<dyn Source>,
-    ) -> Result<Option<Arc<dyn Writer>>> {
+    ) -> Result<Option<Arc<dyn FileWriter>>> {
         let opened = file
             .writes
             .writer

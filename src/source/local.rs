@@ -8,7 +8,7 @@
 //!
 //! Writes follow the same rule: names are created, removed and renamed with `*at()` calls in a
 //! parent directory opened beneath the root, and the final component is never followed (see
-//! "Writing" below). A writer handle opens its file once ([`Source::open_writer`]) and
+//! "Writing" below). A writer handle opens its file once ([`SourceWrite::open_writer`]) and
 //! `pwrite`s to that descriptor, on the FUSE thread itself when a slot is free; `commit` is
 //! `fsync`.
 
@@ -33,8 +33,8 @@ use nix::unistd::{
 };
 
 use super::{
-    Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SetTime, Source, SourceError,
-    SourceOptions, Timestamp, Writer, check_name,
+    Attr, DirEntry, FileWriter, Handle, Kind, Owner, Result, SetAttr, SetTime, Source, SourceError,
+    SourceOptions, SourceWrite, Timestamp, check_name,
 };
 
 /// How often a non-exclusive create goes round when the name it found is removed before it could
@@ -42,11 +42,11 @@ use super::{
 const CREATE_ATTEMPTS: u32 = 3;
 
 pub struct LocalSource {
-    inner: Arc<Inner>,
+    inner: Arc<SourceDir>,
     timeout: Duration,
 }
 
-struct Inner {
+struct SourceDir {
     id: String,
     root: OwnedFd,
     /// Writes running on callers' threads (see [`CALLER_THREAD_WRITES`]).
@@ -74,7 +74,7 @@ impl LocalSource {
             }
         };
         Ok(LocalSource {
-            inner: Arc::new(Inner {
+            inner: Arc::new(SourceDir {
                 id: path.display().to_string(),
                 root,
                 caller_writes: AtomicUsize::new(0),
@@ -87,14 +87,19 @@ impl LocalSource {
     async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+        F: FnOnce(&SourceDir) -> Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
         match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(move || f(&inner)))
             .await
         {
             Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(SourceError::status(op, libc::EIO, join.to_string())),
+            Ok(Err(join)) => Err(SourceError::failed(
+                op,
+                libc::EIO,
+                format!("{}: the call's task failed", self.inner.id),
+                join,
+            )),
             Err(_) => Err(SourceError::Timeout {
                 op,
                 source_name: self.inner.id.clone(),
@@ -116,10 +121,11 @@ fn open_root(path: &Path) -> Result<OwnedFd> {
             errno,
             Errno::ENOTCONN | Errno::EIO | Errno::EHOSTDOWN | Errno::ESTALE | Errno::ETIMEDOUT
         ) {
-            return SourceError::Unavailable {
-                source_name: path.display().to_string(),
-                message: errno.desc().to_string(),
-            };
+            return SourceError::unavailable(
+                path.display().to_string(),
+                "the directory cannot be opened",
+                std::io::Error::from(errno),
+            );
         }
         let why = match errno {
             Errno::ENOENT => "does not exist".to_string(),
@@ -132,18 +138,13 @@ fn open_root(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-impl Inner {
+impl SourceDir {
     fn error(&self, op: &'static str, path: &[u8], errno: Errno) -> SourceError {
         let shown = if path.is_empty() { b"." as &[u8] } else { path };
-        SourceError::status(
+        SourceError::os(
             op,
             errno as i32,
-            format!(
-                "{}/{}: {}",
-                self.id,
-                String::from_utf8_lossy(shown),
-                errno.desc()
-            ),
+            format!("{}/{}", self.id, String::from_utf8_lossy(shown)),
         )
     }
 
@@ -264,7 +265,7 @@ fn io_errno(e: std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-impl Inner {
+impl SourceDir {
     /// A directory beneath the root, to make, remove or rename names in.
     fn open_dir(&self, rel: &[u8]) -> nix::Result<OwnedFd> {
         self.open_beneath(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)
@@ -399,14 +400,13 @@ impl Inner {
             OsStr::from_bytes(to),
         )
         .map_err(|errno| {
-            SourceError::status(
+            SourceError::os(
                 "rename",
                 errno as i32,
                 format!(
-                    "{id}/{} to {id}/{}: {}",
+                    "{id}/{} to {id}/{}",
                     String::from_utf8_lossy(join(from_dir, from).as_bytes()),
                     String::from_utf8_lossy(join(to_dir, to).as_bytes()),
-                    errno.desc(),
                     id = self.id,
                 ),
             )
@@ -556,10 +556,11 @@ impl Source for LocalSource {
                 .open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .map_err(fail)?;
             let stat_fd = fd.try_clone().map_err(|e| {
-                SourceError::status(
+                SourceError::failed(
                     "readdir",
                     e.raw_os_error().unwrap_or(libc::EIO),
-                    e.to_string(),
+                    format!("{}/{}", inner.id, String::from_utf8_lossy(rel)),
+                    e,
                 )
             })?;
             let mut listing = nix::dir::Dir::from_fd(fd).map_err(fail)?;
@@ -625,7 +626,10 @@ impl Source for LocalSource {
         })
         .await
     }
+}
 
+#[async_trait]
+impl SourceWrite for LocalSource {
     /// `pwrite` on a descriptor opened beneath the root for this call; returns the attributes
     /// after the write.
     async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
@@ -639,7 +643,7 @@ impl Source for LocalSource {
 
     /// Opens the file once for the handle's writes (the descriptor is kept until the handle's
     /// release), so that a write is one `pwrite` instead of a path walk, open and close.
-    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn Writer>>> {
+    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn FileWriter>>> {
         let handle = file.clone();
         let fd = self
             .run("open for writing", move |inner| {
@@ -649,7 +653,7 @@ impl Source for LocalSource {
                     .map_err(|e| inner.error("open for writing", rel, e))
             })
             .await?;
-        Ok(Some(Arc::new(LocalWriter {
+        Ok(Some(Arc::new(LocalFileWriter {
             fd: Arc::new(fd),
             rel: file.clone(),
             source: LocalSource {
@@ -784,7 +788,7 @@ const CALLER_THREAD_WRITES: usize = 2;
 /// A file of a directory source open for one writer handle. The descriptor was opened beneath
 /// the root (no symlink followed); it stays on the same file if the file is renamed, as an open
 /// file does.
-struct LocalWriter {
+struct LocalFileWriter {
     fd: Arc<OwnedFd>,
     /// For error messages.
     rel: Handle,
@@ -800,7 +804,7 @@ impl Drop for CallerSlot<'_> {
     }
 }
 
-impl Inner {
+impl SourceDir {
     fn caller_slot(&self) -> Option<CallerSlot<'_>> {
         self.caller_writes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -812,7 +816,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl Writer for LocalWriter {
+impl FileWriter for LocalFileWriter {
     fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<Attr>> {
         let inner = &self.source.inner;
         let _slot = inner.caller_slot()?;
@@ -907,14 +911,17 @@ mod tests {
         }
         let dotdot = Handle(b"../etc/passwd".to_vec().into_boxed_slice());
         assert!(source.read(&dotdot, 0, 10).await.is_err());
-        assert_eq!(
-            source
-                .lookup(&root_handle, b"missing")
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::ENOENT
-        );
+        let missing = source.lookup(&root_handle, b"missing").await.unwrap_err();
+        assert_eq!(missing.errno(), libc::ENOENT);
+        // The message names the source and the path; the system call's error is its source.
+        let message = missing.to_string();
+        let expected = format!("{}/missing", root.path().display());
+        assert!(message.contains(&expected), "{message}");
+        let cause = std::error::Error::source(&missing).expect("the I/O error underneath");
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .expect("an I/O error");
+        assert_eq!(io.raw_os_error(), Some(libc::ENOENT));
     }
 
     #[tokio::test]

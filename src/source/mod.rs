@@ -89,33 +89,86 @@ pub struct DirEntry {
     pub attr: Attr,
 }
 
-/// Errors a source reports. The errno a FUSE caller sees comes from [`SourceError::errno`].
-#[derive(Clone, Debug, thiserror::Error)]
+/// What a source error grew out of: the I/O or RPC error underneath, kept as the error's
+/// [`source`](std::error::Error::source) (shared, so that one error can go to every reader
+/// waiting on one fetch).
+pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors a source reports. The errno a FUSE caller sees comes from [`SourceError::errno`];
+/// what went wrong underneath (an I/O error, an RPC failure) is the error's source, not part of
+/// its message: print the chain (`{:#}` through anyhow, or walk
+/// [`source`](std::error::Error::source)).
+#[derive(Clone, Debug)]
 pub enum SourceError {
     /// The source answered, with an error about the object (no such file, permission denied...).
-    #[error("{op}: {message}")]
+    /// The message names the source and the object.
     Status {
         op: &'static str,
         errno: i32,
         message: String,
+        cause: Option<Cause>,
     },
     /// The source did not answer within the source timeout.
-    #[error("{op}: no answer from {source_name} within {after:?}")]
     Timeout {
         op: &'static str,
         source_name: String,
         after: Duration,
     },
     /// The source could not be reached (connection refused or reset, host down...).
-    #[error("cannot reach {source_name}: {message}")]
     Unavailable {
         source_name: String,
         message: String,
+        cause: Option<Cause>,
     },
     /// The source is misconfigured: a bad URL, a missing export or path, a path that is not a
     /// directory. Only returned when a source is opened.
-    #[error("{0}")]
     Invalid(String),
+    /// The server broke the protocol while the source was opened (a reply that does not
+    /// decode, a program it does not offer as it said).
+    Protocol {
+        source_name: String,
+        message: String,
+        cause: Cause,
+    },
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Status { op, message, .. } => write!(f, "{op}: {message}"),
+            SourceError::Timeout {
+                op,
+                source_name,
+                after,
+            } => write!(f, "{op}: no answer from {source_name} within {after:?}"),
+            SourceError::Unavailable {
+                source_name,
+                message,
+                ..
+            } => write!(f, "cannot reach {source_name}: {message}"),
+            SourceError::Invalid(message) => f.write_str(message),
+            SourceError::Protocol {
+                source_name,
+                message,
+                ..
+            } => write!(f, "{source_name}: {message}"),
+        }
+    }
+}
+
+/// Written out rather than derived, so that the source is the cause itself (an
+/// `std::io::Error` one can downcast to), not the `Arc` that shares it.
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let cause = match self {
+            SourceError::Status { cause, .. } | SourceError::Unavailable { cause, .. } => {
+                cause.as_ref()?
+            }
+            SourceError::Protocol { cause, .. } => cause,
+            SourceError::Timeout { .. } | SourceError::Invalid(_) => return None,
+        };
+        Some(&**cause)
+    }
 }
 
 impl SourceError {
@@ -123,7 +176,9 @@ impl SourceError {
     pub fn errno(&self) -> i32 {
         match self {
             SourceError::Status { errno, .. } => *errno,
-            SourceError::Timeout { .. } | SourceError::Unavailable { .. } => libc::EIO,
+            SourceError::Timeout { .. }
+            | SourceError::Unavailable { .. }
+            | SourceError::Protocol { .. } => libc::EIO,
             SourceError::Invalid(_) => libc::EINVAL,
         }
     }
@@ -137,21 +192,63 @@ impl SourceError {
         )
     }
 
+    /// The source's answer about an object, with nothing underneath.
     pub fn status(op: &'static str, errno: i32, message: impl Into<String>) -> Self {
         SourceError::Status {
             op,
             errno,
             message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A failed system call on the object `message` names: the errno, kept as its cause too.
+    pub fn os(op: &'static str, errno: i32, message: impl Into<String>) -> Self {
+        SourceError::Status {
+            op,
+            errno,
+            message: message.into(),
+            cause: Some(Arc::new(std::io::Error::from_raw_os_error(errno))),
+        }
+    }
+
+    /// A call that failed for a reason other than the source's answer (an RPC failure, a task
+    /// that died): `errno` for the caller, `cause` for the log.
+    pub fn failed(
+        op: &'static str,
+        errno: i32,
+        message: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        SourceError::Status {
+            op,
+            errno,
+            message: message.into(),
+            cause: Some(Arc::new(cause)),
+        }
+    }
+
+    /// The source named `source_name` cannot be reached; `message` says where, `cause` why.
+    pub fn unavailable(
+        source_name: impl Into<String>,
+        message: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        SourceError::Unavailable {
+            source_name: source_name.into(),
+            message: message.into(),
+            cause: Some(Arc::new(cause)),
         }
     }
 }
 
 pub type Result<T, E = SourceError> = std::result::Result<T, E>;
 
-/// Read access to a remote dataset. Every call is bounded by the source timeout given when the
-/// source was opened; implementations retry transient transport errors themselves.
+/// A remote dataset: reading it here, changing it through [`SourceWrite`] (read-write
+/// volumes). Every call is bounded by the source timeout given when the source was opened;
+/// implementations retry transient transport errors themselves.
 #[async_trait]
-pub trait Source: Send + Sync + 'static {
+pub trait Source: SourceWrite + Send + Sync + 'static {
     /// A stable identity of the dataset (normalised URL or canonical path). Cached bytes and
     /// metadata are keyed by it, so two mounts of the same dataset share them.
     fn id(&self) -> &str;
@@ -171,13 +268,15 @@ pub trait Source: Send + Sync + 'static {
     async fn read(&self, file: &Handle, offset: u64, len: u32) -> Result<Vec<u8>>;
 
     async fn read_link(&self, link: &Handle) -> Result<Vec<u8>>;
+}
 
-    // ---- writing (read-write volumes) --------------------------------------------------------
-    // Each call reaches the source before it returns (`write_sent`: is sent to it). Sources that
-    // cannot write keep these defaults, which refuse with EROFS.
-
+/// Changes to a source (read-write volumes): data, names and attributes. Each call reaches the
+/// source before it returns ([`SourceWrite::write_sent`]: is sent to it). A source that cannot
+/// write keeps the defaults, which refuse with EROFS.
+#[async_trait]
+pub trait SourceWrite: Send + Sync {
     /// Writes `data` at `offset`. The bytes are on the source when this returns (an NFS
-    /// UNSTABLE write is enough); [`Source::commit`] makes them durable. Returns the file's
+    /// UNSTABLE write is enough); [`SourceWrite::commit`] makes them durable. Returns the file's
     /// attributes after the write when the source reports them.
     async fn write(&self, file: &Handle, offset: u64, data: &[u8]) -> Result<Option<Attr>> {
         let _ = (file, offset, data);
@@ -194,8 +293,8 @@ pub trait Source: Send + Sync + 'static {
     }
 
     /// Opens `file` for one writer handle, for sources whose writes are quick system calls on a
-    /// descriptor (a directory). `None`: the source writes through [`Source::write_sent`].
-    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn Writer>>> {
+    /// descriptor (a directory). `None`: the source writes through [`SourceWrite::write_sent`].
+    async fn open_writer(&self, file: &Handle) -> Result<Option<Arc<dyn FileWriter>>> {
         let _ = file;
         Ok(None)
     }
@@ -285,7 +384,7 @@ pub trait Source: Send + Sync + 'static {
 /// source reports them), or the error the source answered with.
 pub type WriteOutcome = Pin<Box<dyn Future<Output = Result<Option<Attr>>> + Send>>;
 
-/// How far a write got when [`Source::write_sent`] returned.
+/// How far a write got when [`SourceWrite::write_sent`] returned.
 pub enum Landing {
     /// Done: the bytes are on the source.
     Landed(Option<Attr>),
@@ -293,12 +392,13 @@ pub enum Landing {
     InFlight(WriteOutcome),
 }
 
-/// A file kept open on the source by one writer handle (see [`Source::open_writer`]), closed
-/// when the last reference is dropped. It writes to the file it opened, even after a rename.
+/// A file kept open on the source by one writer handle (see [`SourceWrite::open_writer`]),
+/// closed when the last reference is dropped. It writes to the file it opened, even after a
+/// rename.
 #[async_trait]
-pub trait Writer: Send + Sync {
+pub trait FileWriter: Send + Sync {
     /// Writes on the calling thread when that is allowed now; `None` asks the caller to use
-    /// [`Writer::write`] instead (the source bounds how many callers' threads it may hold, so
+    /// [`FileWriter::write`] instead (the source bounds how many callers' threads it may hold, so
     /// that a hung source cannot take them all).
     fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<Attr>>;
 
@@ -384,5 +484,22 @@ pub async fn open(spec: &SourceSpec, options: &SourceOptions) -> Result<Arc<dyn 
     match spec {
         SourceSpec::Nfs(url) => Ok(Arc::new(nfs::NfsSource::connect(url, options).await?)),
         SourceSpec::Local(path) => Ok(Arc::new(local::LocalSource::open(path, options).await?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_components() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
+            assert_eq!(check_name(bad).unwrap_err().errno(), libc::EINVAL);
+        }
+        assert_eq!(
+            check_name(&[b'x'; 256]).unwrap_err().errno(),
+            libc::ENAMETOOLONG
+        );
+        assert!(check_name(b"ok name").is_ok());
     }
 }

@@ -41,6 +41,33 @@ pub fn write_small_tree(root: &Path, files: usize, min: usize, max: usize, seed:
     total
 }
 
+/// Reads a whole file with `O_DIRECT`: through a FUSE mount every read reaches the daemon,
+/// never the kernel's page cache.
+pub fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let mut buffer = vec![0u8; CHUNK + ALIGN];
+    let start = buffer.as_ptr().align_offset(ALIGN);
+    let aligned = &mut buffer[start..start + CHUNK];
+    let mut out = Vec::new();
+    loop {
+        let n = file.read(aligned)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&aligned[..n]);
+    }
+}
+
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
 pub fn sha256_file(path: &Path) -> String {
     let mut file =
         std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));

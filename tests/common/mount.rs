@@ -151,8 +151,35 @@ impl Mount {
         }
     }
 
+    /// Like [`Mount::start`], with extra environment variables for the process (test fault
+    /// switches).
+    pub fn start_with_env(
+        dirs: &Dirs,
+        source: &str,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Mount {
+        match Mount::try_start_with_env(dirs, source, args, env) {
+            Ok(mount) => mount,
+            Err(output) => panic!(
+                "reservoir mount {source} failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
+    }
+
     /// Like [`Mount::start`], but returns the exited process's output when mounting fails.
     pub fn try_start(dirs: &Dirs, source: &str, args: &[&str]) -> Result<Mount, Output> {
+        Mount::try_start_with_env(dirs, source, args, &[])
+    }
+
+    fn try_start_with_env(
+        dirs: &Dirs,
+        source: &str,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Result<Mount, Output> {
         let log = dirs.path(&format!(
             "mount-{}.log",
             std::time::SystemTime::now()
@@ -169,6 +196,7 @@ impl Mount {
             .arg("--cache-dir")
             .arg(&dirs.cache)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

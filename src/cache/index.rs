@@ -1,0 +1,361 @@
+//! The index: which files are cached, in memory behind the node's lock, and how it persists
+//! through the index journal (replayed at start, reconciled with the data files on disk, and
+//! rewritten from a snapshot when it has grown).
+
+use std::collections::{HashMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::blocks::BlockMap;
+use super::owners::{OwnerState, OwnerTag};
+use super::policy::{Rank, Sketch};
+use super::{ContentKey, FS_BLOCK, PER_FILE_OVERHEAD, Result, layout};
+
+/// Persistent index records.
+#[derive(Serialize, Deserialize)]
+pub(super) enum IndexRecord {
+    Admitted {
+        key: ContentKey,
+        generation: u64,
+        size: u64,
+        block_size: u32,
+    },
+    Stored {
+        key: ContentKey,
+        generation: u64,
+        block: u32,
+        checksum: u64,
+    },
+    /// A block failed verification and was dropped.
+    Dropped {
+        key: ContentKey,
+        generation: u64,
+        block: u32,
+    },
+    Evicted {
+        key: ContentKey,
+        generation: u64,
+    },
+    /// Snapshot form of a whole file.
+    Entry {
+        key: ContentKey,
+        generation: u64,
+        size: u64,
+        block_size: u32,
+        blocks: Vec<(u32, u64)>,
+    },
+    // Records of files with an owner other than the default. New variants go last: postcard
+    // numbers them by position, so indexes written before owners existed still read, and the
+    // default owner (`reservoir mount`) still writes only the records above.
+    /// `Admitted`, by `owner`.
+    AdmittedBy {
+        key: ContentKey,
+        generation: u64,
+        size: u64,
+        block_size: u32,
+        owner: OwnerTag,
+    },
+    /// `Entry`, owned by `owner`.
+    EntryOf {
+        key: ContentKey,
+        generation: u64,
+        size: u64,
+        block_size: u32,
+        blocks: Vec<(u32, u64)>,
+        owner: OwnerTag,
+    },
+    /// The file now belongs to `owner` (adopted after its owner went away).
+    Owned {
+        key: ContentKey,
+        generation: u64,
+        owner: OwnerTag,
+    },
+}
+
+impl IndexRecord {
+    /// The record of a file just admitted.
+    pub(super) fn admitted(
+        key: ContentKey,
+        generation: u64,
+        size: u64,
+        block_size: u32,
+        owner: OwnerTag,
+    ) -> Self {
+        if owner == OwnerTag::DEFAULT {
+            IndexRecord::Admitted {
+                key,
+                generation,
+                size,
+                block_size,
+            }
+        } else {
+            IndexRecord::AdmittedBy {
+                key,
+                generation,
+                size,
+                block_size,
+                owner,
+            }
+        }
+    }
+}
+
+/// One cached version of a file, as the node's books hold it. Its blocks are behind a lock of
+/// their own, shared with the leases on it.
+pub(super) struct CachedFile {
+    pub generation: u64,
+    pub size: u64,
+    pub block_size: u32,
+    /// Disk bytes the file may occupy (charged to its owner and the node).
+    pub budget: u64,
+    pub rank: Rank,
+    pub owner: OwnerTag,
+    pub blocks: Arc<BlockMap>,
+}
+
+/// The node's books: every cached file, who owns it, the admission sketch. Behind the node's
+/// lock, which every open takes: nothing done under it waits for the disk.
+pub(super) struct Index {
+    pub files: HashMap<ContentKey, CachedFile>,
+    pub sketch: Sketch,
+    /// Every owner that has files or a view, with its files in eviction order.
+    pub owners: HashMap<OwnerTag, OwnerState>,
+    /// The clock of eviction ranks (shared by all owners' orders).
+    pub clock: u64,
+    /// Sum of the budgets of all files.
+    pub data_bytes: u64,
+    pub next_generation: u64,
+    /// Data files of files removed under the lock, unlinked once it is released.
+    pub doomed: Vec<PathBuf>,
+}
+
+impl Index {
+    pub fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+}
+
+/// The node lock. The data files of files removed while it is held are unlinked after it is
+/// released: one admission may evict thousands of files, and every open waits on this lock.
+/// (The paths are never reused: a re-admitted file gets a new generation.)
+pub(super) struct IndexGuard<'a> {
+    index: Option<MutexGuard<'a, Index>>,
+}
+
+impl<'a> IndexGuard<'a> {
+    pub fn new(index: MutexGuard<'a, Index>) -> Self {
+        IndexGuard { index: Some(index) }
+    }
+}
+
+impl Deref for IndexGuard<'_> {
+    type Target = Index;
+
+    fn deref(&self) -> &Index {
+        self.index.as_deref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for IndexGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Index {
+        self.index.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for IndexGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut index) = self.index.take() else {
+            return;
+        };
+        let doomed = std::mem::take(&mut index.doomed);
+        drop(index);
+        for path in doomed {
+            // Unlink, never truncate: a reader holding the file (passthrough) keeps its bytes.
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "cannot remove an evicted cache file");
+                }
+            }
+        }
+    }
+}
+
+/// The index as a snapshot: one record per file. Lazy, so that [`crate::journal::Journal::snapshot`]
+/// reads the files after it has taken the journal's buffer (call it with the node lock held).
+pub(super) fn snapshot_records(index: &Index) -> impl Iterator<Item = IndexRecord> + '_ {
+    index.files.iter().map(|(key, file)| {
+        let blocks = file.blocks.stored();
+        if file.owner == OwnerTag::DEFAULT {
+            IndexRecord::Entry {
+                key: *key,
+                generation: file.generation,
+                size: file.size,
+                block_size: file.block_size,
+                blocks,
+            }
+        } else {
+            IndexRecord::EntryOf {
+                key: *key,
+                generation: file.generation,
+                size: file.size,
+                block_size: file.block_size,
+                blocks,
+                owner: file.owner,
+            }
+        }
+    })
+}
+
+/// A file as the journal describes it, before it joins the books.
+pub(super) struct Replayed {
+    pub generation: u64,
+    pub size: u64,
+    pub block_size: u32,
+    pub checksums: Box<[Option<u64>]>,
+    pub owner: OwnerTag,
+}
+
+impl Replayed {
+    fn new(generation: u64, size: u64, block_size: u32, owner: OwnerTag) -> Self {
+        Replayed {
+            generation,
+            size,
+            block_size,
+            checksums: vec![None; block_count(size, block_size)].into_boxed_slice(),
+            owner,
+        }
+    }
+
+    fn snapshot(
+        generation: u64,
+        size: u64,
+        block_size: u32,
+        blocks: Vec<(u32, u64)>,
+        owner: OwnerTag,
+    ) -> Self {
+        let mut file = Replayed::new(generation, size, block_size, owner);
+        for (block, checksum) in blocks {
+            if let Some(slot) = file.checksums.get_mut(block as usize) {
+                *slot = Some(checksum);
+            }
+        }
+        file
+    }
+}
+
+/// Applies one record of the journal.
+pub(super) fn replay(files: &mut HashMap<ContentKey, Replayed>, record: IndexRecord) {
+    let current = |file: &Replayed, generation: u64| file.generation == generation;
+    match record {
+        IndexRecord::Admitted {
+            key,
+            generation,
+            size,
+            block_size,
+        } => {
+            let file = Replayed::new(generation, size, block_size, OwnerTag::DEFAULT);
+            files.insert(key, file);
+        }
+        IndexRecord::AdmittedBy {
+            key,
+            generation,
+            size,
+            block_size,
+            owner,
+        } => {
+            files.insert(key, Replayed::new(generation, size, block_size, owner));
+        }
+        IndexRecord::Entry {
+            key,
+            generation,
+            size,
+            block_size,
+            blocks,
+        } => {
+            let file = Replayed::snapshot(generation, size, block_size, blocks, OwnerTag::DEFAULT);
+            files.insert(key, file);
+        }
+        IndexRecord::EntryOf {
+            key,
+            generation,
+            size,
+            block_size,
+            blocks,
+            owner,
+        } => {
+            let file = Replayed::snapshot(generation, size, block_size, blocks, owner);
+            files.insert(key, file);
+        }
+        IndexRecord::Owned {
+            key,
+            generation,
+            owner,
+        } => {
+            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation)) {
+                file.owner = owner;
+            }
+        }
+        IndexRecord::Stored {
+            key,
+            generation,
+            block,
+            checksum,
+        } => {
+            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation)) {
+                if let Some(slot) = file.checksums.get_mut(block as usize) {
+                    *slot = Some(checksum);
+                }
+            }
+        }
+        IndexRecord::Dropped {
+            key,
+            generation,
+            block,
+        } => {
+            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation)) {
+                if let Some(slot) = file.checksums.get_mut(block as usize) {
+                    *slot = None;
+                }
+            }
+        }
+        IndexRecord::Evicted { key, generation } => {
+            if files.get(&key).is_some_and(|f| current(f, generation)) {
+                files.remove(&key);
+            }
+        }
+    }
+}
+
+/// Removes data files the index does not know (a crash between creating a file and recording
+/// it) and index entries whose file is gone.
+pub(super) fn reconcile_with_disk(
+    data_dir: &Path,
+    files: &mut HashMap<ContentKey, Replayed>,
+) -> Result<()> {
+    let on_disk = layout::list_data_files(data_dir)?;
+    let mut seen = HashSet::new();
+    for (path, parsed) in on_disk {
+        let known = parsed.is_some_and(|(key, generation)| {
+            files.get(&key).is_some_and(|f| f.generation == generation) && seen.insert(key)
+        });
+        if !known {
+            tracing::debug!(path = %path.display(), "removing cache file the index does not know");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    files.retain(|key, _| seen.contains(key));
+    Ok(())
+}
+
+pub(super) fn block_count(size: u64, block_size: u32) -> usize {
+    size.div_ceil(u64::from(block_size)) as usize
+}
+
+/// Disk bytes a cached file of `size` may occupy.
+pub(super) fn budget(size: u64) -> u64 {
+    size.div_ceil(FS_BLOCK) * FS_BLOCK + PER_FILE_OVERHEAD
+}
