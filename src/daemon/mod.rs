@@ -119,6 +119,17 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // fully exited (the kernel releases the lock only then), so that no request it had read is
     // served twice.
     let cache = open_cache_waiting(&config.cache)?;
+    let socket_path = config.socket.clone();
+    let socket_error = move |cause| DaemonError::Socket {
+        path: socket_path.clone(),
+        cause,
+    };
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        return Err(socket_error(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is served by another running process", config.socket.display()),
+        )));
+    }
     // The sessions are this daemon's alone too: a daemon of another cache directory pointed
     // at the same state directory would otherwise serve the same connections.
     let _sessions_lock = lock_waiting(&config.state_dir)?;
@@ -128,13 +139,6 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let listener = {
-        let _guard = runtime.enter();
-        control::bind(&config.socket).map_err(|cause| DaemonError::Socket {
-            path: config.socket.clone(),
-            cause,
-        })?
-    };
     let socket = config.socket.clone();
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
     let keeper = config.keeper.as_ref().map(|options| {
@@ -154,6 +158,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         lost: Mutex::new(Vec::new()),
     });
     runtime.block_on(daemon.resume_all());
+    // Only now: a client that reaches the daemon finds every volume taken over.
+    let listener = {
+        let _guard = runtime.enter();
+        control::bind(&socket).map_err(socket_error)?
+    };
     if daemon.keeper.is_some() {
         let watched = daemon.clone();
         let _ = std::thread::Builder::new()
@@ -1187,7 +1196,10 @@ fn lock_waiting(state_dir: &Path) -> Result<crate::lockfile::LockFile, DaemonErr
                 ))));
             }
             Err(crate::lockfile::LockError::Io { what, cause }) => {
-                return Err(fail(std::io::Error::new(cause.kind(), format!("{what}: {cause}"))));
+                return Err(fail(std::io::Error::new(
+                    cause.kind(),
+                    format!("{what}: {cause}"),
+                )));
             }
         }
     }
