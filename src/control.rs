@@ -182,6 +182,10 @@ pub enum Response {
     Done(Progress),
     Error {
         message: String,
+        /// Added after the first release; an answer without it (an older daemon) reads as
+        /// [`RefusalKind::Other`].
+        #[serde(default)]
+        refusal: RefusalKind,
     },
     DaemonStatus(Box<DaemonStatus>),
     /// The volume is mounted; `already_mounted` when it was before this request.
@@ -195,6 +199,60 @@ pub enum Response {
         target_path: PathBuf,
         was_mounted: bool,
     },
+}
+
+/// Why a request was refused, kept apart from the message so that a client decides by kind,
+/// never by wording. The kinds are part of the protocol: a node plugin and a daemon of
+/// different releases (during an upgrade) read each other's answers, and a kind this release
+/// does not know reads as [`RefusalKind::Other`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// The request itself is wrong (a bad path, a bad parameter).
+    Invalid,
+    /// The volume or the target is already in use with other parameters.
+    Conflict,
+    /// What the request names does not exist.
+    NotFound,
+    /// Not now (the daemon is shutting down, the volume is being unmounted); retry.
+    Unavailable,
+    /// The operation was tried and failed (the source, the mount).
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+/// A refused request: its kind and a message for people.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
+        Refusal {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A failure of the operation itself ([`RefusalKind::Other`]).
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Refusal::new(RefusalKind::Other, message)
+    }
+}
+
+impl From<Refusal> for Response {
+    fn from(refusal: Refusal) -> Self {
+        Response::Error {
+            message: refusal.message,
+            refusal: refusal.kind,
+        }
+    }
 }
 
 /// A daemon's account of the node's cache and of every volume it serves.
@@ -356,14 +414,22 @@ pub(crate) async fn read_request(
     reader.read_until(b'\n', &mut line).await?;
     if !line.ends_with(b"\n") && line.len() >= MAX_REQUEST {
         let message = format!("bad request: longer than {MAX_REQUEST} bytes");
-        send(&mut write, &Response::Error { message }).await?;
+        send(
+            &mut write,
+            &Refusal::new(RefusalKind::Invalid, message).into(),
+        )
+        .await?;
         return Ok((None, write));
     }
     match serde_json::from_slice(line.trim_ascii()) {
         Ok(request) => Ok((Some(request), write)),
         Err(e) => {
             let message = format!("bad request: {e}");
-            send(&mut write, &Response::Error { message }).await?;
+            send(
+                &mut write,
+                &Refusal::new(RefusalKind::Invalid, message).into(),
+            )
+            .await?;
             Ok((None, write))
         }
     }
@@ -392,10 +458,9 @@ pub(crate) async fn follow_warm(
 /// Sends an error line.
 pub(crate) async fn refuse(
     write: &mut tokio::net::unix::OwnedWriteHalf,
-    message: impl Into<String>,
+    refusal: Refusal,
 ) -> std::io::Result<()> {
-    let message = message.into();
-    send(write, &Response::Error { message }).await
+    send(write, &refusal.into()).await
 }
 
 #[tracing::instrument(skip_all)]
@@ -427,7 +492,7 @@ async fn handle(
         } => {
             if volume.cache().is_none() {
                 let message = "this mount has no cache (--no-cache): nothing to warm";
-                return refuse(&mut write, message).await;
+                return refuse(&mut write, Refusal::new(RefusalKind::Invalid, message)).await;
             }
             let paths = if paths.is_empty() {
                 vec![String::new()]
@@ -442,7 +507,7 @@ async fn handle(
                 "this socket serves the single `reservoir mount` at {}; mount and unmount requests go to a `reservoir daemon`",
                 mountpoint.display()
             );
-            refuse(&mut write, message).await
+            refuse(&mut write, Refusal::new(RefusalKind::Invalid, message)).await
         }
     }
 }
@@ -522,12 +587,42 @@ impl Client {
             });
         }
         match serde_json::from_str(line.trim()) {
-            Ok(Response::Error { message }) => Err(ControlError::Refused(message)),
+            Ok(Response::Error { message, .. }) => Err(ControlError::Refused(message)),
             Ok(response) => Ok(response),
             Err(e) => Err(ControlError::Protocol {
                 socket: self.socket.clone(),
                 detail: e.to_string(),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn refusal_kinds_survive_releases_that_do_not_know_them() {
+        let sent: Response = Refusal::new(RefusalKind::Conflict, "taken").into();
+        let line = serde_json::to_string(&sent).unwrap();
+        match serde_json::from_str(&line).unwrap() {
+            Response::Error { refusal, message } => {
+                assert_eq!(
+                    (refusal, message.as_str()),
+                    (RefusalKind::Conflict, "taken")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // An older daemon sends no kind; a newer one may send a kind this release lacks.
+        for line in [
+            r#"{"kind":"error","message":"m"}"#,
+            r#"{"kind":"error","message":"m","refusal":"from_the_future"}"#,
+        ] {
+            match serde_json::from_str(line).unwrap() {
+                Response::Error { refusal, .. } => assert_eq!(refusal, RefusalKind::Other),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

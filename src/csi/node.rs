@@ -31,7 +31,7 @@ use super::proto::node_service_capability::rpc::Type as RpcType;
 use super::proto::volume_usage::Unit;
 use super::proto::*;
 use super::traced;
-use crate::control::{DaemonStatus, DaemonVolume, MountRequest};
+use crate::control::{DaemonStatus, DaemonVolume, MountRequest, RefusalKind};
 use crate::daemon::{Client, ClientError, SpawnOptions, ensure_running};
 use crate::source::SourceSpec;
 use crate::units::Ttl;
@@ -190,12 +190,14 @@ fn params_of(
 
 fn daemon_error(error: ClientError) -> NodeError {
     match error {
-        ClientError::Refused(message)
-            if message.contains("already mounted") || message.contains("already used by") =>
-        {
-            NodeError::AlreadyExists(message)
-        }
-        ClientError::Refused(message) => NodeError::FailedPrecondition(message),
+        ClientError::Refused(refusal) => match refusal.kind {
+            RefusalKind::Conflict => NodeError::AlreadyExists(refusal.message),
+            RefusalKind::Invalid => NodeError::InvalidArgument(refusal.message),
+            RefusalKind::Unavailable => NodeError::Unavailable(refusal.message),
+            RefusalKind::NotFound | RefusalKind::Other => {
+                NodeError::FailedPrecondition(refusal.message)
+            }
+        },
         ClientError::Spawn { .. } => NodeError::Unavailable(error.to_string()),
         e => NodeError::Unavailable(e.to_string()),
     }
@@ -401,7 +403,9 @@ impl Node {
             .await
         {
             Ok(_) => {}
-            Err(ClientError::Refused(message)) => return Err(NodeError::Internal(message)),
+            Err(ClientError::Refused(refusal)) => {
+                return Err(NodeError::Internal(refusal.message));
+            }
             Err(e) => {
                 // No daemon: whatever it left at the staging path is dead; detach it.
                 tracing::warn!(error = %e, "the daemon does not answer; detaching the staging mount");

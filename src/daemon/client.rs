@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::control::{DaemonStatus, MountRequest, Request, Response};
+use crate::control::{DaemonStatus, MountRequest, Refusal, Request, Response};
 use crate::fs::warm::Progress;
 
 /// How long each kind of call may take.
@@ -63,7 +63,7 @@ pub enum ClientError {
     Protocol { socket: PathBuf, detail: String },
     /// The daemon refused the request; the message says why.
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     #[error("cannot start a reservoir daemon ({program}): {detail}")]
     Spawn { program: PathBuf, detail: String },
 }
@@ -264,7 +264,9 @@ impl Connection {
             });
         }
         match serde_json::from_str(line.trim()) {
-            Ok(Response::Error { message }) => Err(ClientError::Refused(message)),
+            Ok(Response::Error { message, refusal }) => {
+                Err(ClientError::Refused(Refusal::new(refusal, message)))
+            }
             Ok(response) => Ok(response),
             Err(e) => Err(ClientError::Protocol {
                 socket: self.socket.clone(),

@@ -32,7 +32,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control::{
-    self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Request, Response,
+    self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Refusal, RefusalKind, Request,
+    Response,
 };
 use crate::fs::fuse::{self as fuse_adapter, MountConfig, Served, SessionLogs};
 use crate::fs::meta::now_ms;
@@ -127,7 +128,10 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         return Err(socket_error(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
-            format!("{} is served by another running process", config.socket.display()),
+            format!(
+                "{} is served by another running process",
+                config.socket.display()
+            ),
         )));
     }
     // The sessions are this daemon's alone too: a daemon of another cache directory pointed
@@ -274,9 +278,6 @@ struct Hosted {
     kept: AtomicBool,
 }
 
-/// An operation's refusal, sent to the client as an error line.
-type Refusal = String;
-
 enum Found {
     Done(Result<bool, Refusal>),
     Wait,
@@ -290,7 +291,10 @@ impl Daemon {
 
     /// Mounts a volume; `Ok(true)` when it was mounted already with these parameters.
     pub async fn mount(self: &Arc<Self>, request: MountRequest) -> Result<bool, Refusal> {
-        let spec = Arc::new(VolumeSpec::new(request).map_err(|e| e.to_string())?);
+        let spec = Arc::new(
+            VolumeSpec::new(request)
+                .map_err(|e| Refusal::new(RefusalKind::Invalid, e.to_string()))?,
+        );
         let id = spec.request.volume_id.clone();
         let target = spec.request.target_path.clone();
         let generation = loop {
@@ -298,7 +302,10 @@ impl Daemon {
             let found = {
                 let mut registry = self.lock();
                 if self.shutting_down.load(Ordering::Relaxed) {
-                    return Err("the daemon is shutting down".into());
+                    return Err(Refusal::new(
+                        RefusalKind::Unavailable,
+                        "the daemon is shutting down",
+                    ));
                 }
                 self.find_for_mount(&mut registry, &spec)
             };
@@ -335,18 +342,24 @@ impl Daemon {
         let target = &spec.request.target_path;
         if let Some(slot) = registry.volumes.get(id) {
             if slot.spec.request.target_path != *target {
-                return Found::Done(Err(format!(
-                    "volume {id} is already mounted with other parameters: at {} (asked: {}); unmount it first",
-                    slot.spec.request.target_path.display(),
-                    target.display()
+                return Found::Done(Err(Refusal::new(
+                    RefusalKind::Conflict,
+                    format!(
+                        "volume {id} is already mounted with other parameters: at {} (asked: {}); unmount it first",
+                        slot.spec.request.target_path.display(),
+                        target.display()
+                    ),
                 )));
             }
             let differences = slot.spec.differences(spec);
             if !differences.is_empty() {
-                return Found::Done(Err(format!(
-                    "volume {id} is already mounted at {} with other parameters ({}); unmount it first",
-                    target.display(),
-                    differences.join(", ")
+                return Found::Done(Err(Refusal::new(
+                    RefusalKind::Conflict,
+                    format!(
+                        "volume {id} is already mounted at {} with other parameters ({}); unmount it first",
+                        target.display(),
+                        differences.join(", ")
+                    ),
                 )));
             }
             return match slot.phase {
@@ -362,9 +375,9 @@ impl Daemon {
             return match slot.phase {
                 // Being unmounted: the path is about to be free.
                 Phase::Unmounting => Found::Wait,
-                _ => Found::Done(Err(format!(
-                    "{} is already used by volume {other}",
-                    target.display()
+                _ => Found::Done(Err(Refusal::new(
+                    RefusalKind::Conflict,
+                    format!("{} is already used by volume {other}", target.display()),
                 ))),
             };
         }
@@ -428,12 +441,12 @@ impl Daemon {
                 volume.cache().inspect(|c| c.discard_journals_on_release());
                 drop(volume);
                 runtime.shutdown_background();
-                return Err(message);
+                return Err(message.into());
             }
             Err(e) => {
                 state.remove();
                 runtime.shutdown_background();
-                return Err(format!("mounting {} failed: {e}", target.display()));
+                return Err(format!("mounting {} failed: {e}", target.display()).into());
             }
         };
         set_read_ahead(&target);
@@ -501,11 +514,11 @@ impl Daemon {
             Ok(Ok(volume)) => Ok((runtime, volume)),
             Ok(Err(e)) => {
                 runtime.shutdown_background();
-                Err(format!("volume {id}: {e}"))
+                Err(format!("volume {id}: {}", describe(&e)).into())
             }
             Err(e) => {
                 runtime.shutdown_background();
-                Err(format!("volume {id}: opening the source failed: {e}"))
+                Err(format!("volume {id}: opening the source failed: {e}").into())
             }
         }
     }
@@ -601,7 +614,10 @@ impl Daemon {
                 "its file handles cannot be read ({e}): open files would not be recognised"
             ))
         })?;
-        let (runtime, volume) = self.open_volume(&spec).await.map_err(fail)?;
+        let (runtime, volume) = self
+            .open_volume(&spec)
+            .await
+            .map_err(|refusal| fail(refusal.message))?;
         let generation = {
             let registry = self.lock();
             registry.next_generation + 1
@@ -796,7 +812,8 @@ impl Daemon {
 
     /// Unmounts whatever volume is at `target`; `Ok(false)` when nothing was mounted there.
     pub async fn unmount(self: &Arc<Self>, target: &Path) -> Result<bool, Refusal> {
-        let target = spec::target_path(target).map_err(|e| e.to_string())?;
+        let target = spec::target_path(target)
+            .map_err(|e| Refusal::new(RefusalKind::Invalid, e.to_string()))?;
         let (id, hosted) = loop {
             let notified = self.changed.notified();
             let found = {
@@ -908,20 +925,26 @@ impl Daemon {
                 match registry.volumes.get(id).map(|slot| &slot.phase) {
                     Some(Phase::Mounted(hosted)) => return Ok(hosted.volume.clone()),
                     Some(Phase::Unmounting) => {
-                        return Err(format!("volume {id} is being unmounted"));
+                        return Err(Refusal::new(
+                            RefusalKind::Unavailable,
+                            format!("volume {id} is being unmounted"),
+                        ));
                     }
                     Some(Phase::Mounting) => {}
                     None => {
                         let mut known: Vec<&str> =
                             registry.volumes.keys().map(String::as_str).collect();
                         known.sort_unstable();
-                        return Err(format!(
-                            "no volume {id:?} is mounted by this daemon (mounted: {})",
-                            if known.is_empty() {
-                                "none".to_string()
-                            } else {
-                                known.join(", ")
-                            }
+                        return Err(Refusal::new(
+                            RefusalKind::NotFound,
+                            format!(
+                                "no volume {id:?} is mounted by this daemon (mounted: {})",
+                                if known.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
                         ));
                     }
                 }
@@ -1064,7 +1087,7 @@ fn prepare_target(target: &Path) -> Result<PathBuf, Refusal> {
         }
         _ => {}
     }
-    check_mountpoint(target).map_err(|e| e.to_string())
+    check_mountpoint(target).map_err(|e| Refusal::from(describe(&e)))
 }
 
 /// Detaches a reservoir FUSE mount at `target` that no live session of this daemon serves
@@ -1157,6 +1180,18 @@ fn abort_connection(dev: u64) {
             tracing::warn!(path = %path.display(), error = %e, "cannot abort the FUSE connection")
         }
     }
+}
+
+/// An error with its causes, for a message that leaves the process.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// Opens the node's cache, waiting while a previous daemon still holds it.
@@ -1300,10 +1335,8 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
                     target_path,
                     already_mounted,
                 },
-                Ok(Err(message)) => Response::Error { message },
-                Err(e) => Response::Error {
-                    message: format!("mount of volume {volume_id} failed: {e}"),
-                },
+                Ok(Err(refusal)) => refusal.into(),
+                Err(e) => Refusal::from(format!("mount of volume {volume_id} failed: {e}")).into(),
             }
         }
         Request::Unmount { target_path } => {
@@ -1315,10 +1348,11 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
                     target_path,
                     was_mounted,
                 },
-                Ok(Err(message)) => Response::Error { message },
-                Err(e) => Response::Error {
-                    message: format!("unmount of {} failed: {e}", target_path.display()),
-                },
+                Ok(Err(refusal)) => refusal.into(),
+                Err(e) => {
+                    Refusal::from(format!("unmount of {} failed: {e}", target_path.display()))
+                        .into()
+                }
             }
         }
         Request::Warm {
@@ -1328,20 +1362,21 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
             detach,
         } => {
             let Some(volume_id) = volume_id else {
-                return control::refuse(
-                    &mut write,
-                    "warm needs a volume_id: this daemon serves many volumes",
-                )
-                .await;
+                let message = "warm needs a volume_id: this daemon serves many volumes";
+                return control::refuse(&mut write, Refusal::new(RefusalKind::Invalid, message))
+                    .await;
             };
             let paths = match spec::volume_paths(&paths) {
                 Ok(paths) if paths.is_empty() => vec![String::new()],
                 Ok(paths) => paths,
-                Err(e) => return control::refuse(&mut write, format!("warm: {e}")).await,
+                Err(e) => {
+                    let refusal = Refusal::new(RefusalKind::Invalid, format!("warm: {e}"));
+                    return control::refuse(&mut write, refusal).await;
+                }
             };
             let volume = match daemon.volume(&volume_id).await {
                 Ok(volume) => volume,
-                Err(message) => return control::refuse(&mut write, message).await,
+                Err(refusal) => return control::refuse(&mut write, refusal).await,
             };
             let tracker = volume.start_warm(WarmRequest {
                 paths,
