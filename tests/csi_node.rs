@@ -575,6 +575,18 @@ async fn lifecycle(mode: Mode) {
         Code::NotFound,
         &["other-volume"],
     );
+    // While the volume is published: a relative path, or one that climbs out of the target
+    // with `..`, names no place the volume is mounted (the CSI spec's NOT_FOUND, as
+    // csi-sanity checks with "some/path").
+    let climbing = format!("{}/../target", target.display());
+    for path in ["some/path", "target", climbing.as_str()] {
+        assert_code(
+            node.node_get_volume_stats(stats_request(&id, Path::new(path)))
+                .await,
+            Code::NotFound,
+            &[&id, "not published or staged", path],
+        );
+    }
 
     // Unstage while published is refused; nothing changes.
     assert_code(
@@ -652,8 +664,12 @@ async fn not_found_already_exists_and_nothing_there() {
     node.node_unstage_volume(unstage_request("ghost", &staging))
         .await
         .unwrap();
-    // Stats of a path where nothing is mounted, or that does not exist.
-    for path in [&staging, &plugin.path("missing")] {
+    // Stats of a path where nothing is mounted, that does not exist, or is relative.
+    for path in [
+        staging.as_path(),
+        plugin.path("missing").as_path(),
+        Path::new("some/path"),
+    ] {
         assert_code(
             node.node_get_volume_stats(stats_request("ghost", path))
                 .await,
