@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod fs;
 pub mod journal;
 pub mod lockfile;
+pub mod metrics;
 pub mod mount;
 pub mod source;
 pub mod units;

@@ -155,6 +155,10 @@ struct DaemonArgs {
     /// Connections to each NFS server (each carries one call at a time).
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Serve Prometheus metrics on /metrics and readiness on /ready at this address
+    /// (e.g. 0.0.0.0:9810). Off by default.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -204,6 +208,17 @@ struct NodeArgs {
     /// nfs://filer/datasets,/mnt/shared. Empty: no inline volumes.
     #[arg(long, default_value = "")]
     allowed_sources: String,
+    /// Register the driver with kubelet by serving its plugin registration service on a socket
+    /// in this directory (/var/lib/kubelet/plugins_registry): no registrar sidecar needed.
+    #[arg(long)]
+    kubelet_registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it on the node, when it differs from --endpoint's.
+    #[arg(long, requires = "kubelet_registration_dir")]
+    kubelet_registration_path: Option<PathBuf>,
+    /// Serve /healthz (liveness: this process answers) and /ready (the node can serve volumes)
+    /// over HTTP at this address (e.g. 0.0.0.0:9809). Off by default.
+    #[arg(long)]
+    health_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -384,6 +399,10 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let block_size = u32::try_from(args.block_size.0)
         .map_err(|_| anyhow::anyhow!("--block-size {} is too large", args.block_size))?;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let socket = std::path::absolute(&args.socket).unwrap_or(args.socket);
+    if let Some(address) = args.metrics_address {
+        reservoir::metrics::start_daemon_endpoint(address, socket.clone())?;
+    }
     reservoir::daemon::run(reservoir::daemon::DaemonConfig {
         cache: CacheConfig {
             dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir),
@@ -392,7 +411,7 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             low_watermark: args.low_watermark,
             block_size,
         },
-        socket: std::path::absolute(&args.socket).unwrap_or(args.socket),
+        socket,
         source_options: SourceOptions {
             timeout: args.source_timeout,
             connections: args.connections.clamp(1, 256),
@@ -441,6 +460,13 @@ fn node_command(
             allowed_sources,
         },
         controller,
+        registration: args.kubelet_registration_dir.map(|dir| {
+            reservoir::csi::server::KubeletRegistration {
+                dir,
+                kubelet_endpoint: args.kubelet_registration_path,
+            }
+        }),
+        health_address: args.health_address,
     })?;
     Ok(ExitCode::SUCCESS)
 }
