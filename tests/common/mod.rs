@@ -1,4 +1,6 @@
 pub mod csi;
 pub mod data;
 pub mod ganesha;
+pub mod k8s;
 pub mod mount;
+pub mod standin_provisioner;
