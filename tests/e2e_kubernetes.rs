@@ -144,11 +144,13 @@ fn inline_volume(source: &str) -> String {
 
 const READ_ALL: &str = "cd /data && find . -type f | sort | xargs sha256sum && echo READ-DONE";
 
+/// Dropped in field order: the stand-in first, then the cluster (its pods release their
+/// volumes while the NFS server still answers), then the server and the datasets.
 struct E2e {
-    cluster: Cluster,
-    datasets: Datasets,
-    ganesha: Ganesha,
     provisioner: Option<StandInProvisioner>,
+    cluster: Cluster,
+    ganesha: Ganesha,
+    datasets: Datasets,
 }
 
 impl E2e {
@@ -287,8 +289,6 @@ fn kubernetes_end_to_end() {
     );
     assert!(archive.is_file(), "{} is missing", archive.display());
 
-    // Dropped in reverse order: the stand-in first, then the cluster (its pods release their
-    // volumes while the NFS server still answers), then the server and the datasets.
     let datasets = Datasets::create();
     let ganesha = Ganesha::start_read_only(&datasets.export());
     let cluster = Cluster::start(&bin, &repo);
@@ -297,10 +297,10 @@ fn kubernetes_end_to_end() {
         started.elapsed().as_secs_f64()
     );
     let mut e2e = E2e {
-        cluster,
-        datasets,
-        ganesha,
         provisioner: None,
+        cluster,
+        ganesha,
+        datasets,
     };
 
     step("install the driver with the shipped manifests", || {

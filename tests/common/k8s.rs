@@ -767,6 +767,7 @@ impl Cluster {
     /// Deletes what tests and the driver left in the API (so kubelet unmounts their volumes
     /// while the driver still runs), then stops everything.
     fn teardown(&mut self) {
+        let started = Instant::now();
         let apiserver_up = self.processes.iter().any(|(n, _)| *n == "kube-apiserver");
         if apiserver_up {
             let namespaces: Vec<String> = self
@@ -803,6 +804,10 @@ impl Cluster {
             }
             let _ = self.kubectl(&["delete", "pv", "--all", "--wait=false"]);
         }
+        eprintln!(
+            "e2e: teardown: the API's objects deleted ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
         for name in [
             "kube-proxy",
             "kube-scheduler",
@@ -833,8 +838,9 @@ impl Cluster {
                     .output();
             }
         }
+        let shims = shims_of(&self.path("containerd/state"));
         self.stop("containerd");
-        for pid in shims_of(&socket) {
+        for pid in shims {
             stop_process(pid);
         }
         for name in ["kube-apiserver", "etcd"] {
@@ -896,6 +902,10 @@ impl Cluster {
         }
         let _ = fs::remove_dir_all(&self.work);
         let _ = fs::remove_dir("/var/lib/reservoir-e2e");
+        eprintln!(
+            "e2e: teardown: done ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -971,34 +981,27 @@ impl Kubectl {
     }
 }
 
-/// Container shims started by the containerd at `socket` (they outlive containerd).
-fn shims_of(socket: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.contains("containerd-shim"))
-            && args.iter().any(|a| a == socket)
-            && process_alive(pid)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
+/// Container shims of the containerd whose state directory is `state` (they outlive
+/// containerd), from the pid files it keeps per task: scanning every process's command line
+/// could hang on an unrelated process stuck in the kernel.
+fn shims_of(state: &Path) -> Vec<u32> {
+    let tasks = state.join("io.containerd.runtime.v2.task/k8s.io");
+    fs::read_dir(tasks)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("shim.pid")).ok())
+        .filter_map(|pid| pid.trim().parse().ok())
+        .filter(|&pid| process_alive(pid))
+        .collect()
 }
 
-/// Removes the chains of `table` named KUBE-* that were not there before (and every rule that
-/// jumps to them).
+/// Removes the chains of `table` that kube-proxy, kubelet (KUBE-*) or the bridge plugin's
+/// masquerading (CNI-*) made and that were not there before, and every rule that jumps to them.
 fn remove_new_chains(tool: &str, table: &str, before: &HashSet<String>) {
     let new: Vec<String> = chains(tool, table)
         .into_iter()
-        .filter(|c| c.starts_with("KUBE-") && !before.contains(c))
+        .filter(|c| (c.starts_with("KUBE-") || c.starts_with("CNI-")) && !before.contains(c))
         .collect();
     if new.is_empty() {
         return;

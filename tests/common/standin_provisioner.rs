@@ -20,6 +20,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,17 +153,24 @@ impl Worker {
         let path = self
             .socket()
             .ok_or("the controller's socket is not there yet")?;
+        let shown = path.display().to_string();
+        // The socket's path is longer than a unix socket address may be (108 bytes): connect
+        // through a descriptor of its directory instead.
+        let dir = std::fs::File::open(path.parent().unwrap())
+            .map_err(|e| format!("open {}: {e}", shown))?;
+        let name = path.file_name().unwrap().to_owned();
         let channel =
             Endpoint::try_from("http://[::]:50051")
                 .map_err(|e| e.to_string())?
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
+                    let short =
+                        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&name);
                     async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(short).await?))
                     }
                 }))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("connect to {shown}: {e:?}"))?;
         Ok(ControllerClient::new(channel))
     }
 
