@@ -29,6 +29,11 @@ if [ "$named" != "$ref" ]; then
   echo "image: deploy/kubernetes/ names '${named//$'\n'/, }' but Cargo.toml's version makes $ref" >&2
   exit 1
 fi
+tag=$(sed -n 's/^ *newTag: *//p' deploy/kubernetes/kustomization.yaml)
+if [ "$tag" != "$version" ]; then
+  echo "image: deploy/kubernetes/kustomization.yaml sets tag '$tag' but Cargo.toml's version is $version" >&2
+  exit 1
+fi
 
 bin=${RESERVOIR_BIN:-}
 if [ -z "$bin" ]; then
