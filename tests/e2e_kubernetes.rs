@@ -455,6 +455,7 @@ parameters:
   subPath: data
   cacheSize: 256Mi
   metadataTTL: forever
+  preload: nested
   readOnly: "true"
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
@@ -483,7 +484,53 @@ spec:
     assert_eq!(volume["spec"]["csi"]["driver"], DRIVER);
     // The controller's canonical volume context: the sub-path joined, defaults written out.
     assert_eq!(volume["spec"]["csi"]["volumeAttributes"]["subPath"], "data");
-    e2e.assert_reads("dynamic-reader", &claim_volume("dynamic"), "data", "{}");
+    // The reader stays, so that the volume stays staged for the preload's check below.
+    let read_and_stay = format!("{READ_ALL}; sleep 3600");
+    cluster.apply(&pod(
+        "dynamic-reader",
+        &claim_volume("dynamic"),
+        &read_and_stay,
+        "{}",
+        false,
+    ));
+    let log = wait_for("dynamic-reader has read the dataset", POD_WAIT, || {
+        let log = cluster.container_log(NS, "dynamic-reader", "main");
+        log.contains("READ-DONE").then_some(log)
+    });
+    assert_eq!(
+        parse_checksums(&log),
+        e2e.datasets.checksums("data"),
+        "dynamic-reader read other bytes:\n{log}"
+    );
+
+    // The class's preload ran when the volume was staged; its progress is in the metrics.
+    let id = volume["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let preload = wait_for("the preload is done", Duration::from_secs(60), || {
+        let status = e2e.volume_status(&id);
+        (status["preload"]["done"] == true).then(|| status["preload"].clone())
+    });
+    let nested = e2e
+        .datasets
+        .checksums("data")
+        .keys()
+        .filter(|p| p.starts_with("./nested/"))
+        .count();
+    assert_eq!(preload["files_total"], nested as u64, "{preload}");
+    assert_eq!(preload["files_failed"], 0, "{preload}");
+    let text = scrape_metrics();
+    assert_eq!(metric(&text, "reservoir_volume_preload_done", &id), 1.0);
+    let total = format!(
+        "reservoir_volume_preload_files{{volume=\"{id}\",source=\"{}\",state=\"total\"}} {nested}",
+        e2e.volume_status(&id)["source"].as_str().unwrap()
+    );
+    assert!(
+        text.lines().any(|l| l == total),
+        "no {total} in the metrics"
+    );
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", "dynamic-reader", "--wait=false"]);
 }
 
 fn static_volume(e2e: &E2e) {

@@ -99,7 +99,10 @@ esac
 orig="kubernetes_$DEB_UPSTREAM.orig.tar.gz"
 echo "$ORIG_SHA256  $orig" | sha256sum -c --quiet - ||
   { say "$orig does not have the pinned SHA-256 $ORIG_SHA256"; exit 1; }
-dpkg-source -x "$dsc" src >/dev/null
+# apt verified the files against the signed archive; dpkg-source would only warn that it has
+# no key for the .dsc's own signature.
+dpkg-source -x "$dsc" src >"$work/dpkg-source.log" 2>&1 ||
+  { cat "$work/dpkg-source.log" >&2; say "cannot unpack $dsc"; exit 1; }
 for p in "${patches[@]}"; do
   say "applying $(basename "$p")"
   patch -d src -p1 --quiet < "$p"
