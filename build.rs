@@ -1,10 +1,13 @@
-//! Generates the CSI gRPC code from `proto/csi.proto` with a pure-Rust protobuf compiler
-//! (protox), so building needs no system `protoc`.
+//! Generates the gRPC code of `proto/csi.proto` (CSI) and `proto/pluginregistration.proto`
+//! (kubelet's plugin registration) with a pure-Rust protobuf compiler (protox), so building
+//! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTO: &str = "proto/csi.proto";
-    println!("cargo:rerun-if-changed={PROTO}");
-    let descriptors = protox::compile([PROTO], ["proto"])?;
+    const PROTOS: [&str; 2] = ["proto/csi.proto", "proto/pluginregistration.proto"];
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

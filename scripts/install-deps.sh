@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on a fresh Debian machine.
-# Idempotent: a second run only checks. Usage: scripts/install-deps.sh [test|bench]
+# Idempotent: a second run only checks. Usage: scripts/install-deps.sh [test|bench|demo|deploy|image|e2e]
 set -euo pipefail
 
 want=(fuse3 util-linux iproute2 python3)
 case "${1:-test}" in
   test)  want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils) ;;
+  image) want+=(binutils buildah) ;;
+  # The e2e cluster: etcd, containerd, runc and the CNI plugins; busybox and catatonit for the
+  # test pods' and the sandbox image; iptables, conntrack and ipset for kube-proxy; openssl for
+  # the cluster's certificates. The Kubernetes binaries are built by e2e/k8s/build.sh.
+  e2e)   want+=(nfs-ganesha nfs-ganesha-vfs rpcbind binutils etcd-server containerd runc
+                containernetworking-plugins busybox-static catatonit iptables conntrack ipset
+                openssl) ;;
   bench) want+=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils bindfs rclone fio python3-matplotlib python3-pip) ;;
   demo)  ;;
   deploy) ;;
-  *) echo "usage: $0 [demo|test|bench|deploy]" >&2; exit 2 ;;
+  *) echo "usage: $0 [demo|test|bench|deploy|image|e2e]" >&2; exit 2 ;;
 esac
 
 missing=()
@@ -24,7 +31,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # ganesha's packages try to start services; there is no systemd here, so keep them from starting.
+  # ganesha's and containerd's packages try to start services; keep them from starting (there
+  # is no systemd here, and the e2e runs a containerd of its own).
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d

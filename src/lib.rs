@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod journal;
 pub mod keeper;
 pub mod lockfile;
+pub mod metrics;
 pub mod mount;
 pub mod source;
 pub mod units;

@@ -171,6 +171,10 @@ struct DaemonArgs {
     /// No keeper: every volume ends with this daemon (and SIGTERM unmounts them).
     #[arg(long, conflicts_with_all = ["keeper_socket"])]
     no_keeper: bool,
+    /// Serve Prometheus metrics on /metrics and readiness on /ready at this address
+    /// (e.g. 0.0.0.0:9810). Off by default.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -227,6 +231,17 @@ struct NodeArgs {
     /// nfs://filer/datasets,/mnt/shared. Empty: no inline volumes.
     #[arg(long, default_value = "")]
     allowed_sources: String,
+    /// Register the driver with kubelet by serving its plugin registration service on a socket
+    /// in this directory (/var/lib/kubelet/plugins_registry): no registrar sidecar needed.
+    #[arg(long)]
+    kubelet_registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it on the node, when it differs from --endpoint's.
+    #[arg(long, requires = "kubelet_registration_dir")]
+    kubelet_registration_path: Option<PathBuf>,
+    /// Serve /healthz (liveness: this process answers) and /ready (the node can serve volumes)
+    /// over HTTP at this address (e.g. 0.0.0.0:9809). Off by default.
+    #[arg(long)]
+    health_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -419,6 +434,9 @@ fn daemon_command(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| beside_socket("keeper.sock")),
         spawn: args.spawn_keeper,
     });
+    if let Some(address) = args.metrics_address {
+        reservoir::metrics::start_daemon_endpoint(address, socket.clone())?;
+    }
     reservoir::daemon::run(reservoir::daemon::DaemonConfig {
         cache: CacheConfig {
             dir: std::path::absolute(&args.cache_dir).unwrap_or(args.cache_dir),
@@ -484,6 +502,13 @@ fn node_command(
             allowed_sources,
         },
         controller,
+        registration: args.kubelet_registration_dir.map(|dir| {
+            reservoir::csi::server::KubeletRegistration {
+                dir,
+                kubelet_endpoint: args.kubelet_registration_path,
+            }
+        }),
+        health_address: args.health_address,
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::csi::{Plugin, assert_code, daemon_pid, mount_entry, mounts_under, process_alive};
+use common::csi::{
+    Plugin, assert_code, daemon_pid, mount_entry, mounts_under, process_alive, stop_process,
+    unix_channel,
+};
 use common::data::write_random_file;
 use common::ganesha::Ganesha;
 use common::mount::{as_nobody, signal};
@@ -575,6 +578,18 @@ async fn lifecycle(mode: Mode) {
         Code::NotFound,
         &["other-volume"],
     );
+    // While the volume is published: a relative path, or one that climbs out of the target
+    // with `..`, names no place the volume is mounted (the CSI spec's NOT_FOUND, as
+    // csi-sanity checks with "some/path").
+    let climbing = format!("{}/../target", target.display());
+    for path in ["some/path", "target", climbing.as_str()] {
+        assert_code(
+            node.node_get_volume_stats(stats_request(&id, Path::new(path)))
+                .await,
+            Code::NotFound,
+            &[&id, "not published or staged", path],
+        );
+    }
 
     // Unstage while published is refused; nothing changes.
     assert_code(
@@ -652,8 +667,12 @@ async fn not_found_already_exists_and_nothing_there() {
     node.node_unstage_volume(unstage_request("ghost", &staging))
         .await
         .unwrap();
-    // Stats of a path where nothing is mounted, or that does not exist.
-    for path in [&staging, &plugin.path("missing")] {
+    // Stats of a path where nothing is mounted, that does not exist, or is relative.
+    for path in [
+        staging.as_path(),
+        plugin.path("missing").as_path(),
+        Path::new("some/path"),
+    ] {
         assert_code(
             node.node_get_volume_stats(stats_request("ghost", path))
                 .await,
@@ -1179,4 +1198,94 @@ async fn kubelet_end_to_end_with_nfs() {
         !everything.contains(plugin.dir.path().to_str().unwrap()),
         "no mount left"
     );
+}
+
+/// An HTTP GET on 127.0.0.1:`port`: the status line and the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// `reservoir node --kubelet-registration-dir` answers kubelet's registration calls as kubelet
+/// makes them; `/ready` waits for kubelet's verdict and for the daemon, `/healthz` looks at the
+/// node process only; CSI Probe reports the daemon; the registration socket goes on SIGTERM.
+#[tokio::test]
+async fn kubelet_registration_readiness_and_liveness() {
+    use reservoir::csi::registration::proto::registration_client::RegistrationClient;
+    use reservoir::csi::registration::proto::{InfoRequest, RegistrationStatus};
+    let registry = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut plugin = Plugin::node(&[
+        "--kubelet-registration-dir",
+        registry.path().to_str().unwrap(),
+        "--health-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let socket = registry.path().join("reservoir.csi.dev-reg.sock");
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut kubelet = RegistrationClient::new(unix_channel(&socket).await);
+    let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, "reservoir.csi.dev");
+    assert_eq!(Path::new(&info.endpoint), plugin.socket);
+    assert_eq!(info.supported_versions, ["1.12.0"]);
+
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+    let (status, body) = http_get(port, "/ready");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("kubelet has not registered"), "{body}");
+    kubelet
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: false,
+            error: "version mismatch".into(),
+        })
+        .await
+        .unwrap();
+    let (status, body) = http_get(port, "/ready");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("version mismatch"), "{body}");
+    kubelet
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(http_get(port, "/ready").0, "HTTP/1.1 200 OK");
+
+    // Without a daemon: not ready, Probe says so, and liveness does not care.
+    let mut identity = plugin.identity_client().await;
+    let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let daemon = daemon_pid(&plugin.daemon_socket).expect("the daemon the node started");
+    stop_process(daemon);
+    let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(false));
+    let (status, body) = http_get(port, "/ready");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("daemon does not answer"), "{body}");
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+
+    plugin.stop();
+    assert!(
+        !socket.exists(),
+        "the registration socket is removed on SIGTERM"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }

@@ -1,11 +1,9 @@
 //! The Identity service, served by every reservoir CSI process (controller, node, or both).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use tonic::{Request, Response, Status};
 use tracing::Level;
 
+use super::health::NodeReadiness;
 use super::proto::identity_server::Identity;
 use super::proto::plugin_capability::{Service, service};
 use super::proto::{
@@ -18,7 +16,9 @@ use super::traced;
 pub struct IdentityService {
     name: String,
     controller: bool,
-    ready: Arc<AtomicBool>,
+    /// What Probe checks on a node: the cache daemon answers. `None` (a controller alone):
+    /// always ready, since its state directory is opened before it serves.
+    readiness: Option<NodeReadiness>,
 }
 
 impl IdentityService {
@@ -28,14 +28,14 @@ impl IdentityService {
         IdentityService {
             name: name.into(),
             controller,
-            ready: Arc::new(AtomicBool::new(true)),
+            readiness: None,
         }
     }
 
-    /// The flag Probe reports; a process that needs time to start can clear it and set it
-    /// when it is ready.
-    pub fn readiness(&self) -> Arc<AtomicBool> {
-        self.ready.clone()
+    /// Probe reports the node's cache daemon: not ready while it does not answer.
+    pub fn with_node_readiness(mut self, readiness: NodeReadiness) -> Self {
+        self.readiness = Some(readiness);
+        self
     }
 }
 
@@ -81,9 +81,17 @@ impl Identity for IdentityService {
         _request: Request<ProbeRequest>,
     ) -> Result<Response<ProbeResponse>, Status> {
         traced("Probe", "", Level::DEBUG, async {
-            Ok(ProbeResponse {
-                ready: Some(self.ready.load(Ordering::Relaxed)),
-            })
+            let ready = match &self.readiness {
+                None => true,
+                Some(readiness) => match readiness.daemon_ready().await {
+                    Ok(()) => true,
+                    Err(why) => {
+                        tracing::info!(%why, "Probe: not ready");
+                        false
+                    }
+                },
+            };
+            Ok(ProbeResponse { ready: Some(ready) })
         })
         .await
     }

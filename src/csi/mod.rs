@@ -5,6 +5,7 @@
 //! - [`capability`]: which volume capabilities a volume supports.
 //! - [`identity`], [`controller`], [`node`]: the services ([`mounts`]: the node's mount table).
 //! - [`state`]: the controller's durable volume records.
+//! - [`registration`]: kubelet plugin registration, so no registrar sidecar is needed.
 //! - [`server`]: serving services on a unix socket, and the `reservoir controller`, `node` and
 //!   `csi` commands.
 //!
@@ -12,10 +13,12 @@
 
 pub mod capability;
 pub mod controller;
+pub mod health;
 pub mod identity;
 pub mod mounts;
 pub mod node;
 pub mod params;
+pub mod registration;
 pub mod server;
 pub mod state;
 

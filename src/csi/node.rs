@@ -617,7 +617,15 @@ impl Node {
         request: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, NodeError> {
         let volume_id = required(&request.volume_id, "volume_id")?.to_string();
-        let path = path_field(&request.volume_path, "volume_path")?;
+        let raw_path = required(&request.volume_path, "volume_path")?;
+        // No volume is ever published or staged at a relative path (or one with `..`): the
+        // spec's answer for "the volume does not exist on the volume_path" is NOT_FOUND.
+        let path = path_field(raw_path, "volume_path").map_err(|_| {
+            NodeError::NotFound(format!(
+                "volume {volume_id} is not published or staged at {raw_path:?} (volume_path \
+                 must be the absolute path of a target or staging path)"
+            ))
+        })?;
         let lookup = path.clone();
         let table = blocking(mount_table).await?;
         let Some(entry) = mount_at(&table, &lookup).filter(|m| m.is_reservoir()) else {

@@ -6,21 +6,27 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use tonic::service::{Routes, RoutesBuilder};
 use tracing::{info, warn};
 
 use super::controller::{ControllerOptions, ControllerService};
+use super::health::{self, NodeReadiness};
 use super::identity::IdentityService;
 use super::node::{Node, NodeOptions, NodeService};
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
 use super::proto::node_server::NodeServer;
+use super::registration::{
+    self, RegistrationService, proto::registration_server::RegistrationServer,
+};
 use super::state::StateStore;
 
 /// The endpoint kubelet and the sidecars use by default.
@@ -247,17 +253,46 @@ pub struct NodeConfig {
     pub node: NodeOptions,
     /// `reservoir csi`: also serve the Controller service, with its state directory.
     pub controller: Option<(PathBuf, ControllerOptions)>,
+    /// Register with kubelet ourselves (no registrar sidecar).
+    pub registration: Option<KubeletRegistration>,
+    /// Serve `/healthz` and `/ready` over HTTP here.
+    pub health_address: Option<SocketAddr>,
 }
+
+/// Where to announce the driver to kubelet, and the CSI socket's path as kubelet sees it.
+#[derive(Clone, Debug)]
+pub struct KubeletRegistration {
+    /// Kubelet's plugin registration directory (`/var/lib/kubelet/plugins_registry`).
+    pub dir: PathBuf,
+    /// The CSI endpoint's path on the node; `None`: the endpoint's own path (the node
+    /// container sees kubelet's directory at the same path).
+    pub kubelet_endpoint: Option<PathBuf>,
+}
+
+/// What an operator of a kubelet older than 1.26 needs to know (logged at every start).
+pub const KUBELET_AUTHORITY_NOTE: &str = "kubelet 1.26 or newer is required (or one with the \
+    fix of Kubernetes PR #112597): older kubelets send the socket path as the HTTP/2 \
+    :authority, which this gRPC server refuses, resetting every call (registration and \
+    NodeGetInfo then fail with PROTOCOL_ERROR in kubelet's log)";
 
 /// Runs Identity and Node (and, for `reservoir csi`, Controller) on the endpoint until
 /// SIGTERM/SIGINT, then removes the socket. Starts a detached cache daemon first when none
 /// answers and starting one is allowed; stopping leaves the daemon and every mount alone.
+/// With [`NodeConfig::registration`] it also serves kubelet's Registration service, on a
+/// socket created once the CSI socket is served and removed before it when stopping.
 pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
     super::validate_driver_name(&config.driver_name).map_err(anyhow::Error::msg)?;
     if config.node.node_id.is_empty() {
         bail!("--node-id is required (in Kubernetes: the node's name, spec.nodeName)");
     }
     let socket = parse_endpoint(&config.endpoint).map_err(anyhow::Error::msg)?;
+    let registration_socket = config
+        .registration
+        .as_ref()
+        .map(|r| registration::socket_path(&r.dir, &config.driver_name));
+    if let Some(path) = &registration_socket {
+        check_socket_path(path, "--kubelet-registration-dir")?;
+    }
     let store = match &config.controller {
         Some((state_dir, _)) => Some(
             StateStore::open(state_dir)
@@ -271,6 +306,10 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     runtime.block_on(async move {
+        let health_listener = match config.health_address {
+            Some(address) => Some(health::bind(address).await?),
+            None => None,
+        };
         let node = Node::new(config.node.clone());
         if config.node.spawn.is_some() {
             // Start the daemon before serving, rather than at the first stage (so that a
@@ -280,7 +319,20 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             }
         }
         let (listener, socket_file) = bind(&socket)?;
-        let identity = IdentityService::new(config.driver_name.clone(), store.is_some());
+        let kubelet_registration = config.registration.as_ref().map(|r| {
+            RegistrationService::new(
+                &config.driver_name,
+                r.kubelet_endpoint.as_deref().unwrap_or(socket_file.path()),
+            )
+        });
+        let readiness = NodeReadiness::new(
+            config.node.daemon_socket.clone(),
+            kubelet_registration
+                .as_ref()
+                .map(RegistrationService::state),
+        );
+        let identity = IdentityService::new(config.driver_name.clone(), store.is_some())
+            .with_node_readiness(readiness.clone());
         let mut routes = RoutesBuilder::default();
         routes
             .add_service(IdentityServer::new(identity))
@@ -301,11 +353,70 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             version = env!("CARGO_PKG_VERSION"),
             "node serving"
         );
-        let result = serve(listener, routes.routes(), termination(), SHUTDOWN_GRACE).await;
+        info!("{KUBELET_AUTHORITY_NOTE}");
+
+        let (stop, stopping) = watch::channel(false);
+        let stopped = |mut stopping: watch::Receiver<bool>| async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        tokio::spawn(async move {
+            termination().await;
+            stop.send_replace(true);
+        });
+        let csi = serve(
+            listener,
+            routes.routes(),
+            stopped(stopping.clone()),
+            SHUTDOWN_GRACE,
+        );
+        let registration = async {
+            let (Some(service), Some(path)) = (kubelet_registration, &registration_socket) else {
+                return Ok(());
+            };
+            let (listener, file) = bind(path)?;
+            info!(
+                socket = %file.path().display(),
+                "serving kubelet plugin registration"
+            );
+            let mut routes = RoutesBuilder::default();
+            routes.add_service(RegistrationServer::new(service));
+            let result = serve(
+                listener,
+                routes.routes(),
+                stopped(stopping.clone()),
+                SHUTDOWN_GRACE,
+            )
+            .await;
+            // Kubelet unregisters the driver when this socket goes: before the CSI socket.
+            drop(file);
+            result
+        };
+        let health = async {
+            if let Some(listener) = health_listener {
+                let handler = health::handler(socket_file.path().to_path_buf(), readiness);
+                crate::metrics::http::serve(listener, handler, stopped(stopping.clone())).await;
+            }
+        };
+        let (csi, registration, ()) = tokio::join!(csi, registration, health);
         drop(socket_file);
         info!("node stopped (the cache daemon and the mounts are left running)");
-        result
+        csi.and(registration)
     })
+}
+
+/// Refuses a socket path the kernel cannot bind, naming the flag it comes from.
+fn check_socket_path(path: &Path, flag: &str) -> anyhow::Result<()> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        bail!(
+            "{flag}: the socket {} is longer than the {MAX_SOCKET_PATH} bytes a unix socket \
+             path may have",
+            path.display()
+        );
+    }
+    if !path.is_absolute() {
+        bail!("{flag}: {} is not an absolute path", path.display());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -480,11 +480,13 @@ impl Default for SourceOptions {
 }
 
 /// Opens the source a spec names, checking that it is reachable and that its root exists.
+/// Every request to it is timed for the metrics endpoint ([`crate::metrics::source::Timed`]).
 pub async fn open(spec: &SourceSpec, options: &SourceOptions) -> Result<Arc<dyn Source>> {
-    match spec {
-        SourceSpec::Nfs(url) => Ok(Arc::new(nfs::NfsSource::connect(url, options).await?)),
-        SourceSpec::Local(path) => Ok(Arc::new(local::LocalSource::open(path, options).await?)),
-    }
+    let source: Arc<dyn Source> = match spec {
+        SourceSpec::Nfs(url) => Arc::new(nfs::NfsSource::connect(url, options).await?),
+        SourceSpec::Local(path) => Arc::new(local::LocalSource::open(path, options).await?),
+    };
+    Ok(crate::metrics::source::Timed::wrap(source))
 }
 
 #[cfg(test)]

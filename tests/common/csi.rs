@@ -192,15 +192,7 @@ impl Plugin {
     }
 
     pub async fn channel(&self) -> Channel {
-        let path = self.socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .expect("connect to the plugin socket")
+        unix_channel(&self.socket).await
     }
 
     pub async fn node_client(&self) -> NodeClient<Channel> {
@@ -231,6 +223,19 @@ impl Drop for Plugin {
             eprintln!("{}", self.log_text());
         }
     }
+}
+
+/// A gRPC channel over the unix socket at `path` (with a valid `:authority`, as kubelet 1.26+).
+pub async fn unix_channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect to the plugin socket")
 }
 
 /// SIGTERM, a wait of up to 20 s, then SIGKILL.

@@ -495,8 +495,10 @@ fn run_output(program: &str, args: &[&str]) -> String {
 }
 
 fn namespace_pids(netns: &str) -> Vec<libc::pid_t> {
-    match Command::new("ip")
-        .args(["netns", "pids", netns])
+    // `ip netns pids` reads every process's namespace link, which blocks on any process of the
+    // machine stuck in the kernel (a hung FUSE request of another test): bounded.
+    match Command::new("timeout")
+        .args(["-s", "KILL", "10", "ip", "netns", "pids", netns])
         .stderr(Stdio::null())
         .output()
     {

@@ -1,0 +1,940 @@
+//! reservoir in a real Kubernetes: a single-node cluster (v1.20.2 with the kubelet
+//! `:authority` backport, see tests/common/k8s.rs), the image `make image` builds, and the
+//! shipped manifests (deploy/kubernetes) applied through the overlay in e2e/overlay, which lists
+//! its edits at its top. Datasets are served by a real nfs-ganesha in its own network namespace;
+//! the node plugin runs on the node's network, so its daemon reaches the server like any node
+//! would. Dynamic provisioning goes through a STAND-IN for the external-provisioner sidecar
+//! (tests/common/standin_provisioner.rs), whose image cannot be had here.
+//!
+//! Each scenario asserts what a user sees: a pod's output, its events, the mounts on the node,
+//! `reservoir status` and the metrics endpoint. Not here yet: the daemon container killed while
+//! a pod reads (it lands with crash recovery; today it breaks the pod's mount).
+//!
+//! Run with `make e2e` (root; it builds Kubernetes once per machine and the image, then runs
+//! this test with RESERVOIR_K8S_BIN and RESERVOIR_IMAGE_ARCHIVE set).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::data::{sha256_file, write_random_file, write_small_tree};
+use common::ganesha::Ganesha;
+use common::k8s::{API_SERVICE_IP, BUSYBOX_IMAGE, Cluster, NODE_IP, wait_for};
+use common::standin_provisioner::StandInProvisioner;
+
+const DRIVER: &str = "reservoir.csi.dev";
+const NS: &str = "e2e";
+const POD_WAIT: Duration = Duration::from_secs(120);
+
+/// The datasets: `data` (the main one, also the inline volumes' allowed prefix), `shared`
+/// (read only by the shared-volume scenario, so its first epoch surely comes from the source)
+/// and `other` (outside --allowed-sources).
+struct Datasets {
+    dir: tempfile::TempDir,
+}
+
+impl Datasets {
+    fn create() -> Datasets {
+        let dir = tempfile::Builder::new()
+            .prefix("rsv-e2e-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().join("export");
+        for (name, seed) in [("data", 1), ("shared", 2), ("other", 3)] {
+            let d = root.join(name);
+            fs::create_dir_all(d.join("nested/deeper")).unwrap();
+            write_random_file(&d.join("big.bin"), 6 << 20, seed);
+            write_random_file(&d.join("nested/a.bin"), 300 << 10, seed + 10);
+            write_random_file(&d.join("nested/deeper/b.bin"), 1 << 20, seed + 20);
+            write_small_tree(&d.join("small"), 40, 1, 8192, seed + 30);
+        }
+        // Pods run as other users: everything readable, directories searchable.
+        run_sh(&format!("chmod -R a+rX {}", dir.path().display()));
+        Datasets { dir }
+    }
+
+    fn export(&self) -> PathBuf {
+        self.dir.path().join("export")
+    }
+
+    /// `sha256  ./relative/path` for every file, as busybox `sha256sum` prints them.
+    fn checksums(&self, name: &str) -> BTreeMap<String, String> {
+        let root = self.export().join(name);
+        let mut out = BTreeMap::new();
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else {
+                    let rel = format!("./{}", path.strip_prefix(&root).unwrap().display());
+                    out.insert(rel, sha256_file(&path));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn run_sh(script: &str) -> String {
+    common::k8s::run("sh", &["-c", script])
+}
+
+/// The `sha256  path` lines of a pod's output.
+fn parse_checksums(log: &str) -> BTreeMap<String, String> {
+    log.lines()
+        .filter_map(|l| {
+            let (hash, path) = l.split_once("  ")?;
+            (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| (path.to_string(), hash.to_string()))
+        })
+        .collect()
+}
+
+/// A busybox pod that runs `script` once, with `volume` (the body of a `volumes:` entry) at
+/// /data, read-only unless `writable_mount`.
+fn pod(name: &str, volume: &str, script: &str, security: &str, writable_mount: bool) -> String {
+    // A YAML single-quoted string: quotes are doubled.
+    let script = script.replace('\'', "''");
+    let read_only = !writable_mount;
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {NS}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  securityContext: {security}
+  containers:
+    - name: main
+      image: {BUSYBOX_IMAGE}
+      command: ["sh", "-c", '{script}']
+      volumeMounts:
+        - name: data
+          mountPath: /data
+          readOnly: {read_only}
+  volumes:
+    - name: data
+{volume}
+"#
+    )
+}
+
+fn claim_volume(claim: &str) -> String {
+    format!("      persistentVolumeClaim:\n        claimName: {claim}\n        readOnly: true")
+}
+
+/// A claim the pod asks to write to (the volume itself must refuse).
+fn writable_claim_volume(claim: &str) -> String {
+    format!("      persistentVolumeClaim:\n        claimName: {claim}\n        readOnly: false")
+}
+
+fn inline_volume(source: &str) -> String {
+    format!(
+        "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        volumeAttributes:\n          \
+         source: \"{source}\"\n          metadataTTL: forever"
+    )
+}
+
+const READ_ALL: &str = "cd /data && find . -type f | sort | xargs sha256sum && echo READ-DONE";
+
+/// Dropped in field order: the stand-in first, then the cluster (its pods release their
+/// volumes while the NFS server still answers), then the server and the datasets.
+struct E2e {
+    provisioner: Option<StandInProvisioner>,
+    cluster: Cluster,
+    ganesha: Ganesha,
+    datasets: Datasets,
+}
+
+impl E2e {
+    fn nfs(&self, name: &str) -> String {
+        self.ganesha.url(self.ganesha.exports()[0].join(name))
+    }
+
+    fn run_reader(&self, name: &str, volume: &str, security: &str) -> String {
+        self.cluster
+            .apply(&pod(name, volume, READ_ALL, security, false));
+        let phase = self.cluster.wait_pod_done(NS, name, POD_WAIT);
+        let log = self.cluster.container_log(NS, name, "main");
+        assert_eq!(phase, "Succeeded", "pod {name}:\n{log}");
+        log
+    }
+
+    fn assert_reads(&self, pod_name: &str, volume: &str, dataset: &str, security: &str) {
+        let log = self.run_reader(pod_name, volume, security);
+        let seen = parse_checksums(&log);
+        let expected = self.datasets.checksums(dataset);
+        assert_eq!(
+            seen.len(),
+            expected.len(),
+            "pod {pod_name} saw {} files, the dataset has {}:\n{log}",
+            seen.len(),
+            expected.len()
+        );
+        assert_eq!(seen, expected, "pod {pod_name} read other bytes");
+    }
+
+    fn daemon_socket(&self) -> PathBuf {
+        self.cluster.work.join("run/daemon.sock")
+    }
+
+    /// `reservoir status --json` of the node's daemon, through the shared host path.
+    fn status(&self) -> serde_json::Value {
+        let output = std::process::Command::new(common::mount::bin())
+            .args(["status", "--json", "--socket"])
+            .arg(self.daemon_socket())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "reservoir status: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn volume_status(&self, volume_id: &str) -> serde_json::Value {
+        self.status()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume_id"] == volume_id)
+            .cloned()
+            .unwrap_or_else(|| panic!("the daemon serves no volume {volume_id}"))
+    }
+
+    fn node_pod(&self) -> String {
+        self.cluster
+            .kubectl_json(&["-n", "reservoir", "get", "pods", "-l", "app=reservoir-node"])
+            .and_then(|l| {
+                l["items"][0]["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .expect("the node plugin's pod")
+    }
+
+    fn pod_uid(&self, pod: &str) -> String {
+        self.cluster
+            .kubectl_json(&["-n", NS, "get", "pod", pod])
+            .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+            .unwrap()
+    }
+}
+
+/// `(mount point, major:minor, fs type)` of every mount.
+fn mounts() -> Vec<(String, String, String)> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some((
+                fields[4].to_string(),
+                fields[2].to_string(),
+                fields.get(dash + 1)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn scrape_metrics() -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((NODE_IP, 9810)).expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn metric(text: &str, name: &str, volume: &str) -> f64 {
+    let prefix = format!("{name}{{volume=\"{volume}\",");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} for volume {volume} in the metrics"))
+}
+
+fn step(name: &str, body: impl FnOnce()) {
+    let started = Instant::now();
+    eprintln!("e2e: {name} ...");
+    body();
+    eprintln!("e2e: {name}: ok ({:.1} s)", started.elapsed().as_secs_f64());
+}
+
+#[test]
+#[ignore = "needs root, the Kubernetes build and the image: run `make e2e`"]
+fn kubernetes_end_to_end() {
+    let started = Instant::now();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = PathBuf::from(
+        std::env::var_os("RESERVOIR_K8S_BIN")
+            .expect("RESERVOIR_K8S_BIN: the Kubernetes binaries (e2e/k8s/build.sh prints it)"),
+    );
+    let archive = PathBuf::from(
+        std::env::var_os("RESERVOIR_IMAGE_ARCHIVE")
+            .expect("RESERVOIR_IMAGE_ARCHIVE: the image archive (scripts/image.sh archive)"),
+    );
+    assert!(archive.is_file(), "{} is missing", archive.display());
+
+    let datasets = Datasets::create();
+    let ganesha = Ganesha::start_read_only(&datasets.export());
+    let cluster = Cluster::start(&bin, &repo);
+    eprintln!(
+        "e2e: cluster ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut e2e = E2e {
+        provisioner: None,
+        cluster,
+        ganesha,
+        datasets,
+    };
+
+    step("install the driver with the shipped manifests", || {
+        install(&e2e, &archive)
+    });
+    e2e.provisioner = Some(StandInProvisioner::start(e2e.cluster.api(), DRIVER));
+    e2e.cluster.kubectl_ok(&["create", "namespace", NS]);
+
+    step(
+        "a pod reaches the API server through the kubernetes Service",
+        || api_through_service(&e2e),
+    );
+    step(
+        "StorageClass -> claim -> pod reads the dataset (NFS)",
+        || dynamic(&e2e),
+    );
+    step("static PersistentVolume -> claim -> pod reads", || {
+        static_volume(&e2e)
+    });
+    step(
+        "an inline volume reads; one outside --allowed-sources is refused",
+        || inline(&e2e),
+    );
+    step(
+        "two pods share one FUSE session and one cache; metrics agree with status",
+        || shared(&e2e),
+    );
+    step(
+        "a non-root pod reads; a read-only volume refuses writes",
+        || non_root_and_read_only(&e2e),
+    );
+    step("the node container restarts while a pod reads", || {
+        node_restart(&e2e)
+    });
+    step(
+        "pods deleted: volumes unpublished and unstaged, nothing left mounted",
+        || pods_deleted(&e2e),
+    );
+    e2e.cluster.check_processes();
+    eprintln!(
+        "e2e: all scenarios passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Imports the image, applies deploy/kubernetes through e2e/overlay, and waits until kubelet
+/// has registered the driver and both pods are ready.
+fn install(e2e: &E2e, archive: &Path) {
+    let cluster = &e2e.cluster;
+    cluster.import_image(archive);
+    let overlay = cluster.work.join("overlay");
+    fs::create_dir_all(&overlay).unwrap();
+    // kustomize (in kubectl 1.20) takes a base by relative path only.
+    let depth = overlay.components().count() - 1;
+    let base = format!(
+        "{}{}",
+        "../".repeat(depth),
+        cluster
+            .repo
+            .join("deploy/kubernetes")
+            .to_str()
+            .unwrap()
+            .trim_start_matches('/')
+    );
+    let allowed = e2e.nfs("data");
+    for name in ["kustomization.yaml", "node.yaml", "controller.yaml"] {
+        let text = fs::read_to_string(cluster.repo.join("e2e/overlay").join(name))
+            .unwrap()
+            .replace("@WORK@", cluster.work.to_str().unwrap())
+            .replace("@ALLOWED_SOURCES@", &allowed)
+            .replace("@BASE@", &base);
+        fs::write(overlay.join(name), text).unwrap();
+    }
+    cluster.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
+    let node = wait_for("the node plugin's pod exists", POD_WAIT, || {
+        cluster
+            .kubectl_json(&["-n", "reservoir", "get", "pods", "-l", "app=reservoir-node"])
+            .and_then(|l| {
+                l["items"][0]["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+    });
+    // Ready means: the daemon answers and kubelet registered the driver (readiness probe).
+    cluster.wait_pod_ready("reservoir", &node, POD_WAIT);
+    let csinode = cluster
+        .kubectl_json(&["get", "csinode", common::k8s::NODE_NAME])
+        .unwrap();
+    assert!(
+        csinode["spec"]["drivers"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["name"] == DRIVER)),
+        "kubelet did not register {DRIVER}: {csinode}"
+    );
+    let controller = wait_for("the controller's pod exists", POD_WAIT, || {
+        cluster
+            .kubectl_json(&[
+                "-n",
+                "reservoir",
+                "get",
+                "pods",
+                "-l",
+                "app=reservoir-controller",
+            ])
+            .and_then(|l| {
+                l["items"][0]["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+    });
+    cluster.wait_pod_ready("reservoir", &controller, POD_WAIT);
+    let log = cluster.container_log("reservoir", &node, "node");
+    assert!(log.contains("registered with kubelet"), "{log}");
+}
+
+fn api_through_service(e2e: &E2e) {
+    let script = "echo host=$KUBERNETES_SERVICE_HOST; wget -q -O - --no-check-certificate \
+                  https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/version";
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: api-check
+  namespace: {NS}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: main
+      image: {BUSYBOX_IMAGE}
+      command: ["sh", "-c", "{script}"]
+"#
+    );
+    e2e.cluster.apply(&yaml);
+    let phase = e2e.cluster.wait_pod_done(NS, "api-check", POD_WAIT);
+    let log = e2e.cluster.container_log(NS, "api-check", "main");
+    assert_eq!(phase, "Succeeded", "{log}");
+    assert!(log.contains(&format!("host={API_SERVICE_IP}")), "{log}");
+    assert!(log.contains("\"gitVersion\": \"v1.20.2\""), "{log}");
+}
+
+fn dynamic(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    cluster.apply(&format!(
+        r#"apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: e2e-nfs
+provisioner: {DRIVER}
+parameters:
+  source: "{}"
+  subPath: data
+  cacheSize: 256Mi
+  metadataTTL: forever
+  preload: nested
+  readOnly: "true"
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: dynamic
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: e2e-nfs
+  resources:
+    requests:
+      storage: 256Mi
+"#,
+        e2e.ganesha.url(e2e.ganesha.exports()[0].clone())
+    ));
+    let pv = wait_for("the claim is bound", Duration::from_secs(60), || {
+        let claim = cluster.kubectl_json(&["-n", NS, "get", "pvc", "dynamic"])?;
+        (claim["status"]["phase"] == "Bound")
+            .then(|| claim["spec"]["volumeName"].as_str().map(str::to_string))
+            .flatten()
+    });
+    let volume = cluster.kubectl_json(&["get", "pv", &pv]).unwrap();
+    assert_eq!(volume["spec"]["csi"]["driver"], DRIVER);
+    // The controller's canonical volume context: the sub-path joined, defaults written out.
+    assert_eq!(volume["spec"]["csi"]["volumeAttributes"]["subPath"], "data");
+    // The reader stays, so that the volume stays staged for the preload's check below.
+    let read_and_stay = format!("{READ_ALL}; sleep 3600");
+    cluster.apply(&pod(
+        "dynamic-reader",
+        &claim_volume("dynamic"),
+        &read_and_stay,
+        "{}",
+        false,
+    ));
+    let log = wait_for("dynamic-reader has read the dataset", POD_WAIT, || {
+        let log = cluster.container_log(NS, "dynamic-reader", "main");
+        log.contains("READ-DONE").then_some(log)
+    });
+    assert_eq!(
+        parse_checksums(&log),
+        e2e.datasets.checksums("data"),
+        "dynamic-reader read other bytes:\n{log}"
+    );
+
+    // The class's preload ran when the volume was staged; its progress is in the metrics.
+    let id = volume["spec"]["csi"]["volumeHandle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let preload = wait_for("the preload is done", Duration::from_secs(60), || {
+        let status = e2e.volume_status(&id);
+        (status["preload"]["done"] == true).then(|| status["preload"].clone())
+    });
+    let nested = e2e
+        .datasets
+        .checksums("data")
+        .keys()
+        .filter(|p| p.starts_with("./nested/"))
+        .count();
+    assert_eq!(preload["files_total"], nested as u64, "{preload}");
+    assert_eq!(preload["files_failed"], 0, "{preload}");
+    let text = scrape_metrics();
+    assert_eq!(metric(&text, "reservoir_volume_preload_done", &id), 1.0);
+    let total = format!(
+        "reservoir_volume_preload_files{{volume=\"{id}\",source=\"{}\",state=\"total\"}} {nested}",
+        e2e.volume_status(&id)["source"].as_str().unwrap()
+    );
+    assert!(
+        text.lines().any(|l| l == total),
+        "no {total} in the metrics"
+    );
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", "dynamic-reader", "--wait=false"]);
+}
+
+fn static_volume(e2e: &E2e) {
+    e2e.cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: static-data
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: static-data
+    volumeAttributes:
+      source: "{}"
+      readOnly: "true"
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: static
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: static-data
+  resources:
+    requests:
+      storage: 1Gi
+"#,
+        e2e.nfs("data")
+    ));
+    e2e.assert_reads("static-reader", &claim_volume("static"), "data", "{}");
+}
+
+fn inline(e2e: &E2e) {
+    e2e.assert_reads(
+        "inline-reader",
+        &inline_volume(&e2e.nfs("data")),
+        "data",
+        "{}",
+    );
+
+    let cluster = &e2e.cluster;
+    cluster.apply(&pod(
+        "inline-refused",
+        &inline_volume(&e2e.nfs("other")),
+        READ_ALL,
+        "{}",
+        false,
+    ));
+    let event = wait_for("the refused pod gets an event", POD_WAIT, || {
+        cluster
+            .events(NS, "inline-refused")
+            .into_iter()
+            .find(|e| e.starts_with("FailedMount") && e.contains("--allowed-sources"))
+    });
+    assert!(event.contains("PermissionDenied"), "{event}");
+    assert_eq!(
+        cluster.pod_phase(NS, "inline-refused").as_deref(),
+        Some("Pending")
+    );
+    let uid = e2e.pod_uid("inline-refused");
+    let left: Vec<_> = mounts()
+        .into_iter()
+        .filter(|(point, _, _)| point.contains(&uid))
+        .collect();
+    assert!(
+        left.iter().all(|(_, _, fs)| fs != "fuse.reservoir"),
+        "{left:?}"
+    );
+    eprintln!("e2e:   the refused pod's event: {event}");
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", "inline-refused", "--wait=false"]);
+}
+
+fn shared(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: shared-data
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: shared-data
+    volumeAttributes:
+      source: "{}"
+      readOnly: "true"
+      metadataTTL: forever
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: shared
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: shared-data
+  resources:
+    requests:
+      storage: 1Gi
+"#,
+        e2e.nfs("shared")
+    ));
+    let expected = e2e.datasets.checksums("shared");
+    // The first pod reads everything (from the source) and stays.
+    let first = format!("{READ_ALL}; sleep 3600");
+    cluster.apply(&pod(
+        "shared-a",
+        &claim_volume("shared"),
+        &first,
+        "{}",
+        false,
+    ));
+    wait_for("shared-a has read the dataset", POD_WAIT, || {
+        let log = cluster.container_log(NS, "shared-a", "main");
+        log.contains("READ-DONE").then_some(log)
+    });
+    assert_eq!(
+        parse_checksums(&cluster.container_log(NS, "shared-a", "main")),
+        expected
+    );
+    let before = e2e.volume_status("shared-data");
+    let fetched = before["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        fetched > 0,
+        "the first epoch came from the source: {before}"
+    );
+
+    // The second pod, while the first still has the volume: the same session, the cache.
+    let log = e2e.run_reader("shared-b", &claim_volume("shared"), "{}");
+    assert_eq!(parse_checksums(&log), expected, "shared-b read other bytes");
+    let status = e2e.status();
+    let sessions: Vec<_> = status["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["volume_id"] == "shared-data")
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        1,
+        "one FUSE session for the volume: {status}"
+    );
+    let staging = sessions[0]["target_path"].as_str().unwrap().to_string();
+    let all = mounts();
+    let staged: Vec<_> = all.iter().filter(|(p, _, _)| *p == staging).collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    assert_eq!(staged[0].2, "fuse.reservoir");
+    let uid_a = e2e.pod_uid("shared-a");
+    let target_a: Vec<_> = all
+        .iter()
+        .filter(|(p, _, _)| p.contains(&uid_a) && p.ends_with("/shared-data/mount"))
+        .collect();
+    assert_eq!(target_a.len(), 1, "{all:?}");
+    assert_eq!(
+        target_a[0].1, staged[0].1,
+        "the pod's mount is the staged session"
+    );
+
+    let after = e2e.volume_status("shared-data");
+    assert_eq!(
+        after["bytes_fetched"].as_u64().unwrap(),
+        fetched,
+        "the second epoch fetched nothing from the source: {after}"
+    );
+    let served = |v: &serde_json::Value| {
+        v["bytes_from_cache"].as_u64().unwrap() + v["passthrough_bytes"].as_u64().unwrap()
+    };
+    assert!(
+        served(&after) > served(&before),
+        "the second epoch was served from the cache: {before} -> {after}"
+    );
+    eprintln!(
+        "e2e:   second epoch: {} B fetched (as before), cache {} B, passthrough {} B, hit ratio {}",
+        after["bytes_fetched"],
+        after["bytes_from_cache"],
+        after["passthrough_bytes"],
+        after["hit_ratio"]
+    );
+
+    // The metrics endpoint the manifests expose tells the same story as `reservoir status`.
+    let text = scrape_metrics();
+    let status = e2e.volume_status("shared-data");
+    for (name, field) in [
+        ("reservoir_volume_fetched_bytes_total", "bytes_fetched"),
+        (
+            "reservoir_volume_cache_read_bytes_total",
+            "bytes_from_cache",
+        ),
+        (
+            "reservoir_volume_passthrough_bytes_total",
+            "passthrough_bytes",
+        ),
+        (
+            "reservoir_volume_passthrough_opens_total",
+            "passthrough_opens",
+        ),
+        (
+            "reservoir_volume_source_read_bytes_total",
+            "bytes_from_source",
+        ),
+        ("reservoir_volume_source_errors_total", "source_errors"),
+        ("reservoir_volume_opens_total", "opens"),
+    ] {
+        assert_eq!(
+            metric(&text, name, "shared-data"),
+            status[field].as_u64().unwrap() as f64,
+            "{name} against status {field}"
+        );
+    }
+    assert_eq!(
+        metric(&text, "reservoir_volume_hit_ratio", "shared-data"),
+        status["hit_ratio"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metric(&text, "reservoir_volume_cache_used_bytes", "shared-data"),
+        status["cache"]["owner"]["used"].as_u64().unwrap() as f64
+    );
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("reservoir_source_request_duration_seconds_count{source=\"nfs://")
+            && l.contains("op=\"read\"")),
+        "source read latencies are exported"
+    );
+    cluster.kubectl_ok(&[
+        "-n",
+        NS,
+        "delete",
+        "pod",
+        "shared-a",
+        "shared-b",
+        "--wait=false",
+    ]);
+}
+
+fn non_root_and_read_only(e2e: &E2e) {
+    let security = "{runAsUser: 1000, runAsGroup: 1000}";
+    e2e.assert_reads("non-root-reader", &claim_volume("static"), "data", security);
+    let log = e2e.cluster.container_log(NS, "non-root-reader", "main");
+    assert!(!log.contains("Permission denied"), "{log}");
+
+    let script = "id -u; touch /data/new-file; echo touch=$?; \
+                  echo x > /data/big.bin; echo overwrite=$?";
+    // The pod asks for a writable mount of a claim it does not mark read-only: the volume
+    // (readOnly: "true", ReadOnlyMany) is what refuses.
+    e2e.cluster.apply(&pod(
+        "writer",
+        &writable_claim_volume("static"),
+        script,
+        "{}",
+        true,
+    ));
+    e2e.cluster.wait_pod_done(NS, "writer", POD_WAIT);
+    let log = e2e.cluster.container_log(NS, "writer", "main");
+    assert!(
+        log.contains("touch=1") && log.contains("overwrite=1"),
+        "{log}"
+    );
+    assert!(log.contains("Read-only file system"), "{log}");
+    assert!(
+        !e2e.datasets.export().join("data/new-file").exists(),
+        "nothing reached the dataset"
+    );
+}
+
+fn node_restart(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    // Reads the whole volume over and over for about 40 s, comparing every pass with the first.
+    let script = "cd /data; find . -type f | sort | xargs sha256sum > /tmp/first || exit 1; \
+                  end=$(( $(date +%s) + 40 )); n=0; \
+                  while [ $(date +%s) -lt $end ]; do \
+                    n=$((n+1)); find . -type f | sort | xargs sha256sum > /tmp/now 2>&1; \
+                    if [ \"$(cat /tmp/first)\" = \"$(cat /tmp/now)\" ]; then echo pass-$n-ok; \
+                    else echo pass-$n-FAILED; cat /tmp/now; fi; \
+                  done; echo READS-END";
+    cluster.apply(&pod("steady", &claim_volume("static"), script, "{}", false));
+    wait_for("the steady reader is reading", POD_WAIT, || {
+        cluster
+            .container_log(NS, "steady", "main")
+            .contains("pass-1-ok")
+            .then_some(())
+    });
+    let node = e2e.node_pod();
+    let restarts = |container: &str| {
+        cluster
+            .kubectl_json(&["-n", "reservoir", "get", "pod", &node])
+            .and_then(|p| {
+                p["status"]["containerStatuses"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["name"] == container)?["restartCount"]
+                    .as_u64()
+            })
+            .unwrap()
+    };
+    let (node_before, daemon_before) = (restarts("node"), restarts("daemon"));
+    let id = cluster
+        .container_id("reservoir", &node, "node")
+        .expect("the node container's id");
+    common::k8s::run(
+        "ctr",
+        &[
+            "--address",
+            &cluster.containerd_socket(),
+            "-n",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &id,
+        ],
+    );
+    wait_for("kubelet restarts the node container", POD_WAIT, || {
+        (restarts("node") > node_before).then_some(())
+    });
+    cluster.wait_pod_ready("reservoir", &node, POD_WAIT);
+    let phase = cluster.wait_pod_done(NS, "steady", POD_WAIT);
+    let log = cluster.container_log(NS, "steady", "main");
+    assert_eq!(phase, "Succeeded", "{log}");
+    assert!(log.contains("READS-END"), "{log}");
+    assert!(
+        !log.contains("FAILED"),
+        "a pass failed while the node restarted:\n{log}"
+    );
+    let passes = log.lines().filter(|l| l.ends_with("-ok")).count();
+    assert!(passes >= 3, "{log}");
+    assert_eq!(
+        restarts("daemon"),
+        daemon_before,
+        "the daemon was left alone"
+    );
+    eprintln!("e2e:   {passes} passes, all identical, across the node container's restart");
+}
+
+fn pods_deleted(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    let node = e2e.node_pod();
+    cluster.kubectl_ok(&["-n", NS, "delete", "pods", "--all", "--wait=false"]);
+    wait_for("every test pod is gone", Duration::from_secs(120), || {
+        cluster
+            .kubectl_json(&["-n", NS, "get", "pods"])
+            .and_then(|l| l["items"].as_array().map(|a| a.is_empty()))
+            .unwrap_or(false)
+            .then_some(())
+    });
+    wait_for(
+        "no fuse.reservoir mount is left",
+        Duration::from_secs(60),
+        || {
+            mounts()
+                .iter()
+                .all(|(_, _, fs)| fs != "fuse.reservoir")
+                .then_some(())
+        },
+    );
+    let status = e2e.status();
+    assert_eq!(status["volumes"].as_array().unwrap().len(), 0, "{status}");
+    let log = cluster.container_log("reservoir", &node, "node");
+    for call in ["NodeUnpublishVolume", "NodeUnstageVolume"] {
+        assert!(log.contains(call), "kubelet never called {call}:\n{log}");
+    }
+    // The containers' footprints after every scenario (for the manifests' memory limits).
+    for container in ["daemon", "node"] {
+        let Some(pid) = cluster
+            .container_id("reservoir", &node, container)
+            .and_then(|id| cluster.container_pid(&id))
+        else {
+            continue;
+        };
+        let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        for line in proc_status.lines() {
+            if line.starts_with("VmHWM") || line.starts_with("VmRSS") {
+                eprintln!(
+                    "e2e:   {container} container: {}",
+                    line.split_whitespace().collect::<Vec<_>>().join(" ")
+                );
+            }
+        }
+    }
+    // Released dynamic volumes: the stand-in deletes them as the external-provisioner would.
+    cluster.kubectl_ok(&["-n", NS, "delete", "pvc", "--all", "--wait=false"]);
+    let provisioner = e2e.provisioner.as_ref().unwrap();
+    wait_for(
+        "the dynamic volume is deleted",
+        Duration::from_secs(60),
+        || {
+            provisioner
+                .journal()
+                .iter()
+                .any(|l| l.starts_with("deleted volume"))
+                .then_some(())
+        },
+    );
+}
