@@ -7,8 +7,8 @@
 //! (tests/common/standin_provisioner.rs), whose image cannot be had here.
 //!
 //! Each scenario asserts what a user sees: a pod's output, its events, the mounts on the node,
-//! `reservoir status` and the metrics endpoint. Not here yet: the daemon container killed while
-//! a pod reads (it lands with crash recovery; today it breaks the pod's mount).
+//! `reservoir status` and the metrics endpoint. The node plugin's containers are killed, its
+//! DaemonSet rolled and the keeper replaced while pods read: no read may fail.
 //!
 //! Run with `make e2e` (root; it builds Kubernetes once per machine and the image, then runs
 //! this test with RESERVOIR_K8S_BIN and RESERVOIR_IMAGE_ARCHIVE set).
@@ -336,6 +336,18 @@ fn kubernetes_end_to_end() {
         node_restart(&e2e)
     });
     step(
+        "the daemon container is killed (kill -9) while a pod reads: the pod never notices",
+        || daemon_killed(&e2e),
+    );
+    step(
+        "the node plugin's DaemonSet rolls (an upgrade) while a pod reads: the pod never notices",
+        || daemon_set_rolled(&e2e),
+    );
+    step(
+        "the keeper is replaced, then the daemon killed, while a pod reads: the pod never notices",
+        || keeper_replaced(&e2e),
+    );
+    step(
         "pods deleted: volumes unpublished and unstaged, nothing left mounted",
         || pods_deleted(&e2e),
     );
@@ -366,7 +378,12 @@ fn install(e2e: &E2e, archive: &Path) {
             .trim_start_matches('/')
     );
     let allowed = e2e.nfs("data");
-    for name in ["kustomization.yaml", "node.yaml", "controller.yaml"] {
+    for name in [
+        "kustomization.yaml",
+        "node.yaml",
+        "keeper.yaml",
+        "controller.yaml",
+    ] {
         let text = fs::read_to_string(cluster.repo.join("e2e/overlay").join(name))
             .unwrap()
             .replace("@WORK@", cluster.work.to_str().unwrap())
@@ -808,27 +825,56 @@ fn non_root_and_read_only(e2e: &E2e) {
     );
 }
 
-fn node_restart(e2e: &E2e) {
+/// Starts a pod that reads the static volume's files over and over for `seconds`, comparing
+/// every pass with the first, and keeps the first file open from start to end (read through
+/// that same descriptor at the end); returns once the first pass is done.
+fn start_steady_reader(e2e: &E2e, name: &str, seconds: u32) {
+    let script = format!(
+        "cd /data; find . -type f | sort | xargs sha256sum > /tmp/first || exit 1; \
+         set -- $(head -1 /tmp/first); want=$1; exec 3< \"$2\"; \
+         end=$(( $(date +%s) + {seconds} )); n=0; \
+         while [ $(date +%s) -lt $end ]; do \
+           n=$((n+1)); find . -type f | sort | xargs sha256sum > /tmp/now 2>&1; \
+           if [ \"$(cat /tmp/first)\" = \"$(cat /tmp/now)\" ]; then echo pass-$n-ok; \
+           else echo pass-$n-FAILED; cat /tmp/now; fi; \
+         done; \
+         set -- $(sha256sum <&3); \
+         if [ \"$1\" = \"$want\" ]; then echo held-ok; else echo held-FAILED $1; fi; \
+         echo READS-END"
+    );
     let cluster = &e2e.cluster;
-    // Reads the whole volume over and over for about 40 s, comparing every pass with the first.
-    let script = "cd /data; find . -type f | sort | xargs sha256sum > /tmp/first || exit 1; \
-                  end=$(( $(date +%s) + 40 )); n=0; \
-                  while [ $(date +%s) -lt $end ]; do \
-                    n=$((n+1)); find . -type f | sort | xargs sha256sum > /tmp/now 2>&1; \
-                    if [ \"$(cat /tmp/first)\" = \"$(cat /tmp/now)\" ]; then echo pass-$n-ok; \
-                    else echo pass-$n-FAILED; cat /tmp/now; fi; \
-                  done; echo READS-END";
-    cluster.apply(&pod("steady", &claim_volume("static"), script, "{}", false));
+    cluster.apply(&pod(name, &claim_volume("static"), &script, "{}", false));
     wait_for("the steady reader is reading", POD_WAIT, || {
         cluster
-            .container_log(NS, "steady", "main")
+            .container_log(NS, name, "main")
             .contains("pass-1-ok")
             .then_some(())
     });
-    let node = e2e.node_pod();
-    let restarts = |container: &str| {
-        cluster
-            .kubectl_json(&["-n", "reservoir", "get", "pod", &node])
+}
+
+/// Waits for a steady reader to end and checks that it never noticed `what`: every pass read
+/// the same bytes, and so did the descriptor it kept open.
+fn check_steady_reader(e2e: &E2e, name: &str, what: &str) {
+    let cluster = &e2e.cluster;
+    let phase = cluster.wait_pod_done(NS, name, POD_WAIT);
+    let log = cluster.container_log(NS, name, "main");
+    assert_eq!(phase, "Succeeded", "{log}");
+    assert!(log.contains("READS-END"), "{log}");
+    assert!(
+        !log.contains("FAILED"),
+        "a read failed across {what}:\n{log}"
+    );
+    assert!(log.contains("held-ok"), "{log}");
+    let passes = log.lines().filter(|l| l.ends_with("-ok")).count() - 1;
+    assert!(passes >= 3, "{log}");
+    eprintln!("e2e:   {passes} passes and a held descriptor, all identical, across {what}");
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", name, "--wait=false"]);
+}
+
+impl E2e {
+    fn restarts(&self, pod: &str, container: &str) -> u64 {
+        self.cluster
+            .kubectl_json(&["-n", "reservoir", "get", "pod", pod])
             .and_then(|p| {
                 p["status"]["containerStatuses"]
                     .as_array()?
@@ -837,45 +883,227 @@ fn node_restart(e2e: &E2e) {
                     .as_u64()
             })
             .unwrap()
-    };
-    let (node_before, daemon_before) = (restarts("node"), restarts("daemon"));
-    let id = cluster
-        .container_id("reservoir", &node, "node")
-        .expect("the node container's id");
-    common::k8s::run(
-        "ctr",
-        &[
-            "--address",
-            &cluster.containerd_socket(),
+    }
+
+    fn kill_container(&self, pod: &str, container: &str) {
+        let id = self
+            .cluster
+            .container_id("reservoir", pod, container)
+            .unwrap_or_else(|| panic!("the {container} container's id"));
+        common::k8s::run(
+            "ctr",
+            &[
+                "--address",
+                &self.cluster.containerd_socket(),
+                "-n",
+                "k8s.io",
+                "tasks",
+                "kill",
+                "-s",
+                "SIGKILL",
+                &id,
+            ],
+        );
+    }
+
+    /// Recoveries of every volume the daemon serves, together; asserts on the way that the
+    /// keeper holds every volume and that no volume was lost.
+    fn recoveries_all_kept(&self) -> u64 {
+        let status = self.status();
+        assert!(status["keeper_pid"].is_u64(), "no keeper answers: {status}");
+        assert!(
+            status["lost"].as_array().is_none_or(|l| l.is_empty()),
+            "volumes were lost: {status}"
+        );
+        let volumes = status["volumes"].as_array().unwrap();
+        assert!(!volumes.is_empty(), "{status}");
+        for v in volumes {
+            assert_eq!(v["recovery"]["kept"], true, "not kept: {v}");
+        }
+        volumes
+            .iter()
+            .map(|v| v["recovery"]["recoveries"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    /// Waits until the daemon answers again with the keeper holding every volume, and returns
+    /// the volumes' recoveries together.
+    fn wait_all_kept(&self) -> u64 {
+        wait_for("the daemon answers, every volume kept", POD_WAIT, || {
+            let output = std::process::Command::new(common::mount::bin())
+                .args(["status", "--json", "--socket"])
+                .arg(self.daemon_socket())
+                .output()
+                .ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            (status["keeper_pid"].is_u64()
+                && status["volumes"]
+                    .as_array()?
+                    .iter()
+                    .all(|v| v["recovery"]["kept"] == true))
+            .then_some(())
+        });
+        self.recoveries_all_kept()
+    }
+
+    /// The keeper's pod: its name and uid.
+    fn keeper_pod(&self) -> (String, String) {
+        self.keeper_pod_if_any().expect("the keeper's pod")
+    }
+
+    fn keeper_pod_if_any(&self) -> Option<(String, String)> {
+        let list = self.cluster.kubectl_json(&[
             "-n",
-            "k8s.io",
-            "tasks",
-            "kill",
-            "-s",
-            "SIGKILL",
-            &id,
-        ],
-    );
+            "reservoir",
+            "get",
+            "pods",
+            "-l",
+            "app=reservoir-keeper",
+        ])?;
+        let pod = &list["items"][0];
+        Some((
+            pod["metadata"]["name"].as_str()?.to_string(),
+            pod["metadata"]["uid"].as_str()?.to_string(),
+        ))
+    }
+}
+
+fn node_restart(e2e: &E2e) {
+    start_steady_reader(e2e, "steady", 40);
+    let node = e2e.node_pod();
+    let (node_before, daemon_before) = (e2e.restarts(&node, "node"), e2e.restarts(&node, "daemon"));
+    e2e.kill_container(&node, "node");
     wait_for("kubelet restarts the node container", POD_WAIT, || {
-        (restarts("node") > node_before).then_some(())
+        (e2e.restarts(&node, "node") > node_before).then_some(())
     });
-    cluster.wait_pod_ready("reservoir", &node, POD_WAIT);
-    let phase = cluster.wait_pod_done(NS, "steady", POD_WAIT);
-    let log = cluster.container_log(NS, "steady", "main");
-    assert_eq!(phase, "Succeeded", "{log}");
-    assert!(log.contains("READS-END"), "{log}");
-    assert!(
-        !log.contains("FAILED"),
-        "a pass failed while the node restarted:\n{log}"
-    );
-    let passes = log.lines().filter(|l| l.ends_with("-ok")).count();
-    assert!(passes >= 3, "{log}");
+    e2e.cluster.wait_pod_ready("reservoir", &node, POD_WAIT);
+    check_steady_reader(e2e, "steady", "the node container's restart");
     assert_eq!(
-        restarts("daemon"),
+        e2e.restarts(&node, "daemon"),
         daemon_before,
         "the daemon was left alone"
     );
-    eprintln!("e2e:   {passes} passes, all identical, across the node container's restart");
+}
+
+/// kill -9 of the daemon container (as an OOM kill or a crash would end it) while a pod reads.
+fn daemon_killed(e2e: &E2e) {
+    start_steady_reader(e2e, "steady-daemon", 30);
+    let recoveries = e2e.wait_all_kept();
+    let node = e2e.node_pod();
+    let before = e2e.restarts(&node, "daemon");
+    e2e.kill_container(&node, "daemon");
+    wait_for("kubelet restarts the daemon container", POD_WAIT, || {
+        (e2e.restarts(&node, "daemon") > before).then_some(())
+    });
+    let after = e2e.wait_all_kept();
+    // Scraped while the reader still holds the volume (kubelet unstages it once the pod ends).
+    let metrics = scrape_metrics();
+    check_steady_reader(e2e, "steady-daemon", "a kill -9 of the daemon");
+    assert!(
+        after > recoveries,
+        "no recovery counted ({recoveries} -> {after})"
+    );
+    let log = e2e.cluster.container_log("reservoir", &node, "daemon");
+    assert!(log.contains("took the volume over"), "{log}");
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("reservoir_volume_recoveries_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        counted as u64, after,
+        "recoveries in the metrics:\n{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "reservoir_keeper_up 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "reservoir_lost_volumes 0"),
+        "{metrics}"
+    );
+}
+
+/// An upgrade as docs/operations.md describes it: the node plugin's DaemonSet rolls (here
+/// with `kubectl rollout restart`, which changes the pod template as a new image does), so
+/// its pod and both its containers are replaced while a pod reads. The keeper is left alone.
+fn daemon_set_rolled(e2e: &E2e) {
+    let keeper = e2e.keeper_pod();
+    let old = e2e.node_pod();
+    start_steady_reader(e2e, "steady-upgrade", 30);
+    let recoveries = e2e.wait_all_kept();
+    e2e.cluster.kubectl_ok(&[
+        "-n",
+        "reservoir",
+        "rollout",
+        "restart",
+        "daemonset/reservoir-node",
+    ]);
+    let new = wait_for("a new node plugin pod", POD_WAIT, || {
+        let list = e2e.cluster.kubectl_json(&[
+            "-n",
+            "reservoir",
+            "get",
+            "pods",
+            "-l",
+            "app=reservoir-node",
+        ])?;
+        let items = list["items"].as_array()?;
+        match items.as_slice() {
+            [only] if only["metadata"]["name"] != old.as_str() => {
+                only["metadata"]["name"].as_str().map(str::to_string)
+            }
+            _ => None,
+        }
+    });
+    e2e.cluster.wait_pod_ready("reservoir", &new, POD_WAIT);
+    let after = e2e.wait_all_kept();
+    check_steady_reader(e2e, "steady-upgrade", "the node plugin's rolling update");
+    assert!(
+        after > recoveries,
+        "no recovery counted ({recoveries} -> {after})"
+    );
+    let log = e2e.cluster.container_log("reservoir", &new, "daemon");
+    assert!(log.contains("took the volume over"), "{log}");
+    assert_eq!(e2e.keeper_pod(), keeper, "the keeper was left alone");
+}
+
+/// The keeper's pod replaced (as an admin does to update it), and then the daemon killed: the
+/// daemon gave every connection to the new keeper, so the kill is survived as before.
+fn keeper_replaced(e2e: &E2e) {
+    let (keeper, _) = e2e.keeper_pod();
+    start_steady_reader(e2e, "steady-keeper", 30);
+    let recoveries = e2e.wait_all_kept();
+    e2e.cluster
+        .kubectl_ok(&["-n", "reservoir", "delete", "pod", &keeper, "--wait=true"]);
+    let (new_keeper, _) = wait_for("a new keeper pod runs", POD_WAIT, || {
+        let (name, uid) = e2e.keeper_pod_if_any()?;
+        (name != keeper && e2e.cluster.pod_phase("reservoir", &name).as_deref() == Some("Running"))
+            .then_some((name, uid))
+    });
+    // Every connection is deposited with the new keeper: only now is a kill survivable.
+    assert_eq!(
+        e2e.wait_all_kept(),
+        recoveries,
+        "the keeper's restart is no recovery"
+    );
+    let node = e2e.node_pod();
+    let before = e2e.restarts(&node, "daemon");
+    e2e.kill_container(&node, "daemon");
+    wait_for("kubelet restarts the daemon container", POD_WAIT, || {
+        (e2e.restarts(&node, "daemon") > before).then_some(())
+    });
+    let after = e2e.wait_all_kept();
+    check_steady_reader(
+        e2e,
+        "steady-keeper",
+        "a new keeper, then a kill -9 of the daemon",
+    );
+    assert!(
+        after > recoveries,
+        "no recovery counted ({recoveries} -> {after})"
+    );
+    eprintln!("e2e:   keeper {keeper} replaced by {new_keeper}");
 }
 
 fn pods_deleted(e2e: &E2e) {

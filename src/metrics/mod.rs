@@ -139,6 +139,24 @@ fn node_cache(out: &mut Exposition, status: &DaemonStatus) {
         out.family(name, "gauge", help);
         out.sample(name, &[], value as f64);
     }
+    out.family(
+        "reservoir_keeper_up",
+        "gauge",
+        "1 when the descriptor keeper answers the daemon (volumes survive a daemon restart), \
+         else 0.",
+    );
+    out.sample(
+        "reservoir_keeper_up",
+        &[],
+        f64::from(u8::from(status.keeper_pid.is_some())),
+    );
+    out.family(
+        "reservoir_lost_volumes",
+        "gauge",
+        "Volumes a previous daemon served that this one could not take over (their readers got \
+         errors; `reservoir status` says why). Alert on any.",
+    );
+    out.sample("reservoir_lost_volumes", &[], status.lost.len() as f64);
     let counters: [(&str, &str, u64); 5] = [
         (
             "reservoir_cache_admitted_files_total",
@@ -289,6 +307,26 @@ const VOLUME_SERIES: &[VolumeSeries] = &[
         "counter",
         "Bytes of this volume evicted from the cache.",
         |v| owner_value(v, |o| o.evicted_bytes),
+    ),
+    (
+        "reservoir_volume_recoveries_total",
+        "counter",
+        "Times a restarted daemon took the volume's FUSE connection over from the previous one \
+         (its readers waited, nothing failed).",
+        |v| Some(v.recovery.recoveries as f64),
+    ),
+    (
+        "reservoir_volume_last_recovery_timestamp_seconds",
+        "gauge",
+        "When a daemon last took the volume over (Unix time); absent before the first takeover.",
+        |v| v.recovery.last_recovery_ms.map(|ms| ms as f64 / 1000.0),
+    ),
+    (
+        "reservoir_volume_kept",
+        "gauge",
+        "1 when the descriptor keeper holds the volume's connection, so that it survives a \
+         daemon restart; 0 when a daemon restart would end it.",
+        |v| Some(f64::from(u8::from(v.recovery.kept))),
     ),
     (
         "reservoir_volume_preload_done",

@@ -13,17 +13,26 @@ fn status() -> DaemonStatus {
         "name": "vol-1", "tag": "t", "quota": 800, "used": 400, "data_bytes": 380, "files": 4,
         "complete_files": 3, "admitted": 6, "rejected": 1, "evicted_files": 2, "evicted_bytes": 200,
     });
+    let recovery = serde_json::json!({
+        "kept": true, "recoveries": 2, "last_recovery_ms": 1_700_000_000_500u64,
+    });
+    let lost = serde_json::json!([{
+        "volume_id": "vol-0", "target_path": "/var/lib/kubelet/staging/vol-0",
+        "reason": "the mount at /var/lib/kubelet/staging/vol-0 is gone", "at_ms": 1,
+    }]);
     serde_json::from_value(serde_json::json!({
         "pid": 42,
         "socket": "/run/reservoir/daemon.sock",
         "cache": usage(serde_json::Value::Null),
         "owners": [],
+        "keeper_pid": 7,
         "volumes": [{
             "volume_id": "vol-1",
             "target_path": "/var/lib/kubelet/staging/vol-1",
             "requested_source": "nfs://filer/data",
             "cache_size": 800,
             "read_write": false,
+            "recovery": recovery,
             "source": "nfs://filer/data\"x",
             "online": true,
             "metadata_ttl": "60s",
@@ -45,6 +54,10 @@ fn status() -> DaemonStatus {
             },
         }],
     }))
+    .map(|mut status: DaemonStatus| {
+        status.lost = serde_json::from_value(lost).unwrap();
+        status
+    })
     .unwrap()
 }
 
@@ -108,6 +121,11 @@ fn a_daemon_status_as_prometheus_text() {
         format!("reservoir_volume_cache_evicted_files_total{labels} 2"),
         format!("reservoir_volume_source_errors_total{labels} 3"),
         format!("reservoir_volume_preload_done{labels} 1"),
+        format!("reservoir_volume_recoveries_total{labels} 2"),
+        format!("reservoir_volume_last_recovery_timestamp_seconds{labels} 1700000000.5"),
+        format!("reservoir_volume_kept{labels} 1"),
+        "reservoir_keeper_up 1".into(),
+        "reservoir_lost_volumes 1".into(),
         r#"reservoir_volume_preload_files{volume="vol-1",source="nfs://filer/data\"x",state="failed"} 1"#.into(),
         r#"reservoir_volume_preload_bytes{volume="vol-1",source="nfs://filer/data\"x",state="loaded"} 30"#.into(),
         r#"reservoir_source_request_duration_seconds_bucket{source="nfs://filer/data",op="read",le="0.0005"} 1"#.into(),
