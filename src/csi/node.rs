@@ -33,6 +33,7 @@ use super::proto::*;
 use super::traced;
 use crate::control::{DaemonStatus, DaemonVolume, MountRequest, RefusalKind};
 use crate::daemon::{Client, ClientError, SpawnOptions, ensure_running};
+use crate::fs::meta::now_ms;
 use crate::source::SourceSpec;
 use crate::units::Ttl;
 
@@ -645,8 +646,8 @@ impl Node {
             Ok(status) => status,
             Err(e) => {
                 return Ok(abnormal(format!(
-                    "the node's cache daemon is down ({e}): reads of this volume fail until the \
-                     pod is started again on a running daemon"
+                    "the node's cache daemon does not answer ({e}): reads of this volume wait \
+                     until a daemon runs again and takes the volume over"
                 )));
             }
         };
@@ -656,11 +657,20 @@ impl Node {
                 || mount_at(&table, &v.target_path).is_some_and(|m| m.dev == entry.dev)
         });
         let Some(volume) = served else {
-            return Ok(abnormal(
-                "the node's cache daemon no longer serves this mount (it was restarted since \
-                 the volume was mounted): reads fail until the pod is started again"
+            let lost = status
+                .lost
+                .iter()
+                .find(|l| l.target_path == path || l.volume_id == volume_id);
+            return Ok(abnormal(match lost {
+                Some(lost) => format!(
+                    "a restarted cache daemon could not take this volume over ({}): reads fail \
+                     until the pod is started again",
+                    lost.reason
+                ),
+                None => "the node's cache daemon does not serve this mount (a daemon restart \
+                         ended its connection): reads fail until the pod is started again"
                     .to_string(),
-            ));
+            }));
         };
         if volume.volume_id != volume_id {
             return Err(NodeError::NotFound(format!(
@@ -676,8 +686,10 @@ impl Node {
                 message: match recovery.recoveries {
                     0 => "ok".to_string(),
                     n => format!(
-                        "ok; taken over from a restarted cache daemon {n} time(s), last {} ms after the epoch",
-                        recovery.last_recovery_ms.unwrap_or_default()
+                        "ok; taken over by a restarted cache daemon {n} time(s), the last {} s ago",
+                        recovery
+                            .last_recovery_ms
+                            .map_or(0, |at| now_ms().saturating_sub(at) / 1000)
                     ),
                 },
             }
