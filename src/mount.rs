@@ -49,6 +49,8 @@ pub struct MountOptions {
     /// `None` serves the source without a cache (the "direct" baseline).
     pub cache: Option<CacheConfig>,
     pub metadata_ttl: Ttl,
+    /// Nodes the kernel does not reference kept in memory, at most.
+    pub metadata_nodes: usize,
     pub source_options: SourceOptions,
     pub threads: usize,
     pub passthrough: bool,
@@ -148,6 +150,7 @@ pub fn run(options: MountOptions) -> Result<(), MountError> {
         VolumeConfig {
             metadata_ttl: options.metadata_ttl,
             read_write: options.read_write,
+            idle_nodes: options.metadata_nodes,
         },
     ))?;
 

@@ -507,6 +507,7 @@ impl Daemon {
                 VolumeConfig {
                     metadata_ttl: spec.request.metadata_ttl,
                     read_write: spec.request.read_write,
+                    idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
                 },
             ))
             .await;

@@ -77,6 +77,8 @@ pub fn resume(
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Served, ConnectionError> {
     let passthrough = connection.params().passthrough();
+    // The kernel's lookup counts are unknown to this process.
+    volume.kernel_resumed();
     let adapter = FuseAdapter::new(volume, logs, passthrough);
     for handle in adapter.handles.files() {
         if let OpenMode::Passthrough {
@@ -403,7 +405,7 @@ impl FuseAdapter {
             return Err(reply);
         };
         let entry = match create {
-            true => match self.volume.known_entry(handle.ino) {
+            true => match self.volume.referenced_known_entry(handle.ino) {
                 Some(entry) => Some(entry),
                 None => return Err(reply),
             },
@@ -598,10 +600,30 @@ impl FuseAdapter {
         {
             let next = index as u64 + 1;
             let added = if plus {
-                let Some(entry) = self.volume.known_entry(child) else {
-                    continue;
+                // The kernel counts a lookup for every entry but the dots.
+                let dot = index < dots.len();
+                let entry = match dot {
+                    true => self.volume.known_entry(child),
+                    false => self.volume.referenced_known_entry(child),
                 };
-                buffer.add_plus(&entry_out(&entry), next, dirent_type(kind), name)
+                let out = match &entry {
+                    Some(entry) => entry_out(entry),
+                    // Evicted since the listing was read: the name without attributes (the
+                    // kernel looks it up when it is used).
+                    None => EntryOut {
+                        nodeid: 0,
+                        ttl: std::time::Duration::ZERO,
+                        attr: Attributes {
+                            ino: child,
+                            ..Attributes::default()
+                        },
+                    },
+                };
+                let added = buffer.add_plus(&out, next, dirent_type(kind), name);
+                if !added && !dot && entry.is_some() {
+                    self.volume.forget(child, 1);
+                }
+                added
             } else {
                 buffer.add(child, next, dirent_type(kind), name)
             };
@@ -790,7 +812,9 @@ impl FuseAdapter {
                         match volume.rename(ino, &name, new_parent, &new_name).await {
                             // Renamed already: the old name is gone, the new one is there.
                             Err(e) if redone && e.errno() == libc::ENOENT => {
-                                volume.lookup(new_parent, &new_name).await.map(drop)
+                                let entry = volume.lookup(new_parent, &new_name).await?;
+                                volume.forget(entry.ino, 1);
+                                Ok(())
                             }
                             result => result,
                         }
@@ -971,6 +995,7 @@ impl Filesystem for FuseAdapter {
         self.dispatch(request, reply);
     }
 
-    // Lookup counts are not kept yet: every node stays known (see docs/architecture.md).
-    fn forget(&self, _nodeid: u64, _nlookup: u64) {}
+    fn forget(&self, nodeid: u64, nlookup: u64) {
+        self.volume.forget(nodeid, nlookup);
+    }
 }

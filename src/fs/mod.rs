@@ -48,6 +48,9 @@ const OPEN_PREFETCH_BLOCKS: u32 = 4;
 const STORE_QUEUE: usize = 16;
 /// How long the end of a volume waits for queued cache writes.
 const STORE_DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// Nodes the kernel does not reference kept in memory per volume, at most (a few hundred bytes
+/// each): the part of the namespace that is answered without asking the source once forgotten.
+pub const DEFAULT_IDLE_NODES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -93,6 +96,8 @@ pub struct VolumeConfig {
     pub metadata_ttl: Ttl,
     /// Writes go through to the source; without it every change is refused with EROFS.
     pub read_write: bool,
+    /// Nodes the kernel does not reference kept in memory, at most (see [`meta`]).
+    pub idle_nodes: usize,
 }
 
 /// A node's attributes as served to the kernel, and how long it may keep them.
@@ -130,6 +135,10 @@ pub struct VolumeStatus {
     pub online: bool,
     pub metadata_ttl: String,
     pub nodes_known: u64,
+    /// Nodes the kernel holds references to (not counting those pinned by a resumed
+    /// connection).
+    #[serde(default)]
+    pub nodes_referenced: u64,
     pub opens: u64,
     pub passthrough_opens: u64,
     pub bytes_from_cache: u64,
@@ -209,9 +218,9 @@ impl Volume {
             Some(cache) => {
                 let name = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(source_id.as_bytes()));
                 let (journal, records) = cache.open_journal(&name)?;
-                MetaStore::persistent(journal, records)
+                MetaStore::persistent(journal, records, config.idle_nodes)
             }
-            None => MetaStore::in_memory(),
+            None => MetaStore::in_memory(config.idle_nodes),
         };
         let connected = connect(&spec, &source_options).await;
         let source = match connected {
@@ -340,6 +349,33 @@ impl Volume {
         Some(Entry { ino, attr, ttl })
     }
 
+    /// [`Volume::entry`] for the kernel: the reference it is given is counted.
+    fn referenced_entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
+        let attr = self.meta.reference(ino, |n| n.attr.clone())?;
+        let ttl = if fresh { self.kernel_ttl() } else { STALE_TTL };
+        Some(Entry { ino, attr, ttl })
+    }
+
+    /// The kernel dropped `count` references to `ino` (FUSE `FORGET`), or a reference an
+    /// entry carried was not handed to it. Once none is left, what the volume kept for the
+    /// inode goes (its node stays while the namespace cache has room, see [`meta`]).
+    pub fn forget(&self, ino: Ino, count: u64) {
+        if !self.meta.forget(ino, count) {
+            return;
+        }
+        // No open file and no page of it left in the kernel.
+        self.page_cache_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
+        self.drop_idle_write_state(ino);
+    }
+
+    /// A resumed connection: the kernel may hold any node known (see [`MetaStore::pin_all`]).
+    pub fn kernel_resumed(&self) {
+        self.meta.pin_all();
+    }
+
     fn node_handle(&self, ino: Ino) -> Result<Handle> {
         self.meta
             .with(ino, |n| n.handle.clone())
@@ -348,16 +384,18 @@ impl Volume {
 
     // ---- lookup and attributes -------------------------------------------------------------
 
-    /// Answers a lookup from fresh metadata; `None` when the source must be asked.
+    /// Answers a lookup from fresh metadata; `None` when the source must be asked. The entry
+    /// found carries a reference for the kernel ([`Volume::forget`] it if it is not handed on).
     pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<Entry>> {
         if let Some(ino) = self.meta.child(parent, name) {
             if self.writes_in_flight(ino) {
                 return None;
             }
             let checked = self.meta.with(ino, |n| n.checked_ms)?;
-            return self
-                .fresh(checked)
-                .then(|| self.entry(ino, true).ok_or(FsError::UnknownInode(ino)));
+            return self.fresh(checked).then(|| {
+                self.referenced_entry(ino, true)
+                    .ok_or(FsError::UnknownInode(ino))
+            });
         }
         if self.meta.known_absent(parent, name, |ms| self.fresh(ms)) {
             return Some(Err(FsError::not_found()));
@@ -382,7 +420,7 @@ impl Volume {
             Ok((handle, attr)) => {
                 let ino = self
                     .meta
-                    .upsert_child(parent, name, handle, attr.clone())
+                    .upsert_child(parent, name, handle, attr.clone(), true)
                     .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
                 self.cover_writes_in_flight(ino);
                 Ok(Entry {
@@ -397,7 +435,9 @@ impl Volume {
             }
             Err(e) if e.is_unavailable() => {
                 if let Some(ino) = self.meta.child(parent, name) {
-                    return self.entry(ino, false).ok_or(FsError::UnknownInode(ino));
+                    return self
+                        .referenced_entry(ino, false)
+                        .ok_or(FsError::UnknownInode(ino));
                 }
                 if self.meta.known_absent(parent, name, |_| true) {
                     return Err(FsError::not_found());
@@ -456,10 +496,24 @@ impl Volume {
         self.meta.with(ino, |n| n.parent)
     }
 
-    /// The attributes of a node, as known (for directory listings with attributes).
+    /// The attributes of a node, as known.
     pub fn known_entry(&self, ino: Ino) -> Option<Entry> {
         let checked = self.meta.with(ino, |n| n.checked_ms)?;
         self.entry(ino, self.fresh(checked))
+    }
+
+    /// [`Volume::known_entry`] for the kernel (a listing with attributes, a resent CREATE):
+    /// the reference it is given is counted.
+    pub fn referenced_known_entry(&self, ino: Ino) -> Option<Entry> {
+        let (checked, attr) = self
+            .meta
+            .reference(ino, |n| (n.checked_ms, n.attr.clone()))?;
+        let ttl = if self.fresh(checked) {
+            self.kernel_ttl()
+        } else {
+            STALE_TTL
+        };
+        Some(Entry { ino, attr, ttl })
     }
 
     // ---- directories and symlinks ----------------------------------------------------------
@@ -486,10 +540,7 @@ impl Volume {
         };
         self.observe(&result);
         match result {
-            Ok(entries) => {
-                self.meta.set_listing(dir, entries);
-                Ok(self.meta.listing(dir).map(|(e, _)| e).unwrap_or_default())
-            }
+            Ok(entries) => Ok(self.meta.set_listing(dir, entries)),
             Err(e) if e.is_unavailable() => match self.meta.listing(dir) {
                 Some((entries, _)) => Ok(entries),
                 None => Err(e.into()),
@@ -521,6 +572,7 @@ impl Volume {
     }
 
     /// Resolves a path relative to the volume root, component by component (used by preload).
+    /// The entry carries a reference (unless it is the root): [`Volume::forget`] it when done.
     pub async fn resolve(&self, path: &[u8]) -> Result<Entry> {
         let mut entry = match self.try_getattr(ROOT) {
             Some(answer) => answer?,
@@ -536,7 +588,11 @@ impl Volume {
                     "'..' is not allowed in a path",
                 ));
             }
-            entry = self.lookup(entry.ino, component).await?;
+            let next = self.lookup(entry.ino, component).await;
+            if entry.ino != ROOT {
+                self.forget(entry.ino, 1);
+            }
+            entry = next?;
         }
         Ok(entry)
     }
@@ -910,6 +966,7 @@ impl Volume {
             online: self.is_online(),
             metadata_ttl: self.config.metadata_ttl.to_string(),
             nodes_known: self.meta.len() as u64,
+            nodes_referenced: self.meta.referenced() as u64,
             opens: load(&self.stats.opens),
             passthrough_opens: load(&self.stats.passthrough_opens),
             bytes_from_cache: from_cache,

@@ -28,6 +28,7 @@ async fn volume(source: &Path, cache: Option<Arc<Cache>>, ttl: Ttl) -> Arc<Volum
         VolumeConfig {
             metadata_ttl: ttl,
             read_write: false,
+            idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
         },
     )
     .await

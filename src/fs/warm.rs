@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use super::meta::Ino;
-use super::{FsError, Volume, content_key};
+use super::meta::{Ino, ListedEntry, ROOT};
+use super::{Entry, FsError, Result, Volume, content_key};
 use crate::cache::policy::Priority;
 use crate::source::Kind;
 
@@ -131,6 +131,7 @@ impl Volume {
                     let next = files_rx.lock().await.recv().await;
                     let Some((ino, path)) = next else { break };
                     volume.warm_file(ino, &path, &tracker).await;
+                    volume.release_node(ino);
                 }
             });
         }
@@ -138,20 +139,22 @@ impl Volume {
         let mut pending: VecDeque<(Ino, String)> = VecDeque::new();
         for path in &request.paths {
             let trimmed = path.trim_matches('/');
+            // Every node queued holds a reference, so that the namespace cache cannot evict it
+            // before it is loaded or listed; released when done.
             match self.resolve(trimmed.as_bytes()).await {
                 Ok(entry) => match entry.attr.kind {
                     Kind::Directory => pending.push_back((entry.ino, trimmed.to_string())),
                     Kind::File => {
                         self.count_file(tracker, entry.attr.size);
-                        if files_tx
-                            .send((entry.ino, trimmed.to_string()))
-                            .await
-                            .is_err()
-                        {
+                        if let Err(unsent) = files_tx.send((entry.ino, trimmed.to_string())).await {
+                            self.release_node(unsent.0.0);
                             break;
                         }
                     }
-                    _ => tracker.fail(path, "not a regular file or directory"),
+                    _ => {
+                        self.release_node(entry.ino);
+                        tracker.fail(path, "not a regular file or directory")
+                    }
                 },
                 Err(e) => tracker.fail(path, e),
             }
@@ -163,9 +166,13 @@ impl Volume {
                     break;
                 };
                 let volume = self.clone();
-                listings.spawn(async move { (volume.list(dir).await, path) });
+                listings.spawn(async move {
+                    let listing = volume.list(dir).await;
+                    volume.release_node(dir);
+                    (listing, path, dir)
+                });
             }
-            let Some(Ok((listing, dir_path))) = listings.join_next().await else {
+            let Some(Ok((listing, dir_path, dir))) = listings.join_next().await else {
                 continue;
             };
             let entries = match listing {
@@ -182,23 +189,47 @@ impl Volume {
                 } else {
                     format!("{dir_path}/{name}")
                 };
-                match entry.kind {
-                    Kind::Directory => pending.push_back((entry.ino, path)),
-                    Kind::File => {
-                        let size = self.known_entry(entry.ino).map_or(0, |e| e.attr.size);
-                        self.count_file(tracker, size);
-                        if files_tx.send((entry.ino, path)).await.is_err() {
-                            return;
-                        }
-                    }
+                if !matches!(entry.kind, Kind::Directory | Kind::File) {
                     // Symlinks are not followed; special files hold no data.
-                    _ => {}
+                    continue;
+                }
+                let held = match self.hold(dir, &entry).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracker.fail(&path, e);
+                        continue;
+                    }
+                };
+                if held.attr.kind == Kind::Directory {
+                    pending.push_back((held.ino, path));
+                    continue;
+                }
+                self.count_file(tracker, held.attr.size);
+                if let Err(unsent) = files_tx.send((held.ino, path)).await {
+                    self.release_node(unsent.0.0);
+                    return;
                 }
             }
         }
         tracker.update(|p| p.scanning = false);
         drop(files_tx);
         while workers.join_next().await.is_some() {}
+    }
+
+    /// A reference to a listed entry for the preload: the node listed, or, if the namespace
+    /// cache evicted it since, the name looked up again.
+    async fn hold(&self, dir: Ino, entry: &ListedEntry) -> Result<Entry> {
+        if let Some(held) = self.referenced_known_entry(entry.ino) {
+            return Ok(held);
+        }
+        self.lookup(dir, &entry.name).await
+    }
+
+    /// Releases a reference [`Volume::hold`] or [`Volume::resolve`] took.
+    fn release_node(&self, ino: Ino) {
+        if ino != ROOT {
+            self.forget(ino, 1);
+        }
     }
 
     fn count_file(&self, tracker: &Tracker, size: u64) {

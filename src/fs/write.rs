@@ -116,6 +116,25 @@ impl Volume {
             .is_none_or(|w| w.writers == 0 && w.epoch <= file.opened_epoch)
     }
 
+    /// Drops the write state of an inode the kernel forgot (no handle open, so no handle's
+    /// epoch needs it) once nothing is pending on it.
+    pub(super) fn drop_idle_write_state(&self, ino: Ino) {
+        if !self.config.read_write {
+            return;
+        }
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = writes.get(&ino).is_some_and(|w| {
+            w.writers == 0
+                && w.direct_writers == 0
+                && w.in_flight.is_empty()
+                && !w.committing
+                && w.late_error.is_none()
+        });
+        if idle {
+            writes.remove(&ino);
+        }
+    }
+
     pub(super) fn has_writers(&self, ino: Ino) -> bool {
         self.write_state_is(ino, |w| w.writers > 0)
     }
@@ -631,10 +650,11 @@ impl Volume {
         Ok(entry)
     }
 
+    /// Records a node created on the source; its entry carries a reference for the kernel.
     fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<Entry> {
         let ino = self
             .meta
-            .upsert_child(parent, name, handle, attr.clone())
+            .upsert_child(parent, name, handle, attr.clone(), true)
             .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
         Ok(Entry {
             ino,
