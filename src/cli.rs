@@ -180,7 +180,10 @@ fn render_status(s: &MountStatus) -> String {
     );
     line(
         "metadata",
-        format!("TTL {}, {} names known", v.metadata_ttl, v.nodes_known),
+        format!(
+            "TTL {}, {} names known ({} held by the kernel)",
+            v.metadata_ttl, v.nodes_known, v.nodes_referenced
+        ),
     );
     match &v.cache {
         Some(c) => {

@@ -27,6 +27,8 @@ use crate::source::{Attr, DirEntry, Handle, Kind};
 
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
+/// The time of a `Listed` record that says the directory's listing is no longer complete.
+const NOT_LISTED_MS: u64 = 0;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -206,7 +208,7 @@ impl MetaStore {
                 }
                 MetaRecord::Listed { ino, at_ms } => {
                     if let Some(dir) = nodes.get_mut(&ino).and_then(|n| n.dir.as_mut()) {
-                        dir.listed_ms = Some(at_ms);
+                        dir.listed_ms = (at_ms != NOT_LISTED_MS).then_some(at_ms);
                     }
                 }
                 MetaRecord::Link { ino, target } => {
@@ -554,11 +556,10 @@ impl MetaStore {
             }
             dir.children.remove(&node.name);
             if dir.listed_ms.take().is_some() {
-                // Replay keeps a directory's listing across a new record of it, but not across
-                // its removal: removed and recorded again, it is known without a listing.
-                self.append_quiet(MetaRecord::Removed { ino: parent });
-                let record = node_record(parent, &table.nodes[&parent]);
-                self.append_quiet(record);
+                self.append_quiet(MetaRecord::Listed {
+                    ino: parent,
+                    at_ms: NOT_LISTED_MS,
+                });
             }
         }
         // Entries of nodes referenced again or gone pile up while nothing is evicted.
