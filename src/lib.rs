@@ -7,6 +7,7 @@ pub mod cache;
 pub mod control;
 pub mod csi;
 pub mod daemon;
+pub mod error;
 pub mod failpoint;
 pub mod fs;
 pub mod fuse;

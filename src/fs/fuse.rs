@@ -10,13 +10,14 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use super::handles::{FileHandle, Handles};
 use super::intents::Intents;
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::passthrough::{BackingKind, Decision, OpenMode};
 use super::{Entry, FsError, OpenFile, Volume};
+use crate::error::Chain;
 use crate::failpoint;
 use crate::fuse::abi::{UNIQUE_RESEND, fopen, init};
 use crate::fuse::{
@@ -134,11 +135,15 @@ impl SessionLogs {
     }
 }
 
+/// Logs a failed request once, with its whole chain of causes, at the error's own level.
 fn log_error(op: &'static str, ino: Ino, e: &FsError) {
-    if e.is_notable() {
-        tracing::warn!(op, ino, error = %e, "request failed");
-    } else {
-        tracing::debug!(op, ino, error = %e, "request failed");
+    let error = Chain(e);
+    let errno = e.errno();
+    match e.level() {
+        Level::ERROR => tracing::error!(op, ino, errno, %error, "request failed"),
+        Level::WARN => tracing::warn!(op, ino, errno, %error, "request failed"),
+        Level::INFO => tracing::info!(op, ino, errno, %error, "request failed"),
+        _ => tracing::debug!(op, ino, errno, %error, "request failed"),
     }
 }
 
@@ -371,7 +376,7 @@ impl FuseAdapter {
                 Err(e) => {
                     // E.g. a source directory on a stacked file system (overlayfs): this writer
                     // is served by the daemon; cached files may still pass through.
-                    tracing::debug!(ino = file.ino, error = %e, "the kernel refused the source file as a passthrough backing file");
+                    tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "the kernel refused the source file as a passthrough backing file");
                     OpenMode::Daemon
                 }
             };
@@ -388,7 +393,7 @@ impl FuseAdapter {
                 kind: BackingKind::Cache,
             },
             Err(e) => {
-                tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
+                tracing::warn!(error = %crate::error::Chain(&e), "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
                 self.passthrough.store(false, Ordering::Relaxed);
                 OpenMode::Daemon
             }
@@ -440,7 +445,7 @@ impl FuseAdapter {
                 .release(handle.ino, handle.mode);
             if let Some(backing) = closed {
                 if let Err(e) = reply.channel().close_backing(backing) {
-                    tracing::warn!(backing, error = %e, "cannot close a passthrough backing file");
+                    tracing::warn!(backing, error = %crate::error::Chain(&e), "cannot close a passthrough backing file");
                 }
             }
             if handle.writable {

@@ -275,7 +275,7 @@ impl MetaStore {
             return;
         };
         if let Err(e) = journal.append(&record) {
-            tracing::warn!(error = %e, "cannot persist metadata; it will be fetched again after a restart");
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot persist metadata; it will be fetched again after a restart");
             return;
         }
         if journal.wants_rewrite() {
@@ -288,7 +288,7 @@ impl MetaStore {
     fn append_quiet(&self, record: MetaRecord) {
         if let Some(journal) = &self.journal {
             if let Err(e) = journal.append(&record) {
-                tracing::warn!(error = %e, "cannot persist metadata; it will be fetched again after a restart");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot persist metadata; it will be fetched again after a restart");
             }
         }
     }
@@ -323,7 +323,7 @@ impl MetaStore {
             MetaRecord::Removed { ino } => (*ino, 2),
         });
         if let Err(e) = journal.rewrite(records) {
-            tracing::warn!(error = %e, "cannot compact the metadata journal");
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot compact the metadata journal");
         }
     }
 
@@ -339,7 +339,7 @@ impl MetaStore {
     pub fn flush(&self, sync: bool) {
         if let Some(journal) = &self.journal {
             if let Err(e) = journal.flush(sync) {
-                tracing::warn!(error = %e, "cannot flush the metadata journal");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod passthrough;
 pub mod warm;
 mod write;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,39 +53,85 @@ const STORE_DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// each): the part of the namespace that is answered without asking the source once forgotten.
 pub const DEFAULT_IDLE_NODES: usize = 100_000;
 
+/// Why a file-system request failed: the errno the kernel gets, what failed, the chain of causes
+/// underneath (a [`SourceError`], a [`CacheError`], with theirs), and how loudly the FUSE
+/// adapter logs it, which it does once, with the whole chain, when it replies.
 #[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error("inode {0} is not known")]
-    UnknownInode(Ino),
-    #[error("{1}")]
-    Errno(i32, &'static str),
+#[error("{message}")]
+pub struct FsError {
+    errno: i32,
+    message: Cow<'static, str>,
+    level: tracing::Level,
+    #[source]
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl FsError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::Source(e) => e.errno(),
-            FsError::Cache(_) => libc::EIO,
-            FsError::UnknownInode(_) => libc::ESTALE,
-            FsError::Errno(errno, _) => *errno,
+    /// A failure with no cause underneath; logged at debug level if it is an ordinary answer
+    /// (such as "no such file"), at warning level otherwise.
+    pub fn new(errno: i32, message: impl Into<Cow<'static, str>>) -> Self {
+        FsError {
+            errno,
+            message: message.into(),
+            level: ordinary_level(errno),
+            cause: None,
         }
     }
 
     fn not_found() -> Self {
-        FsError::Errno(libc::ENOENT, "no such file or directory")
+        FsError::new(libc::ENOENT, "no such file or directory")
     }
 
-    /// Whether this is worth a log line at warning level (as opposed to an ordinary answer
-    /// such as "no such file").
-    pub fn is_notable(&self) -> bool {
-        !matches!(
-            self.errno(),
-            libc::ENOENT | libc::ENOTDIR | libc::EISDIR | libc::EACCES | libc::EPERM | libc::ELOOP
-        )
+    /// The kernel named an inode this process does not know (`ESTALE`).
+    pub fn unknown_inode(ino: Ino) -> Self {
+        FsError::new(libc::ESTALE, format!("inode {ino} is not known"))
+    }
+
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+
+    /// The level the FUSE adapter logs this at.
+    pub fn level(&self) -> tracing::Level {
+        self.level
+    }
+}
+
+/// Answers the kernel gives every day are not worth more than a debug line.
+fn ordinary_level(errno: i32) -> tracing::Level {
+    match errno {
+        libc::ENOENT
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::EACCES
+        | libc::EPERM
+        | libc::ELOOP
+        | libc::EEXIST
+        | libc::ENOTEMPTY => tracing::Level::DEBUG,
+        _ => tracing::Level::WARN,
+    }
+}
+
+impl From<SourceError> for FsError {
+    fn from(e: SourceError) -> Self {
+        FsError {
+            errno: e.errno(),
+            message: "the source failed".into(),
+            level: ordinary_level(e.errno()),
+            cause: Some(Box::new(e)),
+        }
+    }
+}
+
+/// Every cache failure the kernel sees is an `EIO`, always logged with its cause.
+impl From<CacheError> for FsError {
+    fn from(e: CacheError) -> Self {
+        FsError {
+            errno: libc::EIO,
+            message: "the cache failed".into(),
+            level: tracing::Level::ERROR,
+            cause: Some(Box::new(e)),
+        }
     }
 }
 
@@ -236,7 +283,7 @@ impl Volume {
             Err(e) if e.is_unavailable() && meta.root_handle().is_some() => {
                 tracing::warn!(
                     source = %source_id,
-                    error = %e,
+                    error = %crate::error::Chain(&e),
                     "source unreachable; starting offline with the cached part of the tree"
                 );
                 None
@@ -310,7 +357,7 @@ impl Volume {
             Err(e) if e.is_unavailable() => {
                 self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
                 if self.online.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(source = %self.source_id, error = %e, "source unreachable; serving what is cached");
+                    tracing::warn!(source = %self.source_id, error = %crate::error::Chain(&e), "source unreachable; serving what is cached");
                 }
             }
             Err(_) => {}
@@ -379,7 +426,7 @@ impl Volume {
     fn node_handle(&self, ino: Ino) -> Result<Handle> {
         self.meta
             .with(ino, |n| n.handle.clone())
-            .ok_or(FsError::UnknownInode(ino))
+            .ok_or(FsError::unknown_inode(ino))
     }
 
     // ---- lookup and attributes -------------------------------------------------------------
@@ -394,7 +441,7 @@ impl Volume {
             let checked = self.meta.with(ino, |n| n.checked_ms)?;
             return self.fresh(checked).then(|| {
                 self.referenced_entry(ino, true)
-                    .ok_or(FsError::UnknownInode(ino))
+                    .ok_or(FsError::unknown_inode(ino))
             });
         }
         if self.meta.known_absent(parent, name, |ms| self.fresh(ms)) {
@@ -421,7 +468,7 @@ impl Volume {
                 let ino = self
                     .meta
                     .upsert_child(parent, name, handle, attr.clone(), true)
-                    .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
+                    .ok_or(FsError::new(libc::ENOTDIR, "not a directory"))?;
                 self.cover_writes_in_flight(ino);
                 Ok(Entry {
                     ino,
@@ -437,7 +484,7 @@ impl Volume {
                 if let Some(ino) = self.meta.child(parent, name) {
                     return self
                         .referenced_entry(ino, false)
-                        .ok_or(FsError::UnknownInode(ino));
+                        .ok_or(FsError::unknown_inode(ino));
                 }
                 if self.meta.known_absent(parent, name, |_| true) {
                     return Err(FsError::not_found());
@@ -450,13 +497,13 @@ impl Volume {
 
     pub fn try_getattr(&self, ino: Ino) -> Option<Result<Entry>> {
         let Some(checked) = self.meta.with(ino, |n| n.checked_ms) else {
-            return Some(Err(FsError::UnknownInode(ino)));
+            return Some(Err(FsError::unknown_inode(ino)));
         };
         if self.writes_in_flight(ino) {
             return None;
         }
         self.fresh(checked)
-            .then(|| self.entry(ino, true).ok_or(FsError::UnknownInode(ino)))
+            .then(|| self.entry(ino, true).ok_or(FsError::unknown_inode(ino)))
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Entry> {
@@ -530,9 +577,9 @@ impl Volume {
         let (handle, kind) = self
             .meta
             .with(dir, |n| (n.handle.clone(), n.attr.kind))
-            .ok_or(FsError::UnknownInode(dir))?;
+            .ok_or(FsError::unknown_inode(dir))?;
         if kind != Kind::Directory {
-            return Err(FsError::Errno(libc::ENOTDIR, "not a directory"));
+            return Err(FsError::new(libc::ENOTDIR, "not a directory"));
         }
         let result = match self.source() {
             Ok(source) => source.read_dir(&handle).await,
@@ -583,10 +630,7 @@ impl Volume {
             .filter(|c| !c.is_empty() && *c != b".")
         {
             if component == b".." {
-                return Err(FsError::Errno(
-                    libc::EINVAL,
-                    "'..' is not allowed in a path",
-                ));
+                return Err(FsError::new(libc::EINVAL, "'..' is not allowed in a path"));
             }
             let next = self.lookup(entry.ino, component).await;
             if entry.ino != ROOT {
@@ -620,16 +664,16 @@ impl Volume {
 
     fn open_known(self: &Arc<Self>, ino: Ino, writable: bool) -> Result<Arc<OpenFile>> {
         if writable && !self.config.read_write {
-            return Err(FsError::Errno(libc::EROFS, "read-only volume"));
+            return Err(FsError::new(libc::EROFS, "read-only volume"));
         }
         let (handle, attr) = self
             .meta
             .with(ino, |n| (n.handle.clone(), n.attr.clone()))
-            .ok_or(FsError::UnknownInode(ino))?;
+            .ok_or(FsError::unknown_inode(ino))?;
         match attr.kind {
             Kind::File => {}
-            Kind::Directory => return Err(FsError::Errno(libc::EISDIR, "is a directory")),
-            _ => return Err(FsError::Errno(libc::ENXIO, "not a regular file")),
+            Kind::Directory => return Err(FsError::new(libc::EISDIR, "is a directory")),
+            _ => return Err(FsError::new(libc::ENXIO, "not a regular file")),
         }
         let key = content_key(&self.source_id, &handle, &attr);
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
@@ -649,7 +693,7 @@ impl Volume {
                 }
                 Ok(None) => (None, false),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cache unusable for this file; reading from the source");
+                    tracing::warn!(error = %crate::error::Chain(&e), "cache unusable for this file; reading from the source");
                     (None, false)
                 }
             },
@@ -696,14 +740,14 @@ impl Volume {
         }
         if lease.block_count() <= 1 {
             return cache.prepare_passthrough(lease).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot verify cached file");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot verify cached file");
                 false
             });
         }
         let (cache, lease) = (cache.clone(), lease.clone());
         self.runtime.spawn_blocking(move || {
             if let Err(e) = cache.prepare_passthrough(&lease) {
-                tracing::warn!(error = %e, "cannot verify cached file");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot verify cached file");
             }
         });
         false
@@ -736,7 +780,7 @@ impl Volume {
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "cache read failed; reading from the source");
+                tracing::warn!(error = %crate::error::Chain(&e), "cache read failed; reading from the source");
                 None
             }
         }
@@ -931,7 +975,7 @@ impl Volume {
                     return;
                 };
                 if let Err(e) = volume.block(&file, &lease, block, false).await {
-                    tracing::debug!(error = %e, block, "prefetch failed");
+                    tracing::debug!(error = %crate::error::Chain(&e), block, "prefetch failed");
                 }
             });
         }
@@ -1008,7 +1052,7 @@ impl Volume {
         self.meta.flush(sync);
         if let Some(cache) = &self.cache {
             if let Err(e) = cache.flush(sync) {
-                tracing::warn!(error = %e, "cannot flush the cache index");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the cache index");
             }
         }
     }
@@ -1016,7 +1060,7 @@ impl Volume {
 
 fn store(cache: &Cache, lease: &Lease, block: u32, data: &[u8]) {
     if let Err(e) = cache.store_block(lease, block, data) {
-        tracing::warn!(error = %e, "cannot store a block in the cache");
+        tracing::warn!(error = %crate::error::Chain(&e), "cannot store a block in the cache");
     }
 }
 
@@ -1105,7 +1149,7 @@ async fn reconnect(volume: std::sync::Weak<Volume>) {
                 return;
             }
             Err(e) => {
-                tracing::debug!(source = %strong.source_id, error = %e, "source still unreachable");
+                tracing::debug!(source = %strong.source_id, error = %crate::error::Chain(&e), "source still unreachable");
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
         }

@@ -254,3 +254,25 @@ fn read_ahead_narrows_when_fetches_queue_and_widens_when_they_stop() {
     }
     assert_eq!(ahead.window, MAX_READAHEAD_BLOCKS);
 }
+
+#[test]
+fn a_cache_failure_is_an_eio_logged_as_an_error_with_every_cause() {
+    let e: FsError = crate::cache::CacheError::Io {
+        dir: "/cache".into(),
+        what: "storing block 3".into(),
+        cause: std::io::Error::other("no space left on the cache disk"),
+    }
+    .into();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(e.level(), tracing::Level::ERROR);
+    let text = crate::error::Chain(&e).to_string();
+    assert!(
+        text.contains("storing block 3") && text.contains("no space left on the cache disk"),
+        "{text}"
+    );
+    // An ordinary answer of the source keeps its errno and stays quiet.
+    let e: FsError = SourceError::status("lookup", libc::ENOENT, "/data: no file x").into();
+    assert_eq!(e.errno(), libc::ENOENT);
+    assert_eq!(e.level(), tracing::Level::DEBUG);
+    assert!(crate::error::Chain(&e).to_string().contains("no file x"));
+}

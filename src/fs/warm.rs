@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::{Entry, FsError, Result, Volume, content_key};
 use crate::cache::policy::Priority;
+use crate::error::Chain;
 use crate::source::Kind;
 
 /// Directories listed at once while walking.
@@ -156,7 +157,7 @@ impl Volume {
                         tracker.fail(path, "not a regular file or directory")
                     }
                 },
-                Err(e) => tracker.fail(path, e),
+                Err(e) => tracker.fail(path, Chain(&e)),
             }
         }
         let mut listings = JoinSet::new();
@@ -178,7 +179,7 @@ impl Volume {
             let entries = match listing {
                 Ok(entries) => entries,
                 Err(e) => {
-                    tracker.fail(&dir_path, e);
+                    tracker.fail(&dir_path, Chain(&e));
                     continue;
                 }
             };
@@ -196,7 +197,7 @@ impl Volume {
                 let held = match self.hold(dir, &entry).await {
                     Ok(held) => held,
                     Err(e) => {
-                        tracker.fail(&path, e);
+                        tracker.fail(&path, Chain(&e));
                         continue;
                     }
                 };
@@ -247,10 +248,10 @@ impl Volume {
         // Revalidate like an open would, so that what is loaded is the current version.
         let entry = match self.getattr(ino).await {
             Ok(entry) => entry,
-            Err(e) => return tracker.fail(path, e),
+            Err(e) => return tracker.fail(path, Chain(&e)),
         };
         let Some(handle) = self.meta.with(ino, |n| n.handle.clone()) else {
-            return tracker.fail(path, FsError::UnknownInode(ino));
+            return tracker.fail(path, FsError::unknown_inode(ino));
         };
         if self.has_writers(ino) {
             return tracker.fail(path, "being written through this volume");
@@ -267,7 +268,7 @@ impl Volume {
         let lease = match cache.lease(key, size, Priority::Preload) {
             Ok(Some(lease)) => Arc::new(lease),
             Ok(None) => return tracker.fail(path, "not cached: the cache is full of files in use"),
-            Err(e) => return tracker.fail(path, e),
+            Err(e) => return tracker.fail(path, Chain(&e)),
         };
         let file = super::OpenFile {
             ino,
@@ -299,7 +300,7 @@ impl Volume {
         }
         drop(fetches);
         if let Some(e) = failure {
-            return tracker.fail(path, e);
+            return tracker.fail(path, Chain(&e));
         }
         if size > 0 && !cache.is_complete(&lease) {
             return tracker.fail(

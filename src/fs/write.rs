@@ -101,7 +101,7 @@ impl Volume {
         if self.config.read_write {
             Ok(())
         } else {
-            Err(FsError::Errno(libc::EROFS, "read-only volume"))
+            Err(FsError::new(libc::EROFS, "read-only volume"))
         }
     }
 
@@ -213,7 +213,7 @@ impl Volume {
         match source.open_passthrough(&handle)? {
             Ok(fd) => Some(fd),
             Err(e) => {
-                tracing::debug!(ino = file.ino, error = %e, "no passthrough for this writer");
+                tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "no passthrough for this writer");
                 None
             }
         }
@@ -383,7 +383,7 @@ impl Volume {
             let state = writes.entry(ino).or_default();
             state.committing = false;
             if let Err(e) = result {
-                tracing::warn!(ino, error = %e, "a background COMMIT failed; the file's next write, fsync or close reports it");
+                tracing::warn!(ino, error = %crate::error::Chain(&e), "a background COMMIT failed; the file's next write, fsync or close reports it");
                 state.late_error.get_or_insert(e);
             }
             state.landed.notify_waiters();
@@ -437,7 +437,7 @@ impl Volume {
     /// write of the file is in flight; `None` sends the caller to [`Volume::write`].
     pub fn try_write(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Option<Result<u32>> {
         if !file.writable {
-            return Some(Err(FsError::Errno(libc::EBADF, "not open for writing")));
+            return Some(Err(FsError::new(libc::EBADF, "not open for writing")));
         }
         let writer = file.writes.writer.get()?.as_ref()?;
         let end = offset.checked_add(data.len() as u64)?;
@@ -478,13 +478,12 @@ impl Volume {
         data: Vec<u8>,
     ) -> Result<u32> {
         if !file.writable {
-            return Err(FsError::Errno(libc::EBADF, "not open for writing"));
+            return Err(FsError::new(libc::EBADF, "not open for writing"));
         }
         let len = data.len() as u32;
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Errno(
-            libc::EFBIG,
-            "write beyond the largest offset",
-        ))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::new(libc::EFBIG, "write beyond the largest offset"))?;
         let source = self.source()?;
         let writer = self.writer(file, &source).await?;
         let ino = file.ino;
@@ -515,7 +514,7 @@ impl Volume {
                     volume.observe(&result);
                     let failure = result.err();
                     if let Some(e) = &failure {
-                        tracing::warn!(ino, offset, error = %e, "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
+                        tracing::warn!(ino, offset, error = %crate::error::Chain(&e), "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
                     }
                     let landed = failure.is_none();
                     volume.write_landed(ino, id, failure);
@@ -575,12 +574,12 @@ impl Volume {
             (last, if last { state.late_error.take() } else { None })
         };
         if let Some(e) = unreported {
-            tracing::warn!(ino = file.ino, error = %e, "a write failed after the file's last flush");
+            tracing::warn!(ino = file.ino, error = %crate::error::Chain(&e), "a write failed after the file's last flush");
         }
         if last {
             self.meta.expire(file.ino);
             if let Err(e) = self.getattr(file.ino).await {
-                tracing::debug!(ino = file.ino, error = %e, "cannot read attributes after writing");
+                tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "cannot read attributes after writing");
             }
         }
     }
@@ -655,7 +654,7 @@ impl Volume {
         let ino = self
             .meta
             .upsert_child(parent, name, handle, attr.clone(), true)
-            .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
+            .ok_or(FsError::new(libc::ENOTDIR, "not a directory"))?;
         Ok(Entry {
             ino,
             attr,
@@ -733,7 +732,7 @@ impl Volume {
             Err(e) => {
                 // Renamed, but its new identity is unknown: forget both names; the kernel's
                 // next lookup asks the source.
-                tracing::debug!(error = %e, "cannot look up a renamed file");
+                tracing::debug!(error = %crate::error::Chain(&e), "cannot look up a renamed file");
                 self.meta.remove_child(parent, name);
                 self.meta.remove_child(new_parent, new_name);
             }
@@ -749,7 +748,7 @@ impl Volume {
         let truncates = changes.size.is_some();
         let kind = self.meta.with(ino, |n| n.attr.kind);
         if truncates && kind == Some(Kind::Directory) {
-            return Err(FsError::Errno(libc::EISDIR, "is a directory"));
+            return Err(FsError::new(libc::EISDIR, "is a directory"));
         }
         // A truncate must not be overtaken by an earlier write, nor a size set by one.
         self.settle_writes(ino).await;
