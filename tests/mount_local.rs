@@ -646,3 +646,48 @@ fn a_hundred_thousand_names_looked_up_once_leave_a_bounded_node_table() {
         "{looked_up} names looked up in {took:?}; at most {most_referenced} referenced, at most {most_known_after_eviction} nodes known once forgotten (limit {KEPT})"
     );
 }
+
+/// Work spawned for a request logs inside the request's span (its id, operation, inode,
+/// handle, offset and size), and a failed prefetch says which file, block and bytes, and why.
+#[test]
+fn a_failed_prefetch_is_logged_in_its_request_with_the_file_the_bytes_and_the_cause() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random_file(&src.join("big.bin"), 24 << 20, 7);
+    let mount = Mount::start(&dirs, src.to_str().unwrap(), &["--no-passthrough"]);
+    let mut file = std::fs::File::open(dirs.mnt.join("big.bin")).unwrap();
+    // Gone from the source once opened: every fetch of it fails from now on.
+    std::fs::remove_file(src.join("big.bin")).unwrap();
+    let mut buffer = vec![0; 4096];
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(16 << 20)).unwrap();
+    let _ = file.read(&mut buffer);
+    let _ = file.read(&mut buffer);
+    drop(file);
+    wait_until(
+        "a failed prefetch is logged",
+        Duration::from_secs(10),
+        || mount.log_text().contains("prefetch failed"),
+    );
+    let log = mount.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("prefetch failed") && l.contains("op=\"read\""))
+        .unwrap_or_else(|| panic!("no prefetch failure inside a read's span:\n{log}"));
+    for field in [
+        "fuse{unique=",
+        "ino=",
+        "fh=",
+        "offset=",
+        "size=",
+        "block=",
+        "key=",
+    ] {
+        assert!(line.contains(field), "{field} missing from: {line}");
+    }
+    assert!(
+        line.contains("No such file or directory"),
+        "the cause is missing from: {line}"
+    );
+}

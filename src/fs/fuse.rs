@@ -951,6 +951,56 @@ impl FuseAdapter {
     }
 }
 
+/// A request's name, and the handle, offset and size it concerns (those it has).
+fn describe(operation: &Operation<'_>) -> (&'static str, Option<u64>, Option<u64>, Option<u64>) {
+    let none = (None, None, None);
+    let (op, (fh, offset, size)) = match *operation {
+        Operation::Init { .. } => ("init", none),
+        Operation::Destroy => ("destroy", none),
+        Operation::Lookup { .. } => ("lookup", none),
+        Operation::Forget { .. } => ("forget", none),
+        Operation::BatchForget(_) => ("batch_forget", none),
+        Operation::Getattr { fh } => ("getattr", (fh, None, None)),
+        Operation::Setattr(ref set) => ("setattr", (set.fh, set.size, None)),
+        Operation::Readlink => ("readlink", none),
+        Operation::Symlink { .. } => ("symlink", none),
+        Operation::Mknod { .. } => ("mknod", none),
+        Operation::Mkdir { .. } => ("mkdir", none),
+        Operation::Unlink { .. } => ("unlink", none),
+        Operation::Rmdir { .. } => ("rmdir", none),
+        Operation::Rename { .. } => ("rename", none),
+        Operation::Link { .. } => ("link", none),
+        Operation::Open { .. } => ("open", none),
+        Operation::Read { fh, offset, size } => {
+            ("read", (Some(fh), Some(offset), Some(size.into())))
+        }
+        Operation::Write { fh, offset, data } => {
+            ("write", (Some(fh), Some(offset), Some(data.len() as u64)))
+        }
+        Operation::Statfs => ("statfs", none),
+        Operation::Release { fh } => ("release", (Some(fh), None, None)),
+        Operation::Fsync { fh } => ("fsync", (Some(fh), None, None)),
+        Operation::Flush { fh } => ("flush", (Some(fh), None, None)),
+        Operation::Opendir => ("opendir", none),
+        Operation::Readdir {
+            fh, offset, size, ..
+        } => ("readdir", (Some(fh), Some(offset), Some(size.into()))),
+        Operation::Releasedir { fh } => ("releasedir", (Some(fh), None, None)),
+        Operation::Fsyncdir => ("fsyncdir", none),
+        Operation::Access { .. } => ("access", none),
+        Operation::Create { .. } => ("create", none),
+        Operation::Interrupt => ("interrupt", none),
+        Operation::Getxattr => ("getxattr", none),
+        Operation::Listxattr => ("listxattr", none),
+        Operation::Setxattr => ("setxattr", none),
+        Operation::Removexattr => ("removexattr", none),
+        Operation::Fallocate => ("fallocate", none),
+        Operation::Lseek { fh, offset, .. } => ("lseek", (Some(fh), Some(offset), None)),
+        Operation::Unsupported => ("unsupported", none),
+    };
+    (op, fh, offset, size)
+}
+
 /// Replies to a request whose answer is only success or an errno.
 fn reply_empty(reply: Reply, op: &'static str, ino: Ino, result: Result<(), FsError>) {
     match result {
@@ -991,10 +1041,16 @@ impl Filesystem for FuseAdapter {
     }
 
     fn handle(self: &Arc<Self>, request: Request<'_>, reply: Reply) {
-        let span = tracing::debug_span!(
+        // Every line logged for the request, here or in the work it spawns, carries these.
+        let (op, fh, offset, size) = describe(&request.operation);
+        let span = tracing::info_span!(
             "fuse",
             unique = request.header.unique,
-            ino = request.header.nodeid
+            op,
+            ino = request.header.nodeid,
+            fh,
+            offset,
+            size,
         );
         let _entered = span.enter();
         self.dispatch(request, reply);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OnceCell, Semaphore};
+use tracing::Instrument;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::cache::policy::Priority;
@@ -744,8 +745,9 @@ impl Volume {
                 false
             });
         }
-        let (cache, lease) = (cache.clone(), lease.clone());
+        let (cache, lease, span) = (cache.clone(), lease.clone(), tracing::Span::current());
         self.runtime.spawn_blocking(move || {
+            let _span = span.enter();
             if let Err(e) = cache.prepare_passthrough(&lease) {
                 tracing::warn!(error = %crate::error::Chain(&e), "cannot verify cached file");
             }
@@ -897,7 +899,9 @@ impl Volume {
         }
         let (volume, cache, lease, queued) =
             (self.clone(), cache.clone(), lease.clone(), data.clone());
+        let span = tracing::Span::current();
         self.runtime.spawn_blocking(move || {
+            let _span = span.enter();
             store(&cache, &lease, block, &queued);
             volume.forget_fetch(lease.key, block, &cell);
             volume.stores.done();
@@ -970,14 +974,24 @@ impl Volume {
         for block in cache.missing_blocks(lease, first, last) {
             let (volume, file, lease) = (self.clone(), file.clone(), lease.clone());
             let slots = self.prefetch_slots.clone();
-            self.runtime.spawn(async move {
+            let task = async move {
                 let Ok(_slot) = slots.acquire_owned().await else {
                     return;
                 };
                 if let Err(e) = volume.block(&file, &lease, block, false).await {
-                    tracing::debug!(error = %crate::error::Chain(&e), block, "prefetch failed");
+                    // Nobody waits for this block: the failure is only logged (a reader of it
+                    // fetches it again). An unreachable source is logged once, by `observe`.
+                    let (offset, size) = lease.block_range(block);
+                    let error = crate::error::Chain(&e);
+                    let (ino, key) = (file.ino, lease.key);
+                    if !volume.is_online() {
+                        tracing::debug!(ino, %key, block, offset, size, %error, "prefetch failed");
+                    } else {
+                        tracing::warn!(ino, %key, block, offset, size, %error, "prefetch failed");
+                    }
                 }
-            });
+            };
+            self.runtime.spawn(task.in_current_span());
         }
     }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::meta::Ino;
 use super::{Entry, FsError, OpenFile, Result, Volume, content_key};
@@ -387,7 +388,7 @@ impl Volume {
                 state.late_error.get_or_insert(e);
             }
             state.landed.notify_waiters();
-        });
+        }.in_current_span());
     }
 
     /// Waits for a background COMMIT of `ino` to be answered, so that its failure is not
@@ -521,7 +522,7 @@ impl Volume {
                     if landed {
                         volume.commit_early(ino, &handle, u64::from(len));
                     }
-                });
+                }.in_current_span());
                 Ok(len)
             }
         }
