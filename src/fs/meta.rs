@@ -270,21 +270,12 @@ impl MetaStore {
         self.table.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn append(&self, table: &Table, record: MetaRecord) {
-        let Some(journal) = &self.journal else {
-            return;
-        };
-        if let Err(e) = journal.append(&record) {
-            tracing::warn!(error = %crate::error::Chain(&e), "cannot persist metadata; it will be fetched again after a restart");
-            return;
-        }
-        if journal.wants_rewrite() {
-            self.rewrite(table);
-        }
+    /// Appends a record (in memory; see [`MetaStore::flush`]). Called under the table's write
+    /// lock, which orders the records with the table; `_table` is the proof.
+    fn append(&self, _table: &Table, record: MetaRecord) {
+        self.append_quiet(record);
     }
 
-    /// Appends a record without compacting (the caller is in the middle of a change; the next
-    /// append compacts if needed).
     fn append_quiet(&self, record: MetaRecord) {
         if let Some(journal) = &self.journal {
             if let Err(e) = journal.append(&record) {
@@ -293,36 +284,36 @@ impl MetaStore {
         }
     }
 
+    /// Replaces the journal by a snapshot of the table once it has grown enough: encoded under
+    /// the read lock (appends, made under the write lock, are ordered with it), written, synced
+    /// and renamed after the lock is released, so that no request waits for the disk.
+    fn compact_if_wanted(&self) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if !journal.wants_rewrite() {
+            return;
+        }
+        let snapshot = {
+            let table = self.read();
+            journal.snapshot(snapshot_records(&table))
+        };
+        let installed = match snapshot {
+            Ok(Some(snapshot)) => snapshot.install(),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = installed {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot compact the metadata journal");
+        }
+    }
+
+    /// Replaces the journal by the table now (at load, and when the root changed).
     fn rewrite(&self, table: &Table) {
         let Some(journal) = &self.journal else {
             return;
         };
-        let mut records = Vec::with_capacity(table.nodes.len() * 2);
-        for (ino, node) in &table.nodes {
-            records.push(node_record(*ino, node));
-            if let Some(at_ms) = node.dir.as_ref().and_then(|d| d.listed_ms) {
-                records.push(MetaRecord::Listed { ino: *ino, at_ms });
-            }
-            if let Some(target) = &node.link {
-                records.push(MetaRecord::Link {
-                    ino: *ino,
-                    target: target.clone(),
-                });
-            }
-        }
-        // The highest number given out survives the rewrite even if its node is gone (a
-        // removal of it is what replay counts).
-        let highest = table.next_ino - 1;
-        if highest > ROOT && !table.nodes.contains_key(&highest) {
-            records.push(MetaRecord::Removed { ino: highest });
-        }
-        // Parents before children, so that replay can rebuild children maps in one pass.
-        records.sort_by_key(|r| match r {
-            MetaRecord::Node { ino, .. } => (*ino, 0),
-            MetaRecord::Listed { ino, .. } | MetaRecord::Link { ino, .. } => (*ino, 1),
-            MetaRecord::Removed { ino } => (*ino, 2),
-        });
-        if let Err(e) = journal.rewrite(records) {
+        if let Err(e) = journal.rewrite(snapshot_records(table)) {
             tracing::warn!(error = %crate::error::Chain(&e), "cannot compact the metadata journal");
         }
     }
@@ -332,11 +323,18 @@ impl MetaStore {
     /// a reply gives new numbers to the kernel. A crash of the node ends the connection anyway.
     pub fn persist_inodes(&self) {
         if self.new_inodes.swap(false, Ordering::AcqRel) {
-            self.flush(false);
+            if let Some(journal) = &self.journal {
+                if let Err(e) = journal.flush(false) {
+                    tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
+                }
+            }
         }
     }
 
+    /// Writes the records appended so far (and syncs them with `sync`), compacting the
+    /// journal first if it has grown enough. Called periodically, outside every request.
     pub fn flush(&self, sync: bool) {
+        self.compact_if_wanted();
         if let Some(journal) = &self.journal {
             if let Err(e) = journal.flush(sync) {
                 tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
@@ -802,6 +800,38 @@ impl MetaStore {
     }
 }
 
+/// The table as journal records: every node, then its listing time and link target; the highest
+/// number given out survives even if its node is gone. Parents come before children, so that
+/// replay rebuilds children maps in one pass.
+fn snapshot_records(table: &Table) -> Vec<MetaRecord> {
+    let mut records = Vec::with_capacity(table.nodes.len() * 2);
+    for (ino, node) in &table.nodes {
+        records.push(node_record(*ino, node));
+        if let Some(at_ms) = node.dir.as_ref().and_then(|d| d.listed_ms) {
+            records.push(MetaRecord::Listed { ino: *ino, at_ms });
+        }
+        if let Some(target) = &node.link {
+            records.push(MetaRecord::Link {
+                ino: *ino,
+                target: target.clone(),
+            });
+        }
+    }
+    // The highest number given out survives the rewrite even if its node is gone (a
+    // removal of it is what replay counts).
+    let highest = table.next_ino - 1;
+    if highest > ROOT && !table.nodes.contains_key(&highest) {
+        records.push(MetaRecord::Removed { ino: highest });
+    }
+    // Parents before children, so that replay can rebuild children maps in one pass.
+    records.sort_by_key(|r| match r {
+        MetaRecord::Node { ino, .. } => (*ino, 0),
+        MetaRecord::Listed { ino, .. } | MetaRecord::Link { ino, .. } => (*ino, 1),
+        MetaRecord::Removed { ino } => (*ino, 2),
+    });
+    records
+}
+
 fn same_kind(a: &Attr, b: &Attr) -> bool {
     a.kind == b.kind
 }
@@ -1077,5 +1107,58 @@ mod tests {
         assert!(!store.known_absent(ROOT, b"a", |_| true));
         assert_eq!(store.child(ROOT, b"a"), None);
         assert!(store.child(ROOT, b"e").is_some());
+    }
+
+    /// The journal's compaction waits for the disk outside the table's locks: while it is
+    /// stalled, lookups, new names, references and forgets answer.
+    #[cfg(debug_assertions)]
+    #[test]
+    fn a_compaction_stalled_on_the_disk_never_holds_the_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, records) = Journal::open(&dir.path().join("meta")).unwrap();
+        let store = std::sync::Arc::new(MetaStore::persistent(journal, records, usize::MAX));
+        store.set_root(handle(""), attr(Kind::Directory, 0));
+        let journal = || store.journal.as_ref().unwrap();
+        let mut i = 0;
+        while !journal().wants_rewrite() {
+            let name = format!("f{i}");
+            store.upsert_child(
+                ROOT,
+                name.as_bytes(),
+                handle(&name),
+                attr(Kind::File, 1),
+                false,
+            );
+            i += 1;
+            assert!(i < 1_000_000, "the journal never wants a rewrite");
+        }
+        journal().fault().arm();
+        let compacting = {
+            let store = store.clone();
+            std::thread::spawn(move || store.flush(false))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while journal().fault().waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the compaction never reached the disk"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let started = std::time::Instant::now();
+        let new = store
+            .upsert_child(ROOT, b"new", handle("new"), attr(Kind::File, 1), true)
+            .unwrap();
+        assert!(store.child(ROOT, b"f0").is_some());
+        assert!(store.reference(new, |_| ()).is_some());
+        store.forget(new, 2);
+        store.set_listing(ROOT, vec![entry("only", Kind::File, 1)]);
+        let took = started.elapsed();
+        journal().fault().release();
+        compacting.join().unwrap();
+        assert!(
+            took < Duration::from_secs(1),
+            "the namespace waited {took:?} for the disk"
+        );
     }
 }
