@@ -1,4 +1,5 @@
 use super::*;
+use meta::ROOT;
 use std::path::Path;
 
 fn cache(dir: &Path) -> Arc<Cache> {
@@ -204,55 +205,6 @@ fn the_store_queue_pushes_back_when_full_and_reports_when_it_empties() {
     assert!(stores.wait_idle(Duration::from_secs(10)));
     finisher.join().unwrap();
     assert!(stores.enqueue(), "an emptied queue takes stores again");
-}
-
-#[test]
-fn read_ahead_narrows_when_fetches_queue_and_widens_when_they_stop() {
-    let mut ahead = ReadAhead::default();
-    let block = 1u32 << 20;
-    let mut reads = 0u32;
-    // Reads the next block; returns it and what it requested ahead.
-    let mut read = |ahead: &mut ReadAhead| {
-        let current = reads;
-        reads += 1;
-        (
-            current,
-            ahead.advance(u64::from(current) * u64::from(block), block, block, 10_000),
-        )
-    };
-    for _ in 0..6 {
-        read(&mut ahead);
-    }
-    assert_eq!(ahead.window, MAX_READAHEAD_BLOCKS);
-
-    // Fetches take ten times the fastest: blocks in flight are queueing.
-    ahead.fetched(Duration::from_millis(10));
-    for _ in 0..4 {
-        ahead.fetched(Duration::from_millis(100));
-    }
-    assert_eq!(ahead.limit, 2);
-    let mut requested = 0;
-    for _ in 0..2 * MAX_READAHEAD_BLOCKS {
-        if let (current, Some(next)) = read(&mut ahead) {
-            assert!(
-                next.end <= current + 3,
-                "{next:?} requested at block {current}"
-            );
-            requested += 1;
-        }
-    }
-    assert_eq!(ahead.window, 2);
-    assert!(requested > 0, "reading went on without fetching ahead");
-
-    // Near the fastest again: the limit grows back by one per fetch.
-    for _ in 0..MAX_READAHEAD_BLOCKS {
-        ahead.fetched(Duration::from_millis(11));
-    }
-    assert_eq!(ahead.limit, MAX_READAHEAD_BLOCKS);
-    for _ in 0..4 {
-        read(&mut ahead);
-    }
-    assert_eq!(ahead.window, MAX_READAHEAD_BLOCKS);
 }
 
 #[test]
