@@ -16,7 +16,7 @@ use super::handles::{FileHandle, Handles};
 use super::intents::Intents;
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::passthrough::{BackingKind, Decision, OpenMode};
-use super::{Entry, FsError, OpenFile, Volume};
+use super::{FsError, NodeEntry, OpenFile, Volume};
 use crate::error::Chain;
 use crate::failpoint;
 use crate::fuse::abi::{UNIQUE_RESEND, fopen, init};
@@ -195,7 +195,7 @@ fn attributes(ino: Ino, attr: &Attr) -> Attributes {
     }
 }
 
-fn entry_out(entry: &Entry) -> EntryOut {
+fn entry_out(entry: &NodeEntry) -> EntryOut {
     EntryOut {
         nodeid: entry.ino,
         ttl: entry.ttl,
@@ -269,7 +269,7 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+    fn reply_entry(&self, reply: Reply, parent: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => {
                 self.volume.persist_inodes();
@@ -285,7 +285,7 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_attr(reply: Reply, ino: Ino, result: Result<Entry, FsError>) {
+    fn reply_attr(reply: Reply, ino: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => reply.attr(entry.ttl, &attributes(entry.ino, &entry.attr)),
             Err(e) => reply_error(reply, "getattr", ino, &e),
@@ -299,7 +299,7 @@ impl FuseAdapter {
         reply: Reply,
         ino: Ino,
         result: Result<Arc<OpenFile>, FsError>,
-        entry: Option<Entry>,
+        entry: Option<NodeEntry>,
         may_wait: bool,
     ) {
         let file = match result {
@@ -940,7 +940,7 @@ impl FuseAdapter {
     }
 
     /// Replies to mkdir and symlink.
-    fn reply_created_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+    fn reply_created_entry(&self, reply: Reply, parent: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => {
                 self.volume.persist_inodes();
@@ -1009,7 +1009,7 @@ fn reply_empty(reply: Reply, op: &'static str, ino: Ino, result: Result<(), FsEr
     }
 }
 
-fn send_open(reply: Reply, fh: u64, flags: u32, mode: OpenMode, entry: Option<Entry>) {
+fn send_open(reply: Reply, fh: u64, flags: u32, mode: OpenMode, entry: Option<NodeEntry>) {
     let open = OpenOut {
         fh,
         flags,

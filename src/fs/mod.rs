@@ -69,7 +69,7 @@ pub struct VolumeConfig {
 
 /// A node's attributes as served to the kernel, and how long it may keep them.
 #[derive(Clone, Debug)]
-pub struct Entry {
+pub struct NodeEntry {
     pub ino: Ino,
     pub attr: Attr,
     pub ttl: Duration,

@@ -3,21 +3,21 @@
 //! to nodes (lookup counts, see [`super::meta`]).
 
 use super::meta::{Ino, ListedEntry, ROOT};
-use super::{Entry, FsError, Result, STALE_TTL, Volume};
+use super::{FsError, NodeEntry, Result, STALE_TTL, Volume};
 use crate::source::{Handle, Kind};
 
 impl Volume {
-    pub(super) fn entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
+    pub(super) fn entry(&self, ino: Ino, fresh: bool) -> Option<NodeEntry> {
         let attr = self.meta.with(ino, |n| n.attr.clone())?;
         let ttl = if fresh { self.kernel_ttl() } else { STALE_TTL };
-        Some(Entry { ino, attr, ttl })
+        Some(NodeEntry { ino, attr, ttl })
     }
 
     /// [`Volume::entry`] for the kernel: the reference it is given is counted.
-    pub(super) fn referenced_entry(&self, ino: Ino, fresh: bool) -> Option<Entry> {
+    pub(super) fn referenced_entry(&self, ino: Ino, fresh: bool) -> Option<NodeEntry> {
         let attr = self.meta.reference(ino, |n| n.attr.clone())?;
         let ttl = if fresh { self.kernel_ttl() } else { STALE_TTL };
-        Some(Entry { ino, attr, ttl })
+        Some(NodeEntry { ino, attr, ttl })
     }
 
     /// The kernel dropped `count` references to `ino` (FUSE `FORGET`), or a reference an
@@ -50,7 +50,7 @@ impl Volume {
 
     /// Answers a lookup from fresh metadata; `None` when the source must be asked. The entry
     /// found carries a reference for the kernel ([`Volume::forget`] it if it is not handed on).
-    pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<Entry>> {
+    pub fn try_lookup(&self, parent: Ino, name: &[u8]) -> Option<Result<NodeEntry>> {
         if let Some(ino) = self.meta.child(parent, name) {
             if self.writes_in_flight(ino) {
                 return None;
@@ -67,7 +67,7 @@ impl Volume {
         None
     }
 
-    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Entry> {
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> Result<NodeEntry> {
         if let Some(answer) = self.try_lookup(parent, name) {
             return answer;
         }
@@ -87,7 +87,7 @@ impl Volume {
                     .upsert_child(parent, name, handle, attr.clone(), true)
                     .ok_or(FsError::new(libc::ENOTDIR, "not a directory"))?;
                 self.cover_writes_in_flight(ino);
-                Ok(Entry {
+                Ok(NodeEntry {
                     ino,
                     attr,
                     ttl: self.kernel_ttl(),
@@ -112,7 +112,7 @@ impl Volume {
         }
     }
 
-    pub fn try_getattr(&self, ino: Ino) -> Option<Result<Entry>> {
+    pub fn try_getattr(&self, ino: Ino) -> Option<Result<NodeEntry>> {
         let Some(checked) = self.meta.with(ino, |n| n.checked_ms) else {
             return Some(Err(FsError::unknown_inode(ino)));
         };
@@ -123,7 +123,7 @@ impl Volume {
             .then(|| self.entry(ino, true).ok_or(FsError::unknown_inode(ino)))
     }
 
-    pub async fn getattr(&self, ino: Ino) -> Result<Entry> {
+    pub async fn getattr(&self, ino: Ino) -> Result<NodeEntry> {
         if let Some(answer) = self.try_getattr(ino) {
             return answer;
         }
@@ -131,7 +131,7 @@ impl Volume {
     }
 
     /// Asks the source for a node's attributes (serving the known ones if it cannot answer).
-    pub(super) async fn revalidate(&self, ino: Ino) -> Result<Entry> {
+    pub(super) async fn revalidate(&self, ino: Ino) -> Result<NodeEntry> {
         let handle = self.node_handle(ino)?;
         // The source must not be asked before the writes it has not seen yet land.
         self.settle_writes(ino).await;
@@ -144,7 +144,7 @@ impl Volume {
             Ok(attr) => {
                 self.meta.update_attr(ino, attr.clone());
                 self.cover_writes_in_flight(ino);
-                Ok(Entry {
+                Ok(NodeEntry {
                     ino,
                     attr,
                     ttl: self.kernel_ttl(),
@@ -161,14 +161,14 @@ impl Volume {
     }
 
     /// The attributes of a node, as known.
-    pub fn known_entry(&self, ino: Ino) -> Option<Entry> {
+    pub fn known_entry(&self, ino: Ino) -> Option<NodeEntry> {
         let checked = self.meta.with(ino, |n| n.checked_ms)?;
         self.entry(ino, self.fresh(checked))
     }
 
     /// [`Volume::known_entry`] for the kernel (a listing with attributes, a resent CREATE):
     /// the reference it is given is counted.
-    pub fn referenced_known_entry(&self, ino: Ino) -> Option<Entry> {
+    pub fn referenced_known_entry(&self, ino: Ino) -> Option<NodeEntry> {
         let (checked, attr) = self
             .meta
             .reference(ino, |n| (n.checked_ms, n.attr.clone()))?;
@@ -177,7 +177,7 @@ impl Volume {
         } else {
             STALE_TTL
         };
-        Some(Entry { ino, attr, ttl })
+        Some(NodeEntry { ino, attr, ttl })
     }
 
     // ---- directories and symlinks ----------------------------------------------------------
@@ -237,7 +237,7 @@ impl Volume {
 
     /// Resolves a path relative to the volume root, component by component (used by preload).
     /// The entry carries a reference (unless it is the root): [`Volume::forget`] it when done.
-    pub async fn resolve(&self, path: &[u8]) -> Result<Entry> {
+    pub async fn resolve(&self, path: &[u8]) -> Result<NodeEntry> {
         let mut entry = match self.try_getattr(ROOT) {
             Some(answer) => answer?,
             None => self.getattr(ROOT).await?,

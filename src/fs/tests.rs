@@ -155,7 +155,7 @@ async fn preload_loads_everything_once_and_accounts_for_it() {
     }
     std::os::unix::fs::symlink("/etc/passwd", source.path().join("link")).unwrap();
     let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
-    let request = || warm::Request {
+    let request = || warm::PreloadRequest {
         paths: vec!["/".into(), "missing".into()],
         parallel: 4,
     };

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use super::meta::{Ino, ListedEntry, ROOT};
-use super::{Entry, FsError, Result, Volume, content_key};
+use super::{FsError, NodeEntry, Result, Volume, content_key};
 use crate::cache::policy::Priority;
 use crate::error::Chain;
 use crate::source::Kind;
@@ -95,7 +95,7 @@ impl Tracker {
 }
 
 /// What one preload is asked to do.
-pub struct Request {
+pub struct PreloadRequest {
     /// Paths relative to the volume root (`""` or `/` for all of it).
     pub paths: Vec<String>,
     /// Files fetched at once.
@@ -105,7 +105,7 @@ pub struct Request {
 impl Volume {
     /// Starts a preload in the background and returns its tracker. Status reports show the
     /// latest one.
-    pub fn start_warm(self: &Arc<Self>, request: Request) -> Arc<Tracker> {
+    pub fn start_warm(self: &Arc<Self>, request: PreloadRequest) -> Arc<Tracker> {
         let tracker = Arc::new(Tracker::new(request.paths.clone()));
         *self.preload.lock().unwrap_or_else(|p| p.into_inner()) = Some(tracker.clone());
         let volume = self.clone();
@@ -120,7 +120,7 @@ impl Volume {
         tracker
     }
 
-    async fn warm(self: &Arc<Self>, request: Request, tracker: &Arc<Tracker>) {
+    async fn warm(self: &Arc<Self>, request: PreloadRequest, tracker: &Arc<Tracker>) {
         let parallel = request.parallel.clamp(1, 256);
         let (files_tx, files_rx) = tokio::sync::mpsc::channel::<(Ino, String)>(parallel * 4);
         let files_rx = Arc::new(tokio::sync::Mutex::new(files_rx));
@@ -219,7 +219,7 @@ impl Volume {
 
     /// A reference to a listed entry for the preload: the node listed, or, if the namespace
     /// cache evicted it since, the name looked up again.
-    async fn hold(&self, dir: Ino, entry: &ListedEntry) -> Result<Entry> {
+    async fn hold(&self, dir: Ino, entry: &ListedEntry) -> Result<NodeEntry> {
         if let Some(held) = self.referenced_known_entry(entry.ino) {
             return Ok(held);
         }

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use super::meta::Ino;
-use super::{Entry, FsError, OpenFile, Result, Volume, content_key};
+use super::{FsError, NodeEntry, OpenFile, Result, Volume, content_key};
 use crate::cache::ContentKey;
 use crate::source::{Attr, FileWriter, Handle, Kind, Landing, Owner, SetAttr, Source, SourceError};
 
@@ -594,7 +594,7 @@ impl Volume {
         mode: u16,
         owner: Owner,
         exclusive: bool,
-    ) -> Result<(Entry, Arc<OpenFile>)> {
+    ) -> Result<(NodeEntry, Arc<OpenFile>)> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -621,7 +621,13 @@ impl Volume {
     }
 
     #[tracing::instrument(skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
-    pub async fn mkdir(&self, parent: Ino, name: &[u8], mode: u16, owner: Owner) -> Result<Entry> {
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+    ) -> Result<NodeEntry> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -638,7 +644,7 @@ impl Volume {
         name: &[u8],
         target: &[u8],
         owner: Owner,
-    ) -> Result<Entry> {
+    ) -> Result<NodeEntry> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -651,12 +657,12 @@ impl Volume {
     }
 
     /// Records a node created on the source; its entry carries a reference for the kernel.
-    fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<Entry> {
+    fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<NodeEntry> {
         let ino = self
             .meta
             .upsert_child(parent, name, handle, attr.clone(), true)
             .ok_or(FsError::new(libc::ENOTDIR, "not a directory"))?;
-        Ok(Entry {
+        Ok(NodeEntry {
             ino,
             attr,
             ttl: self.kernel_ttl(),
@@ -743,7 +749,7 @@ impl Volume {
 
     /// Changes attributes: mode, owner, size (truncate), times.
     #[tracing::instrument(skip(self))]
-    pub async fn setattr(&self, ino: Ino, changes: SetAttr) -> Result<Entry> {
+    pub async fn setattr(&self, ino: Ino, changes: SetAttr) -> Result<NodeEntry> {
         self.check_writable()?;
         let handle = self.node_handle(ino)?;
         let truncates = changes.size.is_some();
@@ -764,7 +770,7 @@ impl Volume {
             }
         }
         self.meta.update_attr(ino, attr.clone());
-        Ok(Entry {
+        Ok(NodeEntry {
             ino,
             attr,
             ttl: self.kernel_ttl(),
