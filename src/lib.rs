@@ -16,5 +16,6 @@ pub mod keeper;
 pub mod lockfile;
 pub mod metrics;
 pub mod mount;
+pub mod mountpoint;
 pub mod source;
 pub mod units;

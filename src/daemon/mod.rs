@@ -41,7 +41,7 @@ use crate::fs::warm::PreloadRequest;
 use crate::fs::{Volume, VolumeConfig};
 use crate::fuse::{Channel, Connection, Session};
 use crate::keeper;
-use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
+use crate::mountpoint::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
 use session::{SessionDir, SessionRecord};
 
