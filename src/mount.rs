@@ -22,18 +22,20 @@ pub enum MountError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Volume(#[from] FsError),
-    #[error("cannot mount {mountpoint}: {cause}")]
+    #[error("cannot mount {mountpoint}")]
     Fuse {
         mountpoint: PathBuf,
+        #[source]
         cause: ConnectionError,
     },
-    #[error("control socket {path}: {cause}")]
+    #[error("control socket {path}")]
     Control {
         path: PathBuf,
+        #[source]
         cause: std::io::Error,
     },
-    #[error("cannot start the runtime: {0}")]
-    Runtime(std::io::Error),
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("{0}")]
     Settings(String),
 }
