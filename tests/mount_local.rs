@@ -691,3 +691,44 @@ fn a_failed_prefetch_is_logged_in_its_request_with_the_file_the_bytes_and_the_ca
         "the cause is missing from: {line}"
     );
 }
+
+/// A directory bigger than `--metadata-nodes` is listed completely, with the right attributes,
+/// every time, although its entries cannot all stay known: the kernel is given those evicted
+/// meanwhile without attributes and looks them up.
+#[test]
+fn a_listing_bigger_than_the_metadata_limit_is_complete_every_time() {
+    const FILES: usize = 3_000;
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    let dir = src.join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..FILES {
+        std::fs::write(dir.join(format!("f{i:05}")), vec![b'x'; i % 97]).unwrap();
+    }
+    let _mount = Mount::start(
+        &dirs,
+        src.to_str().unwrap(),
+        &["--metadata-nodes", "500", "--metadata-ttl", "0s"],
+    );
+    for round in 0..3 {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dirs.mnt.join("many")).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            let i: usize = name[1..].parse().unwrap();
+            let size = entry.metadata().unwrap().len();
+            assert_eq!(size, (i % 97) as u64, "round {round}: size of {name}");
+            seen += 1;
+        }
+        assert_eq!(seen, FILES, "round {round}: entries listed");
+        if round == 1 {
+            std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        }
+    }
+    let known = dirs.status()["nodes_known"].as_u64().unwrap();
+    let referenced = dirs.status()["nodes_referenced"].as_u64().unwrap();
+    assert!(
+        known <= 500 + referenced + 2,
+        "{known} nodes known with {referenced} referenced"
+    );
+}
