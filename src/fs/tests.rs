@@ -228,3 +228,64 @@ fn a_cache_failure_is_an_eio_logged_as_an_error_with_every_cause() {
     assert_eq!(e.level(), tracing::Level::DEBUG);
     assert!(crate::error::Chain(&e).to_string().contains("no file x"));
 }
+
+/// What the volume keeps per inode (the version its page cache holds, its write state) goes
+/// when the kernel forgets the inode; a node still referenced keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_inode_leaves_nothing_behind_in_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("read"), pattern(1000)).unwrap();
+    let volume = Volume::open(
+        SourceSpec::Local(src.clone()),
+        options(),
+        Some(cache(&dir.path().join("cache"))),
+        VolumeConfig {
+            metadata_ttl: Ttl::Finite(Duration::from_secs(60)),
+            read_write: true,
+            idle_nodes: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let read = volume.lookup(ROOT, b"read").await.unwrap();
+    // Two references: the kernel looked the name up twice.
+    volume.lookup(ROOT, b"read").await.unwrap();
+    let file = volume.open_file(read.ino, false).await.unwrap();
+    assert_eq!(read_all(&volume, &file).await, pattern(1000));
+    drop(file);
+    let owner = crate::source::Owner { uid: 0, gid: 0 };
+    let (written, writer) = volume
+        .create(ROOT, b"written", 0o644, owner, false)
+        .await
+        .unwrap();
+    volume.write(&writer, 0, b"abc".to_vec()).await.unwrap();
+    volume.commit(&writer).await.unwrap();
+    volume.release(&writer).await;
+    drop(writer);
+    let kept = |ino| {
+        (
+            volume
+                .page_cache_versions
+                .lock()
+                .unwrap()
+                .contains_key(&ino),
+            volume.writes.lock().unwrap().contains_key(&ino),
+        )
+    };
+    assert_eq!(kept(read.ino), (true, false));
+    assert_eq!(kept(written.ino), (false, true));
+
+    volume.forget(read.ino, 1);
+    assert_eq!(kept(read.ino), (true, false), "still referenced once");
+    assert!(volume.known_entry(read.ino).is_some());
+    volume.forget(read.ino, 1);
+    volume.forget(written.ino, 1);
+    assert_eq!(kept(read.ino), (false, false));
+    assert_eq!(kept(written.ino), (false, false));
+    // With no room for unreferenced nodes, both are gone from the namespace too.
+    assert!(volume.known_entry(read.ino).is_none());
+    assert!(volume.known_entry(written.ino).is_none());
+    assert_eq!(volume.status().nodes_referenced, 0);
+}
