@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use reservoir::control::{Client, DaemonStatus, MountStatus, Request, Response};
+use reservoir::control::{ControlClient, ControlRequest, DaemonStatus, MountStatus, Response};
 use reservoir::fs::warm::Progress;
 use reservoir::units::human_bytes;
 
@@ -17,8 +17,8 @@ use reservoir::units::human_bytes;
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub fn status(mountpoint: &Path, json: bool, socket: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(mountpoint, socket)?;
-    client.send(&Request::Status)?;
+    let mut client = ControlClient::connect(mountpoint, socket)?;
+    client.send(&ControlRequest::Status)?;
     let status = match client.receive()? {
         Response::Status(status) => status,
         other => bail!("unexpected answer from the mount: {other:?}"),
@@ -33,8 +33,8 @@ pub fn status(mountpoint: &Path, json: bool, socket: Option<&Path>) -> anyhow::R
 
 /// `reservoir status --socket PATH`: a daemon's volumes (or the one mount behind the socket).
 pub fn status_socket(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect_to(socket)?;
-    client.send(&Request::Status)?;
+    let mut client = ControlClient::connect_to(socket)?;
+    client.send(&ControlRequest::Status)?;
     match client.receive()? {
         Response::DaemonStatus(status) if json => {
             println!("{}", serde_json::to_string_pretty(&status)?)
@@ -180,7 +180,10 @@ fn render_status(s: &MountStatus) -> String {
     );
     line(
         "metadata",
-        format!("TTL {}, {} names known", v.metadata_ttl, v.nodes_known),
+        format!(
+            "TTL {}, {} names known ({} held by the kernel)",
+            v.metadata_ttl, v.nodes_known, v.nodes_referenced
+        ),
     );
     match &v.cache {
         Some(c) => {
@@ -301,8 +304,8 @@ pub fn warm(
     socket: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let paths = relative_paths(mountpoint, paths)?;
-    let mut client = Client::connect(mountpoint, socket)?;
-    client.send(&Request::Warm {
+    let mut client = ControlClient::connect(mountpoint, socket)?;
+    client.send(&ControlRequest::Warm {
         paths,
         parallel,
         volume_id: None,
@@ -327,8 +330,8 @@ pub fn warm_volume(
                 .with_context(|| format!("{} is not valid UTF-8", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut client = Client::connect_to(socket)?;
-    client.send(&Request::Warm {
+    let mut client = ControlClient::connect_to(socket)?;
+    client.send(&ControlRequest::Warm {
         paths,
         parallel,
         volume_id: Some(volume.to_string()),
@@ -338,7 +341,7 @@ pub fn warm_volume(
 }
 
 /// Shows a preload's progress until it is done, then its account.
-fn follow_warm(mut client: Client, what: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn follow_warm(mut client: ControlClient, what: &str, json: bool) -> anyhow::Result<ExitCode> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use crate::cache::{OwnerUsage, Usage};
-use crate::fs::warm::{Progress, Request as WarmRequest};
+use crate::fs::warm::{PreloadRequest, Progress};
 use crate::fs::{Volume, VolumeStatus};
 use crate::units::{Size, Ttl};
 
@@ -68,7 +68,7 @@ fn is_false(value: &bool) -> bool {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
+pub enum ControlRequest {
     /// A mount: its status. A daemon: every volume's.
     Status,
     /// Loads `paths` (relative to the volume's root; none: all of it) into the cache.
@@ -407,7 +407,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// error line here, and `None` returned.
 pub(crate) async fn read_request(
     stream: tokio::net::UnixStream,
-) -> std::io::Result<(Option<Request>, tokio::net::unix::OwnedWriteHalf)> {
+) -> std::io::Result<(Option<ControlRequest>, tokio::net::unix::OwnedWriteHalf)> {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
@@ -475,7 +475,7 @@ async fn handle(
     };
     tracing::debug!(?request, "control request");
     match request {
-        Request::Status => {
+        ControlRequest::Status => {
             let status = MountStatus {
                 mountpoint: mountpoint.to_path_buf(),
                 pid: std::process::id(),
@@ -484,7 +484,7 @@ async fn handle(
             send(&mut write, &Response::Status(Box::new(status))).await
         }
         // A mount's socket serves its one volume, whatever volume id the request names.
-        Request::Warm {
+        ControlRequest::Warm {
             paths,
             parallel,
             detach,
@@ -499,10 +499,10 @@ async fn handle(
             } else {
                 paths
             };
-            let tracker = volume.start_warm(WarmRequest { paths, parallel });
+            let tracker = volume.start_warm(PreloadRequest { paths, parallel });
             follow_warm(&mut write, &tracker, detach).await
         }
-        Request::Mount(_) | Request::Unmount { .. } => {
+        ControlRequest::Mount(_) | ControlRequest::Unmount { .. } => {
             let message = format!(
                 "this socket serves the single `reservoir mount` at {}; mount and unmount requests go to a `reservoir daemon`",
                 mountpoint.display()
@@ -522,40 +522,43 @@ pub(crate) async fn send(
 }
 
 /// A client connection to a mount's control socket.
-pub struct Client {
+pub struct ControlClient {
     socket: PathBuf,
     reader: BufReader<UnixStream>,
 }
 
-impl Client {
+impl ControlClient {
     /// Connects to the control socket at `socket`: a daemon's, or a mount's.
-    pub fn connect_to(socket: &Path) -> Result<Client, ControlError> {
+    pub fn connect_to(socket: &Path) -> Result<ControlClient, ControlError> {
         let stream =
             UnixStream::connect(socket).map_err(|cause| ControlError::DaemonNotRunning {
                 socket: socket.to_path_buf(),
                 cause,
             })?;
-        Ok(Client {
+        Ok(ControlClient {
             socket: socket.to_path_buf(),
             reader: BufReader::new(stream),
         })
     }
 
     /// Connects to the mount at `mountpoint`, or to an explicit socket.
-    pub fn connect(mountpoint: &Path, socket: Option<&Path>) -> Result<Client, ControlError> {
+    pub fn connect(
+        mountpoint: &Path,
+        socket: Option<&Path>,
+    ) -> Result<ControlClient, ControlError> {
         let socket = socket.map_or_else(|| socket_for(mountpoint), Path::to_path_buf);
         let stream = UnixStream::connect(&socket).map_err(|cause| ControlError::NotRunning {
             mountpoint: mountpoint.to_path_buf(),
             socket: socket.clone(),
             cause,
         })?;
-        Ok(Client {
+        Ok(ControlClient {
             socket,
             reader: BufReader::new(stream),
         })
     }
 
-    pub fn send(&mut self, request: &Request) -> Result<(), ControlError> {
+    pub fn send(&mut self, request: &ControlRequest) -> Result<(), ControlError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ControlError::Protocol {
             socket: self.socket.clone(),
             detail: e.to_string(),

@@ -48,7 +48,7 @@ pub enum KeeperError {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Request {
+enum KeeperRequest {
     /// Keeps the descriptors passed with the message under `session` (replacing any).
     Keep { session: String },
     /// Asks for copies of the descriptors kept under `session`.
@@ -171,7 +171,7 @@ pub fn run(path: &Path) -> Result<(), KeeperError> {
         path: path.to_path_buf(),
         cause,
     };
-    if Client::new(path).list().is_ok() {
+    if KeeperClient::new(path).list().is_ok() {
         return Err(fail(io::Error::new(
             io::ErrorKind::AddrInUse,
             "another keeper is running on it",
@@ -267,7 +267,7 @@ fn serve_connection(peer: Packets, held: &Mutex<HashMap<String, Vec<OwnedFd>>>) 
         }
     }
     loop {
-        let (request, fds) = match peer.receive::<Envelope<Request>>() {
+        let (request, fds) = match peer.receive::<Envelope<KeeperRequest>>() {
             Ok(Some(message)) => message,
             Ok(None) => return,
             Err(e) => {
@@ -286,13 +286,13 @@ fn serve_connection(peer: Packets, held: &Mutex<HashMap<String, Vec<OwnedFd>>>) 
         } else {
             let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
             match request.body {
-                Request::Keep { session } => {
+                KeeperRequest::Keep { session } => {
                     let descriptors = fds.len();
                     tracing::info!(session, descriptors, "keeping FUSE descriptors");
                     held.insert(session, fds);
                     Response::Kept { descriptors }
                 }
-                Request::Give { session } => match held.get(&session) {
+                KeeperRequest::Give { session } => match held.get(&session) {
                     Some(kept) => {
                         let copies: io::Result<Vec<OwnedFd>> =
                             kept.iter().map(|fd| fd.try_clone()).collect();
@@ -308,14 +308,14 @@ fn serve_connection(peer: Packets, held: &Mutex<HashMap<String, Vec<OwnedFd>>>) 
                     }
                     None => Response::Given { held: false },
                 },
-                Request::Release { session } => {
+                KeeperRequest::Release { session } => {
                     let was = held.remove(&session).is_some();
                     if was {
                         tracing::info!(session, "released FUSE descriptors");
                     }
                     Response::Released { held: was }
                 }
-                Request::List => {
+                KeeperRequest::List => {
                     let mut sessions: Vec<String> = held.keys().cloned().collect();
                     sessions.sort();
                     Response::Sessions { sessions }
@@ -336,7 +336,7 @@ fn serve_connection(peer: Packets, held: &Mutex<HashMap<String, Vec<OwnedFd>>>) 
 
 /// The daemon's side.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub struct KeeperClient {
     path: PathBuf,
 }
 
@@ -357,9 +357,9 @@ impl Watch {
     }
 }
 
-impl Client {
-    pub fn new(path: &Path) -> Client {
-        Client {
+impl KeeperClient {
+    pub fn new(path: &Path) -> KeeperClient {
+        KeeperClient {
             path: path.to_path_buf(),
         }
     }
@@ -393,7 +393,7 @@ impl Client {
     fn call(
         &self,
         peer: &Packets,
-        request: Request,
+        request: KeeperRequest,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>), KeeperError> {
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -425,7 +425,7 @@ impl Client {
     /// Deposits (copies of) `fds` under `session`, replacing what was kept under it.
     pub fn keep(&self, session: &str, fds: &[BorrowedFd<'_>]) -> Result<(), KeeperError> {
         let peer = self.connect()?;
-        let request = Request::Keep {
+        let request = KeeperRequest::Keep {
             session: session.into(),
         };
         match self.call(&peer, request, fds)? {
@@ -437,7 +437,7 @@ impl Client {
     /// Copies of the descriptors kept under `session`; `None` if none are.
     pub fn give(&self, session: &str) -> Result<Option<Vec<OwnedFd>>, KeeperError> {
         let peer = self.connect()?;
-        let request = Request::Give {
+        let request = KeeperRequest::Give {
             session: session.into(),
         };
         match self.call(&peer, request, &[])? {
@@ -450,7 +450,7 @@ impl Client {
     /// Closes the descriptors kept under `session`; whether there were any.
     pub fn release(&self, session: &str) -> Result<bool, KeeperError> {
         let peer = self.connect()?;
-        let request = Request::Release {
+        let request = KeeperRequest::Release {
             session: session.into(),
         };
         match self.call(&peer, request, &[])? {
@@ -468,7 +468,7 @@ impl Client {
 
     pub fn list(&self) -> Result<Vec<String>, KeeperError> {
         let peer = self.connect()?;
-        match self.call(&peer, Request::List, &[])? {
+        match self.call(&peer, KeeperRequest::List, &[])? {
             (Response::Sessions { sessions }, _) => Ok(sessions),
             (other, _) => Err(self.unexpected(other)),
         }
@@ -477,7 +477,7 @@ impl Client {
     /// A connection that ends when the keeper does.
     pub fn watch(&self) -> Result<Watch, KeeperError> {
         let peer = self.connect()?;
-        self.call(&peer, Request::List, &[])?;
+        self.call(&peer, KeeperRequest::List, &[])?;
         Ok(Watch { peer })
     }
 }
@@ -503,7 +503,7 @@ mod tests {
                 let _ = run(&socket);
             })
         };
-        let client = Client::new(&socket);
+        let client = KeeperClient::new(&socket);
         for _ in 0..100 {
             if client.list().is_ok() {
                 break;

@@ -67,6 +67,10 @@ struct MountArgs {
     /// How long attributes and listings are trusted; `forever` for immutable datasets.
     #[arg(long, default_value = "60s")]
     metadata_ttl: Ttl,
+    /// Names (files, directories) kept in memory beyond those the kernel holds; forgotten ones
+    /// past this are asked of the source again when used.
+    #[arg(long, default_value_t = reservoir::fs::DEFAULT_IDLE_NODES)]
+    metadata_nodes: usize,
     /// Longest wait for any single call to the source.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     source_timeout: std::time::Duration,
@@ -379,6 +383,7 @@ fn mount_command(args: MountArgs) -> anyhow::Result<ExitCode> {
         mountpoint: args.mountpoint,
         cache,
         metadata_ttl: args.metadata_ttl,
+        metadata_nodes: args.metadata_nodes,
         source_options: SourceOptions {
             timeout: args.source_timeout,
             connections: args.connections.clamp(1, 256),

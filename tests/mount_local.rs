@@ -549,3 +549,186 @@ fn a_restart_after_sigkill_during_a_cold_fill_serves_every_byte_exactly() {
         "{status}"
     );
 }
+
+/// The kernel forgets the names it stops using (FORGET), and the daemon then keeps at most
+/// `--metadata-nodes` of them: its node table stays bounded however many distinct names are
+/// looked up. The kernel forgets only what it evicts, and a FUSE mount's unused entries stay
+/// until memory runs short (a zero timeout does not delete them), so the test makes it evict:
+/// every 10,000 names it drops the dentry and inode caches (other tests' mounts only lose
+/// what they would lose under memory pressure). Each time, the daemon's table is back to the
+/// limit; without FORGET it would hold every name.
+#[test]
+fn a_hundred_thousand_names_looked_up_once_leave_a_bounded_node_table() {
+    const DIRS: usize = 4;
+    const PER_DIR: usize = 25_000;
+    const EVICT_EVERY: usize = 10_000;
+    const KEPT: u64 = 1_000;
+    // The root and the open directory, referenced by the kernel.
+    const SLACK: u64 = 8;
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    for d in 0..DIRS {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..PER_DIR {
+            std::fs::File::create(dir.join(format!("name-{i:06}"))).unwrap();
+        }
+    }
+    let _mount = Mount::start(
+        &dirs,
+        src.to_str().unwrap(),
+        &["--metadata-nodes", &KEPT.to_string()],
+    );
+    let node_counts = || {
+        let status = dirs.status();
+        (
+            status["nodes_known"].as_u64().unwrap(),
+            status["nodes_referenced"].as_u64().unwrap(),
+        )
+    };
+    let started = Instant::now();
+    let mut most_known_after_eviction = 0;
+    let mut most_referenced = 0;
+    let mut first = None;
+    let mut highest_ino = 0;
+    let mut looked_up: u64 = 0;
+    for d in 0..DIRS {
+        // Looked up from an open directory, so that only the names come and go.
+        let dir = std::fs::File::open(dirs.mnt.join(format!("d{d}"))).unwrap();
+        for i in 0..PER_DIR {
+            let name = format!("name-{i:06}");
+            let stat = nix::sys::stat::fstatat(
+                &dir,
+                name.as_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            highest_ino = highest_ino.max(stat.st_ino);
+            first.get_or_insert((d, name, stat.st_ino));
+            looked_up += 1;
+            if looked_up.is_multiple_of(EVICT_EVERY as u64) {
+                most_referenced = most_referenced.max(node_counts().1);
+                std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+                wait_until(
+                    "the kernel forgets the names",
+                    Duration::from_secs(20),
+                    || node_counts().1 <= SLACK,
+                );
+                most_known_after_eviction = most_known_after_eviction.max(node_counts().0);
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        highest_ino > looked_up,
+        "{looked_up} names were given only {highest_ino} numbers"
+    );
+    // Between evictions the kernel held every name it had just looked up.
+    assert!(
+        most_referenced >= EVICT_EVERY as u64,
+        "the kernel held only {most_referenced} names: the lookups were not counted"
+    );
+    assert!(
+        most_known_after_eviction <= KEPT + SLACK,
+        "the daemon knew {most_known_after_eviction} nodes once the kernel forgot (at most {KEPT} + {SLACK} expected) after {looked_up} names"
+    );
+    // The first name was forgotten and evicted long ago: looked up again, it is a new node
+    // with a new number, never one given before.
+    let (d, name, ino) = first.unwrap();
+    let again = std::fs::symlink_metadata(dirs.mnt.join(format!("d{d}")).join(name)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        again.ino() > highest_ino,
+        "looked up again, the first name got {} (first {ino}, highest given {highest_ino})",
+        again.ino()
+    );
+    eprintln!(
+        "{looked_up} names looked up in {took:?}; at most {most_referenced} referenced, at most {most_known_after_eviction} nodes known once forgotten (limit {KEPT})"
+    );
+}
+
+/// Work spawned for a request logs inside the request's span (its id, operation, inode,
+/// handle, offset and size), and a failed prefetch says which file, block and bytes, and why.
+#[test]
+fn a_failed_prefetch_is_logged_in_its_request_with_the_file_the_bytes_and_the_cause() {
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random_file(&src.join("big.bin"), 24 << 20, 7);
+    let mount = Mount::start(&dirs, src.to_str().unwrap(), &["--no-passthrough"]);
+    let mut file = std::fs::File::open(dirs.mnt.join("big.bin")).unwrap();
+    // Gone from the source once opened: every fetch of it fails from now on.
+    std::fs::remove_file(src.join("big.bin")).unwrap();
+    let mut buffer = vec![0; 4096];
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(16 << 20)).unwrap();
+    let _ = file.read(&mut buffer);
+    let _ = file.read(&mut buffer);
+    drop(file);
+    wait_until(
+        "a failed prefetch is logged",
+        Duration::from_secs(10),
+        || mount.log_text().contains("prefetch failed"),
+    );
+    let log = mount.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("prefetch failed") && l.contains("op=\"read\""))
+        .unwrap_or_else(|| panic!("no prefetch failure inside a read's span:\n{log}"));
+    for field in [
+        "fuse{unique=",
+        "ino=",
+        "fh=",
+        "offset=",
+        "size=",
+        "block=",
+        "key=",
+    ] {
+        assert!(line.contains(field), "{field} missing from: {line}");
+    }
+    assert!(
+        line.contains("No such file or directory"),
+        "the cause is missing from: {line}"
+    );
+}
+
+/// A directory bigger than `--metadata-nodes` is listed completely, with the right attributes,
+/// every time, although its entries cannot all stay known: the kernel is given those evicted
+/// meanwhile without attributes and looks them up.
+#[test]
+fn a_listing_bigger_than_the_metadata_limit_is_complete_every_time() {
+    const FILES: usize = 3_000;
+    let dirs = Dirs::new();
+    let src = dirs.path("src");
+    let dir = src.join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..FILES {
+        std::fs::write(dir.join(format!("f{i:05}")), vec![b'x'; i % 97]).unwrap();
+    }
+    let _mount = Mount::start(
+        &dirs,
+        src.to_str().unwrap(),
+        &["--metadata-nodes", "500", "--metadata-ttl", "0s"],
+    );
+    for round in 0..3 {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dirs.mnt.join("many")).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            let i: usize = name[1..].parse().unwrap();
+            let size = entry.metadata().unwrap().len();
+            assert_eq!(size, (i % 97) as u64, "round {round}: size of {name}");
+            seen += 1;
+        }
+        assert_eq!(seen, FILES, "round {round}: entries listed");
+        if round == 1 {
+            std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        }
+    }
+    let known = dirs.status()["nodes_known"].as_u64().unwrap();
+    let referenced = dirs.status()["nodes_referenced"].as_u64().unwrap();
+    assert!(
+        known <= 500 + referenced + 2,
+        "{known} nodes known with {referenced} referenced"
+    );
+}

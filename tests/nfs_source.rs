@@ -526,6 +526,7 @@ async fn concurrent_readers_of_a_block_share_one_fetch() {
         VolumeConfig {
             metadata_ttl: reservoir::units::Ttl::Forever,
             read_write: false,
+            idle_nodes: reservoir::fs::DEFAULT_IDLE_NODES,
         },
     )
     .await

@@ -12,7 +12,7 @@
 //!   unmount once no publish is left.
 //!
 //! The node holds no state of its own: the mount table and the daemon's status are the truth,
-//! so `reservoir node` can restart at any time without touching a mount. [`Node`] holds the
+//! so `reservoir node` can restart at any time without touching a mount. [`NodePlugin`] holds the
 //! logic (callable without gRPC); [`NodeService`] is the thin gRPC adapter.
 
 use std::collections::HashSet;
@@ -146,7 +146,7 @@ pub struct NodeOptions {
 
 /// The node service's logic, callable without gRPC.
 #[derive(Clone)]
-pub struct Node {
+pub struct NodePlugin {
     options: Arc<NodeOptions>,
     /// Paths (staging or target) with a call in progress.
     busy: Arc<Mutex<HashSet<PathBuf>>>,
@@ -287,9 +287,9 @@ fn check_writable(params: &VolumeParams, read_write: bool) -> Result<(), NodeErr
     Ok(())
 }
 
-impl Node {
-    pub fn new(options: NodeOptions) -> Node {
-        Node {
+impl NodePlugin {
+    pub fn new(options: NodeOptions) -> NodePlugin {
+        NodePlugin {
             options: Arc::new(options),
             busy: Arc::new(Mutex::new(HashSet::new())),
         }
@@ -901,14 +901,14 @@ fn bind_into(
     Ok(())
 }
 
-/// The gRPC adapter of [`Node`].
+/// The gRPC adapter of [`NodePlugin`].
 #[derive(Clone)]
 pub struct NodeService {
-    node: Node,
+    node: NodePlugin,
 }
 
 impl NodeService {
-    pub fn new(node: Node) -> NodeService {
+    pub fn new(node: NodePlugin) -> NodeService {
         NodeService { node }
     }
 }
@@ -997,7 +997,7 @@ impl NodeRpc for NodeService {
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         traced("NodeGetCapabilities", "", Level::DEBUG, async {
-            Ok(Node::capabilities())
+            Ok(NodePlugin::capabilities())
         })
         .await
     }
@@ -1055,7 +1055,7 @@ mod tests {
 
     #[tokio::test]
     async fn required_fields_are_refused_before_anything_runs() {
-        let node = Node::new(NodeOptions {
+        let node = NodePlugin::new(NodeOptions {
             node_id: "n".into(),
             daemon_socket: "/nonexistent/daemon.sock".into(),
             spawn: None,

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::controller::{ControllerOptions, ControllerService};
 use super::health::{self, NodeReadiness};
 use super::identity::IdentityService;
-use super::node::{Node, NodeOptions, NodeService};
+use super::node::{NodeOptions, NodePlugin, NodeService};
 use super::proto::controller_server::ControllerServer;
 use super::proto::identity_server::IdentityServer;
 use super::proto::node_server::NodeServer;
@@ -310,7 +310,7 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
             Some(address) => Some(health::bind(address).await?),
             None => None,
         };
-        let node = Node::new(config.node.clone());
+        let node = NodePlugin::new(config.node.clone());
         if config.node.spawn.is_some() {
             // Start the daemon before serving, rather than at the first stage (so that a
             // socket that answers means a node that is ready); a failure is retried then.

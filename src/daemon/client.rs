@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::control::{DaemonStatus, MountRequest, Refusal, Request, Response};
+use crate::control::{ControlRequest, DaemonStatus, MountRequest, Refusal, Response};
 use crate::fs::warm::Progress;
 
 /// How long each kind of call may take.
@@ -102,7 +102,7 @@ impl Client {
     /// Every volume of the daemon, and the node's cache.
     pub async fn status(&self) -> Result<DaemonStatus, ClientError> {
         match self
-            .call(&Request::Status, "status", self.timeouts.status)
+            .call(&ControlRequest::Status, "status", self.timeouts.status)
             .await?
         {
             Response::DaemonStatus(status) => Ok(*status),
@@ -113,7 +113,7 @@ impl Client {
     /// Mounts a volume (idempotent: the same request again is `Ok`; the same volume with other
     /// parameters, or its target used by another volume, is [`ClientError::Refused`]).
     pub async fn mount(&self, request: &MountRequest) -> Result<Mounted, ClientError> {
-        let request = Request::Mount(request.clone());
+        let request = ControlRequest::Mount(request.clone());
         match self.call(&request, "mount", self.timeouts.mount).await? {
             Response::Mounted {
                 already_mounted, ..
@@ -125,7 +125,7 @@ impl Client {
     /// Unmounts whatever volume is at `target_path` (idempotent). Returns whether something
     /// was mounted there.
     pub async fn unmount(&self, target_path: &Path) -> Result<bool, ClientError> {
-        let request = Request::Unmount {
+        let request = ControlRequest::Unmount {
             target_path: target_path.to_path_buf(),
         };
         match self
@@ -146,7 +146,7 @@ impl Client {
         paths: &[String],
         wait: bool,
     ) -> Result<Progress, ClientError> {
-        let request = Request::Warm {
+        let request = ControlRequest::Warm {
             paths: paths.to_vec(),
             parallel: crate::control::DEFAULT_PARALLEL,
             volume_id: Some(volume_id.to_string()),
@@ -171,7 +171,7 @@ impl Client {
 
     async fn call(
         &self,
-        request: &Request,
+        request: &ControlRequest,
         what: &'static str,
         limit: Duration,
     ) -> Result<Response, ClientError> {
@@ -218,7 +218,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+    async fn send(&mut self, request: &ControlRequest) -> Result<(), ClientError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol {
             socket: self.socket.clone(),
             detail: e.to_string(),

@@ -32,16 +32,16 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::control::{
-    self, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Refusal, RefusalKind, Request,
-    Response,
+    self, ControlRequest, DaemonStatus, DaemonVolume, MountRequest, PendingVolume, Refusal,
+    RefusalKind, Response,
 };
 use crate::fs::fuse::{self as fuse_adapter, MountConfig, Served, SessionLogs};
 use crate::fs::meta::now_ms;
-use crate::fs::warm::Request as WarmRequest;
+use crate::fs::warm::PreloadRequest;
 use crate::fs::{Volume, VolumeConfig};
 use crate::fuse::{Channel, Connection, Session};
 use crate::keeper;
-use crate::mount::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
+use crate::mountpoint::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
 use session::{SessionDir, SessionRecord};
 
@@ -149,7 +149,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         if options.spawn {
             ensure_keeper(options);
         }
-        keeper::Client::new(&options.socket)
+        keeper::KeeperClient::new(&options.socket)
     });
     let daemon = Arc::new(Daemon {
         cache,
@@ -239,7 +239,7 @@ pub struct Daemon {
     shutting_down: AtomicBool,
     /// FUSE session threads report here when their session ends: `(volume id, generation)`.
     ended: mpsc::UnboundedSender<(String, u64)>,
-    keeper: Option<keeper::Client>,
+    keeper: Option<keeper::KeeperClient>,
     /// Volumes a previous daemon served that could not be taken over, and why.
     lost: Mutex<Vec<control::LostVolume>>,
 }
@@ -466,7 +466,7 @@ impl Daemon {
         }
         let kept = self.deposit(&state, served.session.channels());
         if !spec.preload.is_empty() {
-            volume.start_warm(WarmRequest {
+            volume.start_warm(PreloadRequest {
                 paths: spec.preload.clone(),
                 parallel: control::DEFAULT_PARALLEL,
             });
@@ -507,6 +507,7 @@ impl Daemon {
                 VolumeConfig {
                     metadata_ttl: spec.request.metadata_ttl,
                     read_write: spec.request.read_write,
+                    idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
                 },
             ))
             .await;
@@ -1113,7 +1114,7 @@ fn clear_dead_mount(target: &Path) -> bool {
 /// Unmounts a hosted volume and stops everything it runs; returns its target path. With
 /// `discard`, the volume's metadata journals are removed from the cache (it was unmounted for
 /// good); its cached files stay.
-fn teardown(hosted: Hosted, discard: bool, keeper: Option<&keeper::Client>) -> PathBuf {
+fn teardown(hosted: Hosted, discard: bool, keeper: Option<&keeper::KeeperClient>) -> PathBuf {
     let Hosted {
         target,
         volume,
@@ -1243,7 +1244,7 @@ fn lock_waiting(state_dir: &Path) -> Result<crate::lockfile::LockFile, DaemonErr
 /// Starts `reservoir keeper` on the configured socket unless one answers there. It runs in a
 /// session of its own, so that it outlives this daemon.
 fn ensure_keeper(options: &KeeperOptions) {
-    let client = keeper::Client::new(&options.socket);
+    let client = keeper::KeeperClient::new(&options.socket);
     if client.list().is_ok() {
         return;
     }
@@ -1322,8 +1323,8 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     };
     tracing::debug!(?request, "control request");
     let response = match request {
-        Request::Status => Response::DaemonStatus(Box::new(daemon.status())),
-        Request::Mount(request) => {
+        ControlRequest::Status => Response::DaemonStatus(Box::new(daemon.status())),
+        ControlRequest::Mount(request) => {
             let (volume_id, target_path) = (request.volume_id.clone(), request.target_path.clone());
             // Run to the end even if the client goes away: a half-done mount helps nobody,
             // and the client's retry finds the volume mounted.
@@ -1339,7 +1340,7 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
                 Err(e) => Refusal::from(format!("mount of volume {volume_id} failed: {e}")).into(),
             }
         }
-        Request::Unmount { target_path } => {
+        ControlRequest::Unmount { target_path } => {
             let daemon = daemon.clone();
             let target = target_path.clone();
             let unmounted = tokio::spawn(async move { daemon.unmount(&target).await }).await;
@@ -1355,7 +1356,7 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
                 }
             }
         }
-        Request::Warm {
+        ControlRequest::Warm {
             paths,
             parallel,
             volume_id,
@@ -1378,7 +1379,7 @@ async fn handle(stream: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
                 Ok(volume) => volume,
                 Err(refusal) => return control::refuse(&mut write, refusal).await,
             };
-            let tracker = volume.start_warm(WarmRequest {
+            let tracker = volume.start_warm(PreloadRequest {
                 paths,
                 parallel: parallel.clamp(1, 256),
             });

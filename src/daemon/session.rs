@@ -172,7 +172,7 @@ pub fn mount_device(target: &Path) -> Option<(u32, u32)> {
     let wanted = target.to_str()?;
     mountinfo.lines().rev().find_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        if crate::mount::unescape_mountinfo(fields.get(4)?) != wanted {
+        if crate::mountpoint::unescape_mountinfo(fields.get(4)?) != wanted {
             return None;
         }
         let (major, minor) = fields.get(2)?.split_once(':')?;

@@ -312,11 +312,11 @@ mod tests {
 
     #[test]
     fn requests_parse_from_json_with_quantities_and_refuse_unknown_fields() {
-        let request: crate::control::Request = serde_json::from_str(
+        let request: crate::control::ControlRequest = serde_json::from_str(
             r#"{"op":"mount","volume_id":"v","target_path":"/t","source":"/d","cache_size":"10Gi","metadata_ttl":"forever","preload":["a","/b/"]}"#,
         )
         .unwrap();
-        let crate::control::Request::Mount(request) = request else {
+        let crate::control::ControlRequest::Mount(request) = request else {
             panic!("not a mount request");
         };
         assert_eq!(request.cache_size, Some(10 << 30));
@@ -325,12 +325,12 @@ mod tests {
         assert_eq!(spec.preload, ["a", "b"]);
         assert_eq!(spec.request.preload, ["/a", "/b"]);
 
-        let request: crate::control::Request = serde_json::from_str(
+        let request: crate::control::ControlRequest = serde_json::from_str(
             r#"{"op":"mount","volume_id":"v","target_path":"/t","source":"/d","cache_size":1048576}"#,
         )
         .unwrap();
         assert!(
-            matches!(request, crate::control::Request::Mount(r) if r.cache_size == Some(1 << 20))
+            matches!(request, crate::control::ControlRequest::Mount(r) if r.cache_size == Some(1 << 20))
         );
 
         for bad in [
@@ -341,7 +341,7 @@ mod tests {
             r#"{"op":"format_disk"}"#,
         ] {
             assert!(
-                serde_json::from_str::<crate::control::Request>(bad).is_err(),
+                serde_json::from_str::<crate::control::ControlRequest>(bad).is_err(),
                 "{bad}"
             );
         }

@@ -10,13 +10,14 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use super::handles::{FileHandle, Handles};
 use super::intents::Intents;
 use super::meta::{Ino, ListedEntry, ROOT};
 use super::passthrough::{BackingKind, Decision, OpenMode};
-use super::{Entry, FsError, OpenFile, Volume};
+use super::{FsError, NodeEntry, OpenFile, Volume};
+use crate::error::Chain;
 use crate::failpoint;
 use crate::fuse::abi::{UNIQUE_RESEND, fopen, init};
 use crate::fuse::{
@@ -77,6 +78,8 @@ pub fn resume(
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Served, ConnectionError> {
     let passthrough = connection.params().passthrough();
+    // The kernel's lookup counts are unknown to this process.
+    volume.kernel_resumed();
     let adapter = FuseAdapter::new(volume, logs, passthrough);
     for handle in adapter.handles.files() {
         if let OpenMode::Passthrough {
@@ -132,11 +135,15 @@ impl SessionLogs {
     }
 }
 
+/// Logs a failed request once, with its whole chain of causes, at the error's own level.
 fn log_error(op: &'static str, ino: Ino, e: &FsError) {
-    if e.is_notable() {
-        tracing::warn!(op, ino, error = %e, "request failed");
-    } else {
-        tracing::debug!(op, ino, error = %e, "request failed");
+    let error = Chain(e);
+    let errno = e.errno();
+    match e.level() {
+        Level::ERROR => tracing::error!(op, ino, errno, %error, "request failed"),
+        Level::WARN => tracing::warn!(op, ino, errno, %error, "request failed"),
+        Level::INFO => tracing::info!(op, ino, errno, %error, "request failed"),
+        _ => tracing::debug!(op, ino, errno, %error, "request failed"),
     }
 }
 
@@ -188,7 +195,7 @@ fn attributes(ino: Ino, attr: &Attr) -> Attributes {
     }
 }
 
-fn entry_out(entry: &Entry) -> EntryOut {
+fn entry_out(entry: &NodeEntry) -> EntryOut {
     EntryOut {
         nodeid: entry.ino,
         ttl: entry.ttl,
@@ -262,7 +269,7 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+    fn reply_entry(&self, reply: Reply, parent: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => {
                 self.volume.persist_inodes();
@@ -278,7 +285,7 @@ impl FuseAdapter {
         }
     }
 
-    fn reply_attr(reply: Reply, ino: Ino, result: Result<Entry, FsError>) {
+    fn reply_attr(reply: Reply, ino: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => reply.attr(entry.ttl, &attributes(entry.ino, &entry.attr)),
             Err(e) => reply_error(reply, "getattr", ino, &e),
@@ -292,7 +299,7 @@ impl FuseAdapter {
         reply: Reply,
         ino: Ino,
         result: Result<Arc<OpenFile>, FsError>,
-        entry: Option<Entry>,
+        entry: Option<NodeEntry>,
         may_wait: bool,
     ) {
         let file = match result {
@@ -369,7 +376,7 @@ impl FuseAdapter {
                 Err(e) => {
                     // E.g. a source directory on a stacked file system (overlayfs): this writer
                     // is served by the daemon; cached files may still pass through.
-                    tracing::debug!(ino = file.ino, error = %e, "the kernel refused the source file as a passthrough backing file");
+                    tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "the kernel refused the source file as a passthrough backing file");
                     OpenMode::Daemon
                 }
             };
@@ -386,7 +393,7 @@ impl FuseAdapter {
                 kind: BackingKind::Cache,
             },
             Err(e) => {
-                tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
+                tracing::warn!(error = %crate::error::Chain(&e), "the kernel refused a passthrough backing file; serving cached files from the daemon from now on");
                 self.passthrough.store(false, Ordering::Relaxed);
                 OpenMode::Daemon
             }
@@ -403,7 +410,7 @@ impl FuseAdapter {
             return Err(reply);
         };
         let entry = match create {
-            true => match self.volume.known_entry(handle.ino) {
+            true => match self.volume.referenced_known_entry(handle.ino) {
                 Some(entry) => Some(entry),
                 None => return Err(reply),
             },
@@ -438,7 +445,7 @@ impl FuseAdapter {
                 .release(handle.ino, handle.mode);
             if let Some(backing) = closed {
                 if let Err(e) = reply.channel().close_backing(backing) {
-                    tracing::warn!(backing, error = %e, "cannot close a passthrough backing file");
+                    tracing::warn!(backing, error = %crate::error::Chain(&e), "cannot close a passthrough backing file");
                 }
             }
             if handle.writable {
@@ -598,10 +605,30 @@ impl FuseAdapter {
         {
             let next = index as u64 + 1;
             let added = if plus {
-                let Some(entry) = self.volume.known_entry(child) else {
-                    continue;
+                // The kernel counts a lookup for every entry but the dots.
+                let dot = index < dots.len();
+                let entry = match dot {
+                    true => self.volume.known_entry(child),
+                    false => self.volume.referenced_known_entry(child),
                 };
-                buffer.add_plus(&entry_out(&entry), next, dirent_type(kind), name)
+                let out = match &entry {
+                    Some(entry) => entry_out(entry),
+                    // Evicted since the listing was read: the name without attributes (the
+                    // kernel looks it up when it is used).
+                    None => EntryOut {
+                        nodeid: 0,
+                        ttl: std::time::Duration::ZERO,
+                        attr: Attributes {
+                            ino: child,
+                            ..Attributes::default()
+                        },
+                    },
+                };
+                let added = buffer.add_plus(&out, next, dirent_type(kind), name);
+                if !added && !dot && entry.is_some() {
+                    self.volume.forget(child, 1);
+                }
+                added
             } else {
                 buffer.add(child, next, dirent_type(kind), name)
             };
@@ -790,7 +817,9 @@ impl FuseAdapter {
                         match volume.rename(ino, &name, new_parent, &new_name).await {
                             // Renamed already: the old name is gone, the new one is there.
                             Err(e) if redone && e.errno() == libc::ENOENT => {
-                                volume.lookup(new_parent, &new_name).await.map(drop)
+                                let entry = volume.lookup(new_parent, &new_name).await?;
+                                volume.forget(entry.ino, 1);
+                                Ok(())
                             }
                             result => result,
                         }
@@ -911,7 +940,7 @@ impl FuseAdapter {
     }
 
     /// Replies to mkdir and symlink.
-    fn reply_created_entry(&self, reply: Reply, parent: Ino, result: Result<Entry, FsError>) {
+    fn reply_created_entry(&self, reply: Reply, parent: Ino, result: Result<NodeEntry, FsError>) {
         match result {
             Ok(entry) => {
                 self.volume.persist_inodes();
@@ -922,6 +951,56 @@ impl FuseAdapter {
     }
 }
 
+/// A request's name, and the handle, offset and size it concerns (those it has).
+fn describe(operation: &Operation<'_>) -> (&'static str, Option<u64>, Option<u64>, Option<u64>) {
+    let none = (None, None, None);
+    let (op, (fh, offset, size)) = match *operation {
+        Operation::Init { .. } => ("init", none),
+        Operation::Destroy => ("destroy", none),
+        Operation::Lookup { .. } => ("lookup", none),
+        Operation::Forget { .. } => ("forget", none),
+        Operation::BatchForget(_) => ("batch_forget", none),
+        Operation::Getattr { fh } => ("getattr", (fh, None, None)),
+        Operation::Setattr(ref set) => ("setattr", (set.fh, set.size, None)),
+        Operation::Readlink => ("readlink", none),
+        Operation::Symlink { .. } => ("symlink", none),
+        Operation::Mknod { .. } => ("mknod", none),
+        Operation::Mkdir { .. } => ("mkdir", none),
+        Operation::Unlink { .. } => ("unlink", none),
+        Operation::Rmdir { .. } => ("rmdir", none),
+        Operation::Rename { .. } => ("rename", none),
+        Operation::Link { .. } => ("link", none),
+        Operation::Open { .. } => ("open", none),
+        Operation::Read { fh, offset, size } => {
+            ("read", (Some(fh), Some(offset), Some(size.into())))
+        }
+        Operation::Write { fh, offset, data } => {
+            ("write", (Some(fh), Some(offset), Some(data.len() as u64)))
+        }
+        Operation::Statfs => ("statfs", none),
+        Operation::Release { fh } => ("release", (Some(fh), None, None)),
+        Operation::Fsync { fh } => ("fsync", (Some(fh), None, None)),
+        Operation::Flush { fh } => ("flush", (Some(fh), None, None)),
+        Operation::Opendir => ("opendir", none),
+        Operation::Readdir {
+            fh, offset, size, ..
+        } => ("readdir", (Some(fh), Some(offset), Some(size.into()))),
+        Operation::Releasedir { fh } => ("releasedir", (Some(fh), None, None)),
+        Operation::Fsyncdir => ("fsyncdir", none),
+        Operation::Access { .. } => ("access", none),
+        Operation::Create { .. } => ("create", none),
+        Operation::Interrupt => ("interrupt", none),
+        Operation::Getxattr => ("getxattr", none),
+        Operation::Listxattr => ("listxattr", none),
+        Operation::Setxattr => ("setxattr", none),
+        Operation::Removexattr => ("removexattr", none),
+        Operation::Fallocate => ("fallocate", none),
+        Operation::Lseek { fh, offset, .. } => ("lseek", (Some(fh), Some(offset), None)),
+        Operation::Unsupported => ("unsupported", none),
+    };
+    (op, fh, offset, size)
+}
+
 /// Replies to a request whose answer is only success or an errno.
 fn reply_empty(reply: Reply, op: &'static str, ino: Ino, result: Result<(), FsError>) {
     match result {
@@ -930,7 +1009,7 @@ fn reply_empty(reply: Reply, op: &'static str, ino: Ino, result: Result<(), FsEr
     }
 }
 
-fn send_open(reply: Reply, fh: u64, flags: u32, mode: OpenMode, entry: Option<Entry>) {
+fn send_open(reply: Reply, fh: u64, flags: u32, mode: OpenMode, entry: Option<NodeEntry>) {
     let open = OpenOut {
         fh,
         flags,
@@ -962,15 +1041,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn handle(self: &Arc<Self>, request: Request<'_>, reply: Reply) {
-        let span = tracing::debug_span!(
+        // Every line logged for the request, here or in the work it spawns, carries these.
+        let (op, fh, offset, size) = describe(&request.operation);
+        let span = tracing::info_span!(
             "fuse",
             unique = request.header.unique,
-            ino = request.header.nodeid
+            op,
+            ino = request.header.nodeid,
+            fh,
+            offset,
+            size,
         );
         let _entered = span.enter();
         self.dispatch(request, reply);
     }
 
-    // Lookup counts are not kept yet: every node stays known (see docs/architecture.md).
-    fn forget(&self, _nodeid: u64, _nlookup: u64) {}
+    fn forget(&self, nodeid: u64, nlookup: u64) {
+        self.volume.forget(nodeid, nlookup);
+    }
 }

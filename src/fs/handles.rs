@@ -247,7 +247,7 @@ impl Handles {
         };
         let written = log.append(&record).and_then(|()| log.flush(false));
         if let Err(e) = written {
-            tracing::error!(error = %e, "cannot log a file handle: a restarted daemon will not know it");
+            tracing::error!(error = %crate::error::Chain(&e), "cannot log a file handle: a restarted daemon will not know it");
             return;
         }
         if log.wants_rewrite() {
@@ -265,7 +265,7 @@ impl Handles {
                 })
                 .collect();
             if let Err(e) = log.rewrite(live) {
-                tracing::warn!(error = %e, "cannot compact the handle log");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot compact the handle log");
             }
         }
     }

@@ -54,7 +54,7 @@ impl Intents {
             return;
         };
         if let Err(e) = log.append(&unique).and_then(|()| log.flush(false)) {
-            tracing::error!(error = %e, "cannot record a change: if the daemon dies now, its resent request may fail");
+            tracing::error!(error = %crate::error::Chain(&e), "cannot record a change: if the daemon dies now, its resent request may fail");
         }
     }
 
@@ -69,7 +69,7 @@ impl Intents {
         if log.wants_rewrite() {
             let live: Vec<u64> = in_flight.iter().copied().collect();
             if let Err(e) = log.rewrite(live) {
-                tracing::warn!(error = %e, "cannot compact the change log");
+                tracing::warn!(error = %crate::error::Chain(&e), "cannot compact the change log");
             }
         }
     }

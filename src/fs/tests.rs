@@ -1,4 +1,5 @@
 use super::*;
+use meta::ROOT;
 use std::path::Path;
 
 fn cache(dir: &Path) -> Arc<Cache> {
@@ -28,6 +29,7 @@ async fn volume(source: &Path, cache: Option<Arc<Cache>>, ttl: Ttl) -> Arc<Volum
         VolumeConfig {
             metadata_ttl: ttl,
             read_write: false,
+            idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
         },
     )
     .await
@@ -153,7 +155,7 @@ async fn preload_loads_everything_once_and_accounts_for_it() {
     }
     std::os::unix::fs::symlink("/etc/passwd", source.path().join("link")).unwrap();
     let volume = volume(source.path(), Some(cache(cache_dir.path())), Ttl::Forever).await;
-    let request = || warm::Request {
+    let request = || warm::PreloadRequest {
         paths: vec!["/".into(), "missing".into()],
         parallel: 4,
     };
@@ -206,50 +208,84 @@ fn the_store_queue_pushes_back_when_full_and_reports_when_it_empties() {
 }
 
 #[test]
-fn read_ahead_narrows_when_fetches_queue_and_widens_when_they_stop() {
-    let mut ahead = ReadAhead::default();
-    let block = 1u32 << 20;
-    let mut reads = 0u32;
-    // Reads the next block; returns it and what it requested ahead.
-    let mut read = |ahead: &mut ReadAhead| {
-        let current = reads;
-        reads += 1;
+fn a_cache_failure_is_an_eio_logged_as_an_error_with_every_cause() {
+    let e: FsError = crate::cache::CacheError::Io {
+        dir: "/cache".into(),
+        what: "storing block 3".into(),
+        cause: std::io::Error::other("no space left on the cache disk"),
+    }
+    .into();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(e.level(), tracing::Level::ERROR);
+    let text = crate::error::Chain(&e).to_string();
+    assert!(
+        text.contains("storing block 3") && text.contains("no space left on the cache disk"),
+        "{text}"
+    );
+    // An ordinary answer of the source keeps its errno and stays quiet.
+    let e: FsError = SourceError::status("lookup", libc::ENOENT, "/data: no file x").into();
+    assert_eq!(e.errno(), libc::ENOENT);
+    assert_eq!(e.level(), tracing::Level::DEBUG);
+    assert!(crate::error::Chain(&e).to_string().contains("no file x"));
+}
+
+/// What the volume keeps per inode (the version its page cache holds, its write state) goes
+/// when the kernel forgets the inode; a node still referenced keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_inode_leaves_nothing_behind_in_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("read"), pattern(1000)).unwrap();
+    let volume = Volume::open(
+        SourceSpec::Local(src.clone()),
+        options(),
+        Some(cache(&dir.path().join("cache"))),
+        VolumeConfig {
+            metadata_ttl: Ttl::Finite(Duration::from_secs(60)),
+            read_write: true,
+            idle_nodes: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let read = volume.lookup(ROOT, b"read").await.unwrap();
+    // Two references: the kernel looked the name up twice.
+    volume.lookup(ROOT, b"read").await.unwrap();
+    let file = volume.open_file(read.ino, false).await.unwrap();
+    assert_eq!(read_all(&volume, &file).await, pattern(1000));
+    drop(file);
+    let owner = crate::source::Owner { uid: 0, gid: 0 };
+    let (written, writer) = volume
+        .create(ROOT, b"written", 0o644, owner, false)
+        .await
+        .unwrap();
+    volume.write(&writer, 0, b"abc".to_vec()).await.unwrap();
+    volume.commit(&writer).await.unwrap();
+    volume.release(&writer).await;
+    drop(writer);
+    let kept = |ino| {
         (
-            current,
-            ahead.advance(u64::from(current) * u64::from(block), block, block, 10_000),
+            volume
+                .page_cache_versions
+                .lock()
+                .unwrap()
+                .contains_key(&ino),
+            volume.writes.lock().unwrap().contains_key(&ino),
         )
     };
-    for _ in 0..6 {
-        read(&mut ahead);
-    }
-    assert_eq!(ahead.window, MAX_READAHEAD_BLOCKS);
+    assert_eq!(kept(read.ino), (true, false));
+    assert_eq!(kept(written.ino), (false, true));
 
-    // Fetches take ten times the fastest: blocks in flight are queueing.
-    ahead.fetched(Duration::from_millis(10));
-    for _ in 0..4 {
-        ahead.fetched(Duration::from_millis(100));
-    }
-    assert_eq!(ahead.limit, 2);
-    let mut requested = 0;
-    for _ in 0..2 * MAX_READAHEAD_BLOCKS {
-        if let (current, Some(next)) = read(&mut ahead) {
-            assert!(
-                next.end <= current + 3,
-                "{next:?} requested at block {current}"
-            );
-            requested += 1;
-        }
-    }
-    assert_eq!(ahead.window, 2);
-    assert!(requested > 0, "reading went on without fetching ahead");
-
-    // Near the fastest again: the limit grows back by one per fetch.
-    for _ in 0..MAX_READAHEAD_BLOCKS {
-        ahead.fetched(Duration::from_millis(11));
-    }
-    assert_eq!(ahead.limit, MAX_READAHEAD_BLOCKS);
-    for _ in 0..4 {
-        read(&mut ahead);
-    }
-    assert_eq!(ahead.window, MAX_READAHEAD_BLOCKS);
+    volume.forget(read.ino, 1);
+    assert_eq!(kept(read.ino), (true, false), "still referenced once");
+    assert!(volume.known_entry(read.ino).is_some());
+    volume.forget(read.ino, 1);
+    volume.forget(written.ino, 1);
+    assert_eq!(kept(read.ino), (false, false));
+    assert_eq!(kept(written.ino), (false, false));
+    // With no room for unreferenced nodes, both are gone from the namespace too.
+    assert!(volume.known_entry(read.ino).is_none());
+    assert!(volume.known_entry(written.ino).is_none());
+    assert_eq!(volume.status().nodes_referenced, 0);
 }

@@ -11,9 +11,10 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-use super::meta::Ino;
-use super::{FsError, Volume, content_key};
+use super::meta::{Ino, ListedEntry, ROOT};
+use super::{FsError, NodeEntry, Result, Volume, content_key};
 use crate::cache::policy::Priority;
+use crate::error::Chain;
 use crate::source::Kind;
 
 /// Directories listed at once while walking.
@@ -94,7 +95,7 @@ impl Tracker {
 }
 
 /// What one preload is asked to do.
-pub struct Request {
+pub struct PreloadRequest {
     /// Paths relative to the volume root (`""` or `/` for all of it).
     pub paths: Vec<String>,
     /// Files fetched at once.
@@ -104,7 +105,7 @@ pub struct Request {
 impl Volume {
     /// Starts a preload in the background and returns its tracker. Status reports show the
     /// latest one.
-    pub fn start_warm(self: &Arc<Self>, request: Request) -> Arc<Tracker> {
+    pub fn start_warm(self: &Arc<Self>, request: PreloadRequest) -> Arc<Tracker> {
         let tracker = Arc::new(Tracker::new(request.paths.clone()));
         *self.preload.lock().unwrap_or_else(|p| p.into_inner()) = Some(tracker.clone());
         let volume = self.clone();
@@ -119,7 +120,7 @@ impl Volume {
         tracker
     }
 
-    async fn warm(self: &Arc<Self>, request: Request, tracker: &Arc<Tracker>) {
+    async fn warm(self: &Arc<Self>, request: PreloadRequest, tracker: &Arc<Tracker>) {
         let parallel = request.parallel.clamp(1, 256);
         let (files_tx, files_rx) = tokio::sync::mpsc::channel::<(Ino, String)>(parallel * 4);
         let files_rx = Arc::new(tokio::sync::Mutex::new(files_rx));
@@ -131,6 +132,7 @@ impl Volume {
                     let next = files_rx.lock().await.recv().await;
                     let Some((ino, path)) = next else { break };
                     volume.warm_file(ino, &path, &tracker).await;
+                    volume.release_node(ino);
                 }
             });
         }
@@ -138,22 +140,24 @@ impl Volume {
         let mut pending: VecDeque<(Ino, String)> = VecDeque::new();
         for path in &request.paths {
             let trimmed = path.trim_matches('/');
+            // Every node queued holds a reference, so that the namespace cache cannot evict it
+            // before it is loaded or listed; released when done.
             match self.resolve(trimmed.as_bytes()).await {
                 Ok(entry) => match entry.attr.kind {
                     Kind::Directory => pending.push_back((entry.ino, trimmed.to_string())),
                     Kind::File => {
                         self.count_file(tracker, entry.attr.size);
-                        if files_tx
-                            .send((entry.ino, trimmed.to_string()))
-                            .await
-                            .is_err()
-                        {
+                        if let Err(unsent) = files_tx.send((entry.ino, trimmed.to_string())).await {
+                            self.release_node(unsent.0.0);
                             break;
                         }
                     }
-                    _ => tracker.fail(path, "not a regular file or directory"),
+                    _ => {
+                        self.release_node(entry.ino);
+                        tracker.fail(path, "not a regular file or directory")
+                    }
                 },
-                Err(e) => tracker.fail(path, e),
+                Err(e) => tracker.fail(path, Chain(&e)),
             }
         }
         let mut listings = JoinSet::new();
@@ -163,15 +167,19 @@ impl Volume {
                     break;
                 };
                 let volume = self.clone();
-                listings.spawn(async move { (volume.list(dir).await, path) });
+                listings.spawn(async move {
+                    let listing = volume.list(dir).await;
+                    volume.release_node(dir);
+                    (listing, path, dir)
+                });
             }
-            let Some(Ok((listing, dir_path))) = listings.join_next().await else {
+            let Some(Ok((listing, dir_path, dir))) = listings.join_next().await else {
                 continue;
             };
             let entries = match listing {
                 Ok(entries) => entries,
                 Err(e) => {
-                    tracker.fail(&dir_path, e);
+                    tracker.fail(&dir_path, Chain(&e));
                     continue;
                 }
             };
@@ -182,23 +190,47 @@ impl Volume {
                 } else {
                     format!("{dir_path}/{name}")
                 };
-                match entry.kind {
-                    Kind::Directory => pending.push_back((entry.ino, path)),
-                    Kind::File => {
-                        let size = self.known_entry(entry.ino).map_or(0, |e| e.attr.size);
-                        self.count_file(tracker, size);
-                        if files_tx.send((entry.ino, path)).await.is_err() {
-                            return;
-                        }
-                    }
+                if !matches!(entry.kind, Kind::Directory | Kind::File) {
                     // Symlinks are not followed; special files hold no data.
-                    _ => {}
+                    continue;
+                }
+                let held = match self.hold(dir, &entry).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracker.fail(&path, Chain(&e));
+                        continue;
+                    }
+                };
+                if held.attr.kind == Kind::Directory {
+                    pending.push_back((held.ino, path));
+                    continue;
+                }
+                self.count_file(tracker, held.attr.size);
+                if let Err(unsent) = files_tx.send((held.ino, path)).await {
+                    self.release_node(unsent.0.0);
+                    return;
                 }
             }
         }
         tracker.update(|p| p.scanning = false);
         drop(files_tx);
         while workers.join_next().await.is_some() {}
+    }
+
+    /// A reference to a listed entry for the preload: the node listed, or, if the namespace
+    /// cache evicted it since, the name looked up again.
+    async fn hold(&self, dir: Ino, entry: &ListedEntry) -> Result<NodeEntry> {
+        if let Some(held) = self.referenced_known_entry(entry.ino) {
+            return Ok(held);
+        }
+        self.lookup(dir, &entry.name).await
+    }
+
+    /// Releases a reference [`Volume::hold`] or [`Volume::resolve`] took.
+    fn release_node(&self, ino: Ino) {
+        if ino != ROOT {
+            self.forget(ino, 1);
+        }
     }
 
     fn count_file(&self, tracker: &Tracker, size: u64) {
@@ -216,10 +248,10 @@ impl Volume {
         // Revalidate like an open would, so that what is loaded is the current version.
         let entry = match self.getattr(ino).await {
             Ok(entry) => entry,
-            Err(e) => return tracker.fail(path, e),
+            Err(e) => return tracker.fail(path, Chain(&e)),
         };
         let Some(handle) = self.meta.with(ino, |n| n.handle.clone()) else {
-            return tracker.fail(path, FsError::UnknownInode(ino));
+            return tracker.fail(path, FsError::unknown_inode(ino));
         };
         if self.has_writers(ino) {
             return tracker.fail(path, "being written through this volume");
@@ -236,7 +268,7 @@ impl Volume {
         let lease = match cache.lease(key, size, Priority::Preload) {
             Ok(Some(lease)) => Arc::new(lease),
             Ok(None) => return tracker.fail(path, "not cached: the cache is full of files in use"),
-            Err(e) => return tracker.fail(path, e),
+            Err(e) => return tracker.fail(path, Chain(&e)),
         };
         let file = super::OpenFile {
             ino,
@@ -268,7 +300,7 @@ impl Volume {
         }
         drop(fetches);
         if let Some(e) = failure {
-            return tracker.fail(path, e);
+            return tracker.fail(path, Chain(&e));
         }
         if size > 0 && !cache.is_complete(&lease) {
             return tracker.fail(

@@ -25,9 +25,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::meta::Ino;
-use super::{Entry, FsError, OpenFile, Result, Volume, content_key};
+use super::{FsError, NodeEntry, OpenFile, Result, Volume, content_key};
 use crate::cache::ContentKey;
 use crate::source::{Attr, FileWriter, Handle, Kind, Landing, Owner, SetAttr, Source, SourceError};
 
@@ -101,7 +102,7 @@ impl Volume {
         if self.config.read_write {
             Ok(())
         } else {
-            Err(FsError::Errno(libc::EROFS, "read-only volume"))
+            Err(FsError::new(libc::EROFS, "read-only volume"))
         }
     }
 
@@ -114,6 +115,25 @@ impl Volume {
         writes
             .get(&file.ino)
             .is_none_or(|w| w.writers == 0 && w.epoch <= file.opened_epoch)
+    }
+
+    /// Drops the write state of an inode the kernel forgot (no handle open, so no handle's
+    /// epoch needs it) once nothing is pending on it.
+    pub(super) fn drop_idle_write_state(&self, ino: Ino) {
+        if !self.config.read_write {
+            return;
+        }
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = writes.get(&ino).is_some_and(|w| {
+            w.writers == 0
+                && w.direct_writers == 0
+                && w.in_flight.is_empty()
+                && !w.committing
+                && w.late_error.is_none()
+        });
+        if idle {
+            writes.remove(&ino);
+        }
     }
 
     pub(super) fn has_writers(&self, ino: Ino) -> bool {
@@ -194,7 +214,7 @@ impl Volume {
         match source.open_passthrough(&handle)? {
             Ok(fd) => Some(fd),
             Err(e) => {
-                tracing::debug!(ino = file.ino, error = %e, "no passthrough for this writer");
+                tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "no passthrough for this writer");
                 None
             }
         }
@@ -364,11 +384,11 @@ impl Volume {
             let state = writes.entry(ino).or_default();
             state.committing = false;
             if let Err(e) = result {
-                tracing::warn!(ino, error = %e, "a background COMMIT failed; the file's next write, fsync or close reports it");
+                tracing::warn!(ino, error = %crate::error::Chain(&e), "a background COMMIT failed; the file's next write, fsync or close reports it");
                 state.late_error.get_or_insert(e);
             }
             state.landed.notify_waiters();
-        });
+        }.in_current_span());
     }
 
     /// Waits for a background COMMIT of `ino` to be answered, so that its failure is not
@@ -418,7 +438,7 @@ impl Volume {
     /// write of the file is in flight; `None` sends the caller to [`Volume::write`].
     pub fn try_write(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Option<Result<u32>> {
         if !file.writable {
-            return Some(Err(FsError::Errno(libc::EBADF, "not open for writing")));
+            return Some(Err(FsError::new(libc::EBADF, "not open for writing")));
         }
         let writer = file.writes.writer.get()?.as_ref()?;
         let end = offset.checked_add(data.len() as u64)?;
@@ -459,13 +479,12 @@ impl Volume {
         data: Vec<u8>,
     ) -> Result<u32> {
         if !file.writable {
-            return Err(FsError::Errno(libc::EBADF, "not open for writing"));
+            return Err(FsError::new(libc::EBADF, "not open for writing"));
         }
         let len = data.len() as u32;
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Errno(
-            libc::EFBIG,
-            "write beyond the largest offset",
-        ))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::new(libc::EFBIG, "write beyond the largest offset"))?;
         let source = self.source()?;
         let writer = self.writer(file, &source).await?;
         let ino = file.ino;
@@ -496,14 +515,14 @@ impl Volume {
                     volume.observe(&result);
                     let failure = result.err();
                     if let Some(e) = &failure {
-                        tracing::warn!(ino, offset, error = %e, "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
+                        tracing::warn!(ino, offset, error = %crate::error::Chain(&e), "a write failed after it was acknowledged; the file's next write, fsync or close reports it");
                     }
                     let landed = failure.is_none();
                     volume.write_landed(ino, id, failure);
                     if landed {
                         volume.commit_early(ino, &handle, u64::from(len));
                     }
-                });
+                }.in_current_span());
                 Ok(len)
             }
         }
@@ -556,12 +575,12 @@ impl Volume {
             (last, if last { state.late_error.take() } else { None })
         };
         if let Some(e) = unreported {
-            tracing::warn!(ino = file.ino, error = %e, "a write failed after the file's last flush");
+            tracing::warn!(ino = file.ino, error = %crate::error::Chain(&e), "a write failed after the file's last flush");
         }
         if last {
             self.meta.expire(file.ino);
             if let Err(e) = self.getattr(file.ino).await {
-                tracing::debug!(ino = file.ino, error = %e, "cannot read attributes after writing");
+                tracing::debug!(ino = file.ino, error = %crate::error::Chain(&e), "cannot read attributes after writing");
             }
         }
     }
@@ -575,7 +594,7 @@ impl Volume {
         mode: u16,
         owner: Owner,
         exclusive: bool,
-    ) -> Result<(Entry, Arc<OpenFile>)> {
+    ) -> Result<(NodeEntry, Arc<OpenFile>)> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -602,7 +621,13 @@ impl Volume {
     }
 
     #[tracing::instrument(skip(self, name), fields(name = %String::from_utf8_lossy(name)))]
-    pub async fn mkdir(&self, parent: Ino, name: &[u8], mode: u16, owner: Owner) -> Result<Entry> {
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u16,
+        owner: Owner,
+    ) -> Result<NodeEntry> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -619,7 +644,7 @@ impl Volume {
         name: &[u8],
         target: &[u8],
         owner: Owner,
-    ) -> Result<Entry> {
+    ) -> Result<NodeEntry> {
         self.check_writable()?;
         let dir = self.node_handle(parent)?;
         let source = self.source()?;
@@ -631,12 +656,13 @@ impl Volume {
         Ok(entry)
     }
 
-    fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<Entry> {
+    /// Records a node created on the source; its entry carries a reference for the kernel.
+    fn add_child(&self, parent: Ino, name: &[u8], handle: Handle, attr: Attr) -> Result<NodeEntry> {
         let ino = self
             .meta
-            .upsert_child(parent, name, handle, attr.clone())
-            .ok_or(FsError::Errno(libc::ENOTDIR, "not a directory"))?;
-        Ok(Entry {
+            .upsert_child(parent, name, handle, attr.clone(), true)
+            .ok_or(FsError::new(libc::ENOTDIR, "not a directory"))?;
+        Ok(NodeEntry {
             ino,
             attr,
             ttl: self.kernel_ttl(),
@@ -713,7 +739,7 @@ impl Volume {
             Err(e) => {
                 // Renamed, but its new identity is unknown: forget both names; the kernel's
                 // next lookup asks the source.
-                tracing::debug!(error = %e, "cannot look up a renamed file");
+                tracing::debug!(error = %crate::error::Chain(&e), "cannot look up a renamed file");
                 self.meta.remove_child(parent, name);
                 self.meta.remove_child(new_parent, new_name);
             }
@@ -723,13 +749,13 @@ impl Volume {
 
     /// Changes attributes: mode, owner, size (truncate), times.
     #[tracing::instrument(skip(self))]
-    pub async fn setattr(&self, ino: Ino, changes: SetAttr) -> Result<Entry> {
+    pub async fn setattr(&self, ino: Ino, changes: SetAttr) -> Result<NodeEntry> {
         self.check_writable()?;
         let handle = self.node_handle(ino)?;
         let truncates = changes.size.is_some();
         let kind = self.meta.with(ino, |n| n.attr.kind);
         if truncates && kind == Some(Kind::Directory) {
-            return Err(FsError::Errno(libc::EISDIR, "is a directory"));
+            return Err(FsError::new(libc::EISDIR, "is a directory"));
         }
         // A truncate must not be overtaken by an earlier write, nor a size set by one.
         self.settle_writes(ino).await;
@@ -744,7 +770,7 @@ impl Volume {
             }
         }
         self.meta.update_attr(ino, attr.clone());
-        Ok(Entry {
+        Ok(NodeEntry {
             ino,
             attr,
             ttl: self.kernel_ttl(),
