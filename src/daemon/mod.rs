@@ -69,7 +69,7 @@ const KEEPER_START_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot start the daemon: {0}")]
+    #[error("cannot start the daemon")]
     Cache(#[from] CacheError),
     #[error(
         "cannot start the daemon: socket {path}: {cause} (is another reservoir daemon running? one daemon per socket and per cache directory)"
@@ -78,8 +78,8 @@ pub enum DaemonError {
         path: PathBuf,
         cause: std::io::Error,
     },
-    #[error("cannot start the daemon's runtime: {0}")]
-    Runtime(std::io::Error),
+    #[error("cannot start the daemon's runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("cannot start the daemon: state directory {path}: {cause}")]
     State {
         path: PathBuf,
@@ -515,7 +515,7 @@ impl Daemon {
             Ok(Ok(volume)) => Ok((runtime, volume)),
             Ok(Err(e)) => {
                 runtime.shutdown_background();
-                Err(format!("volume {id}: {}", describe(&e)).into())
+                Err(format!("volume {id}: {}", crate::error::Chain(&e).to_string()).into())
             }
             Err(e) => {
                 runtime.shutdown_background();
@@ -1088,7 +1088,7 @@ fn prepare_target(target: &Path) -> Result<PathBuf, Refusal> {
         }
         _ => {}
     }
-    check_mountpoint(target).map_err(|e| Refusal::from(describe(&e)))
+    check_mountpoint(target).map_err(|e| Refusal::from(crate::error::Chain(&e).to_string()))
 }
 
 /// Detaches a reservoir FUSE mount at `target` that no live session of this daemon serves
@@ -1184,17 +1184,6 @@ fn abort_connection(dev: u64) {
 }
 
 /// An error with its causes, for a message that leaves the process.
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
-
 /// Opens the node's cache, waiting while a previous daemon still holds it.
 fn open_cache_waiting(config: &CacheConfig) -> Result<Arc<Cache>, DaemonError> {
     let deadline = std::time::Instant::now() + PREDECESSOR_WAIT;
