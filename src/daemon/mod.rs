@@ -515,7 +515,7 @@ impl Daemon {
             Ok(Ok(volume)) => Ok((runtime, volume)),
             Ok(Err(e)) => {
                 runtime.shutdown_background();
-                Err(format!("volume {id}: {}", crate::error::Chain(&e).to_string()).into())
+                Err(format!("volume {id}: {}", crate::error::Chain(&e)).into())
             }
             Err(e) => {
                 runtime.shutdown_background();
