@@ -29,7 +29,7 @@ const NAMES: [&[u8]; 3] = [b"a", b"b", b"c"];
 const BLOCK: u64 = 16 << 10;
 const MAX_FILE: usize = 3 * BLOCK as usize + 100;
 const DEFAULT_CASES: u32 = 256;
-const DEFAULT_SEED: u64 = 0x5eed_0f_0015;
+const DEFAULT_SEED: u64 = 0x005e_ed0f_0015;
 
 /// A path below the root: indices into [`NAMES`], one or two components.
 type ModelPath = Vec<usize>;
