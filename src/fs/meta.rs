@@ -624,6 +624,13 @@ impl MetaStore {
     /// Records fresh attributes of a node; returns whether they changed.
     pub fn update_attr(&self, ino: Ino, attr: Attr) -> bool {
         let mut table = self.write();
+        // A node detached from its name (removed, replaced by a rename) lives on for the
+        // kernel only: journaling it again would bring it back under that name at a restart.
+        let attached = ino == ROOT
+            || table
+                .nodes
+                .get(&ino)
+                .is_some_and(|n| table.child(n.parent, &n.name) == Some(ino));
         let Some(node) = table.nodes.get_mut(&ino) else {
             return false;
         };
@@ -635,8 +642,10 @@ impl MetaStore {
         if node.attr.kind == Kind::Symlink {
             node.link = None;
         }
-        let record = node_record(ino, node);
-        self.append(&table, record);
+        if attached {
+            let record = node_record(ino, node);
+            self.append(&table, record);
+        }
         true
     }
 
