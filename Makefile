@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test lint deploy-check sanity image image-check e2e bench-quick bench bench-writes crash-stress upgrade-check build release clean
+.PHONY: demo test lint deploy-check sanity image image-check e2e bench-quick bench bench-writes crash-stress upgrade-check model build release clean
 
 release:
 	$(CARGO) build --release --locked
@@ -106,6 +106,13 @@ upgrade-check:
 	scripts/install-deps.sh test
 	$(CARGO) test --locked --lib every_released_state_format_is_read
 	RESERVOIR_PREVIOUS_BIN=$(PREVIOUS) $(CARGO) test --locked --test recovery planned_hand_overs -- --nocapture
+
+## The reference model of the file-system core and the path properties, long: MODEL_CASES
+## random operation sequences (5,000 by default) instead of the 256 of `cargo test`; a failure
+## prints its seed (RESERVOIR_MODEL_SEED replays it) and the shrunk sequence. docs/robustness.md.
+MODEL_CASES ?= 5000
+model:
+	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --lib -- model_tests path_tests --nocapture
 
 clean:
 	$(CARGO) clean

@@ -22,6 +22,9 @@ pub mod registration;
 pub mod server;
 pub mod state;
 
+#[cfg(test)]
+mod allowed_sources_tests;
+
 /// Code generated from `proto/csi.proto` by `build.rs`.
 #[allow(
     clippy::all,

@@ -580,6 +580,31 @@ impl MetaStore {
         }
     }
 
+    /// Forgets what is known of `name` in `dir` when the source changed it in a way not known
+    /// (a rename whose result could not be looked up): the name is detached, and the
+    /// directory's listing is no longer complete, so the name is asked of the source again
+    /// instead of being answered absent.
+    pub fn unknown_child(&self, dir: Ino, name: &[u8]) {
+        let mut table = self.write();
+        if let Some(ino) = table.child(dir, name) {
+            self.detach_locked(&mut table, ino);
+        }
+        let listed = table
+            .nodes
+            .get_mut(&dir)
+            .and_then(|n| n.dir.as_mut())
+            .and_then(|d| d.listed_ms.take());
+        if listed.is_some() {
+            self.append(
+                &table,
+                MetaRecord::Listed {
+                    ino: dir,
+                    at_ms: NOT_LISTED_MS,
+                },
+            );
+        }
+    }
+
     /// Unlinks a node from its parent. The node itself stays, because the kernel may still
     /// hold its inode number; it is no longer reachable by name and is dropped at the next
     /// journal rewrite after a restart.
@@ -599,6 +624,13 @@ impl MetaStore {
     /// Records fresh attributes of a node; returns whether they changed.
     pub fn update_attr(&self, ino: Ino, attr: Attr) -> bool {
         let mut table = self.write();
+        // A node detached from its name (removed, replaced by a rename) lives on for the
+        // kernel only: journaling it again would bring it back under that name at a restart.
+        let attached = ino == ROOT
+            || table
+                .nodes
+                .get(&ino)
+                .is_some_and(|n| table.child(n.parent, &n.name) == Some(ino));
         let Some(node) = table.nodes.get_mut(&ino) else {
             return false;
         };
@@ -610,8 +642,10 @@ impl MetaStore {
         if node.attr.kind == Kind::Symlink {
             node.link = None;
         }
-        let record = node_record(ino, node);
-        self.append(&table, record);
+        if attached {
+            let record = node_record(ino, node);
+            self.append(&table, record);
+        }
         true
     }
 
@@ -637,6 +671,11 @@ impl MetaStore {
     ) {
         let mut table = self.write();
         let Some(ino) = table.child(parent, name) else {
+            // The moved node was not known: it is a new node under the new name, and what it
+            // replaced keeps its number to itself (a number is never given to another file).
+            if let Some(replaced) = table.child(new_parent, new_name) {
+                self.detach_locked(&mut table, replaced);
+            }
             drop(table);
             self.upsert_child(new_parent, new_name, handle, attr, false);
             return;

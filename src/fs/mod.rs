@@ -360,4 +360,6 @@ pub fn content_key(source_id: &str, handle: &Handle, attr: &Attr) -> ContentKey 
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;

@@ -23,6 +23,15 @@ impl Volume {
         })
     }
 
+    /// Puts a wrapper around the volume's source (tests: [`crate::source::faulty`]).
+    #[cfg(test)]
+    pub(crate) fn wrap_source(&self, wrap: impl FnOnce(Arc<dyn Source>) -> Arc<dyn Source>) {
+        let mut source = self.source.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(inner) = source.take() {
+            *source = Some(wrap(inner));
+        }
+    }
+
     /// Notes the outcome of a source call, to report whether the source is reachable.
     pub(super) fn observe<T>(&self, result: &Result<T, SourceError>) {
         match result {

@@ -12,13 +12,22 @@ use super::readahead::{OPEN_PREFETCH_BLOCKS, ReadAhead};
 use super::{Fetch, FsError, OpenFile, Result, STORE_QUEUE, Volume, content_key, write};
 use crate::cache::policy::Priority;
 use crate::cache::{Cache, ContentKey, Lease};
-use crate::source::{Kind, SourceError};
+use crate::source::{Handle, Kind, SourceError};
 
 impl Volume {
     // ---- opening and reading files ---------------------------------------------------------
 
     /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
     /// the source first (close-to-open consistency within the metadata TTL).
+    /// The source's handle of an open file now: a directory source names files by path, and
+    /// the file (or a directory above it) may have been renamed since it was opened, which
+    /// must not cut its readers and writers off (`model_tests`,
+    /// `an_open_file_is_read_and_written_after_its_directory_is_renamed`).
+    pub(super) fn current_handle(&self, file: &OpenFile) -> Handle {
+        self.node_handle(file.ino)
+            .unwrap_or_else(|_| file.handle.clone())
+    }
+
     pub fn try_open_file(
         self: &Arc<Self>,
         ino: Ino,
@@ -178,7 +187,7 @@ impl Volume {
             _ => {
                 self.settle_writes(file.ino).await;
                 let source = self.source()?;
-                let result = source.read(&file.handle, offset, size).await;
+                let result = source.read(&self.current_handle(file), offset, size).await;
                 self.observe(&result);
                 let data = result?;
                 let n = data.len() as u64;
@@ -296,7 +305,9 @@ impl Volume {
         let (start, len) = lease.block_range(block);
         let source = self.source()?;
         let started = Instant::now();
-        let result = source.read(&file.handle, start, len as u32).await;
+        let result = source
+            .read(&self.current_handle(file), start, len as u32)
+            .await;
         self.observe(&result);
         let data = result?;
         if !preload {

@@ -208,9 +208,7 @@ impl Volume {
             return None;
         }
         let source = self.source().ok()?;
-        let handle = self
-            .node_handle(file.ino)
-            .unwrap_or_else(|_| file.handle.clone());
+        let handle = self.current_handle(file);
         match source.open_passthrough(&handle)? {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -420,11 +418,7 @@ impl Volume {
             .writes
             .writer
             .get_or_try_init(|| async {
-                // The inode's current handle: a directory source names files by path, and the
-                // file may have been renamed since it was opened.
-                let handle = self
-                    .node_handle(file.ino)
-                    .unwrap_or_else(|_| file.handle.clone());
+                let handle = self.current_handle(file);
                 let result = source.open_writer(&handle).await;
                 self.observe(&result);
                 result
@@ -496,7 +490,9 @@ impl Volume {
             self.meta.update_attr(ino, result?);
             return Ok(len);
         }
-        let started = source.write_sent(&file.handle, offset, data).await;
+        let started = source
+            .write_sent(&self.current_handle(file), offset, data)
+            .await;
         self.observe(&started);
         match started {
             Err(e) => {
@@ -505,11 +501,11 @@ impl Volume {
             }
             Ok(Landing::Landed(_)) => {
                 self.write_landed(ino, id, None);
-                self.commit_early(ino, &file.handle, u64::from(len));
+                self.commit_early(ino, &self.current_handle(file), u64::from(len));
                 Ok(len)
             }
             Ok(Landing::InFlight(outcome)) => {
-                let (volume, handle) = (self.clone(), file.handle.clone());
+                let (volume, handle) = (self.clone(), self.current_handle(file));
                 self.runtime.spawn(async move {
                     let result = outcome.await;
                     volume.observe(&result);
@@ -552,7 +548,7 @@ impl Volume {
         let source = self.source()?;
         let result = match self.writer(file, &source).await? {
             Some(writer) => writer.commit().await,
-            None => source.commit(&file.handle).await,
+            None => source.commit(&self.current_handle(file)).await,
         };
         self.observe(&result);
         Ok(result?)
@@ -741,7 +737,7 @@ impl Volume {
                 // next lookup asks the source.
                 tracing::debug!(error = %crate::error::Chain(&e), "cannot look up a renamed file");
                 self.meta.remove_child(parent, name);
-                self.meta.remove_child(new_parent, new_name);
+                self.meta.unknown_child(new_parent, new_name);
             }
         }
         Ok(())

@@ -6,6 +6,8 @@
 //! cache persists stays valid across restarts, and both bound every call by the source timeout so
 //! that a dead source turns into an error instead of a hang.
 
+#[cfg(test)]
+pub mod faulty;
 pub mod local;
 pub mod nfs;
 mod spec;

@@ -216,8 +216,14 @@ fn normalize_nfs_path(path: &str) -> Result<String, String> {
             ".." => return Err("path must not contain '..'".into()),
             part if part.contains('\0') => return Err("path contains a NUL byte".into()),
             part => {
+                // `%2e%2e` is `..` all the same: it would walk out of the allowed prefix on
+                // the server (`tests::dot_segments_cannot_be_spelled_with_escapes`).
+                let decoded = percent_decode(part)?;
+                if decoded == "." || decoded == ".." {
+                    return Err(format!("{part:?} is '.' or '..' in percent-escapes"));
+                }
                 out.push('/');
-                out.push_str(&percent_decode(part)?);
+                out.push_str(&decoded);
             }
         }
     }
@@ -295,6 +301,18 @@ mod tests {
         let d: SourceSpec = "/data/./set".parse().unwrap();
         assert_eq!(c.id(), d.id());
         assert_eq!(c, SourceSpec::Local(PathBuf::from("/data/set")));
+    }
+
+    #[test]
+    fn dot_segments_cannot_be_spelled_with_escapes() {
+        for bad in [
+            "nfs://h/exports/ds/%2e%2e/other",
+            "nfs://h/exports/ds/%2E%2e",
+            "nfs://h/exports/ds/.%2e/x",
+            "nfs://h/exports/%2e",
+        ] {
+            assert!(bad.parse::<SourceSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]
