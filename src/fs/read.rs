@@ -3,6 +3,7 @@
 //! thread when every block is there, else from the source with one fetch per missing block
 //! shared by concurrent readers, the blocks stored in the cache behind the readers.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,17 +18,23 @@ use crate::source::{Handle, Kind, SourceError};
 impl Volume {
     // ---- opening and reading files ---------------------------------------------------------
 
-    /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
-    /// the source first (close-to-open consistency within the metadata TTL).
     /// The source's handle of an open file now: a directory source names files by path, and
-    /// the file (or a directory above it) may have been renamed since it was opened, which
-    /// must not cut its readers and writers off (`model_tests`,
-    /// `an_open_file_is_read_and_written_after_its_directory_is_renamed`).
-    pub(super) fn current_handle(&self, file: &OpenFile) -> Handle {
-        self.node_handle(file.ino)
-            .unwrap_or_else(|_| file.handle.clone())
+    /// on a read-write volume the file (or a directory above it) may have been renamed since
+    /// it was opened, which must not cut its readers and writers off (`model_tests`,
+    /// `an_open_file_is_read_and_written_after_its_directory_is_renamed`). A read-only volume
+    /// renames nothing: its reads use the handle they opened with, without a table lookup.
+    pub(super) fn current_handle<'a>(&self, file: &'a OpenFile) -> Cow<'a, Handle> {
+        if !self.config.read_write {
+            return Cow::Borrowed(&file.handle);
+        }
+        Cow::Owned(
+            self.node_handle(file.ino)
+                .unwrap_or_else(|_| file.handle.clone()),
+        )
     }
 
+    /// Opens a file from fresh metadata; `None` when its attributes must be revalidated with
+    /// the source first (close-to-open consistency within the metadata TTL).
     pub fn try_open_file(
         self: &Arc<Self>,
         ino: Ino,

@@ -505,7 +505,7 @@ impl Volume {
                 Ok(len)
             }
             Ok(Landing::InFlight(outcome)) => {
-                let (volume, handle) = (self.clone(), self.current_handle(file));
+                let (volume, handle) = (self.clone(), self.current_handle(file).into_owned());
                 self.runtime.spawn(async move {
                     let result = outcome.await;
                     volume.observe(&result);
