@@ -187,17 +187,21 @@ impl E2e {
 
     /// `reservoir status --json` of the node's daemon, through the shared host path.
     fn status(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("reservoir status: {e}"))
+    }
+
+    /// The status, or why the daemon did not give it (it may be restarting).
+    fn try_status(&self) -> Result<serde_json::Value, String> {
         let output = std::process::Command::new(common::mount::bin())
             .args(["status", "--json", "--socket"])
             .arg(self.daemon_socket())
             .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "reservoir status: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
+            .map_err(|e| e.to_string())?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
     }
 
     fn volume_status(&self, volume_id: &str) -> serde_json::Value {
@@ -211,14 +215,7 @@ impl E2e {
     }
 
     fn node_pod(&self) -> String {
-        self.cluster
-            .kubectl_json(&["-n", "reservoir", "get", "pods", "-l", "app=reservoir-node"])
-            .and_then(|l| {
-                l["items"][0]["metadata"]["name"]
-                    .as_str()
-                    .map(str::to_string)
-            })
-            .expect("the node plugin's pod")
+        driver_pod(&self.cluster, "reservoir-node").expect("the node plugin's pod")
     }
 
     fn pod_uid(&self, pod: &str) -> String {
@@ -227,6 +224,30 @@ impl E2e {
             .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
             .unwrap()
     }
+}
+
+/// The driver's pods labelled `app=APP` (in the reservoir namespace), as the API lists them.
+fn driver_pods(cluster: &Cluster, app: &str) -> Vec<serde_json::Value> {
+    cluster
+        .kubectl_json(&[
+            "-n",
+            "reservoir",
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+        ])
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The name of the first of the driver's pods labelled `app=APP`.
+fn driver_pod(cluster: &Cluster, app: &str) -> Option<String> {
+    driver_pods(cluster, app)
+        .first()?
+        .pointer("/metadata/name")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// `(mount point, major:minor, fs type)` of every mount.
@@ -393,13 +414,7 @@ fn install(e2e: &E2e, archive: &Path) {
     }
     cluster.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
     let node = wait_for("the node plugin's pod exists", POD_WAIT, || {
-        cluster
-            .kubectl_json(&["-n", "reservoir", "get", "pods", "-l", "app=reservoir-node"])
-            .and_then(|l| {
-                l["items"][0]["metadata"]["name"]
-                    .as_str()
-                    .map(str::to_string)
-            })
+        driver_pod(cluster, "reservoir-node")
     });
     // Ready means: the daemon answers and kubelet registered the driver (readiness probe).
     cluster.wait_pod_ready("reservoir", &node, POD_WAIT);
@@ -413,20 +428,7 @@ fn install(e2e: &E2e, archive: &Path) {
         "kubelet did not register {DRIVER}: {csinode}"
     );
     let controller = wait_for("the controller's pod exists", POD_WAIT, || {
-        cluster
-            .kubectl_json(&[
-                "-n",
-                "reservoir",
-                "get",
-                "pods",
-                "-l",
-                "app=reservoir-controller",
-            ])
-            .and_then(|l| {
-                l["items"][0]["metadata"]["name"]
-                    .as_str()
-                    .map(str::to_string)
-            })
+        driver_pod(cluster, "reservoir-controller")
     });
     cluster.wait_pod_ready("reservoir", &controller, POD_WAIT);
     let log = cluster.container_log("reservoir", &node, "node");
@@ -930,12 +932,7 @@ impl E2e {
     /// the volumes' recoveries together.
     fn wait_all_kept(&self) -> u64 {
         wait_for("the daemon answers, every volume kept", POD_WAIT, || {
-            let output = std::process::Command::new(common::mount::bin())
-                .args(["status", "--json", "--socket"])
-                .arg(self.daemon_socket())
-                .output()
-                .ok()?;
-            let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            let status = self.try_status().ok()?;
             (status["keeper_pid"].is_u64()
                 && status["volumes"]
                     .as_array()?
@@ -946,21 +943,26 @@ impl E2e {
         self.recoveries_all_kept()
     }
 
+    /// kill -9 of the daemon container; returns, once kubelet restarted it and its daemon
+    /// holds every volume again, the node pod and the volumes' recoveries together.
+    fn kill_daemon_and_wait(&self) -> (String, u64) {
+        let node = self.node_pod();
+        let before = self.restarts(&node, "daemon");
+        self.kill_container(&node, "daemon");
+        wait_for("kubelet restarts the daemon container", POD_WAIT, || {
+            (self.restarts(&node, "daemon") > before).then_some(())
+        });
+        (node, self.wait_all_kept())
+    }
+
     /// The keeper's pod: its name and uid.
     fn keeper_pod(&self) -> (String, String) {
         self.keeper_pod_if_any().expect("the keeper's pod")
     }
 
     fn keeper_pod_if_any(&self) -> Option<(String, String)> {
-        let list = self.cluster.kubectl_json(&[
-            "-n",
-            "reservoir",
-            "get",
-            "pods",
-            "-l",
-            "app=reservoir-keeper",
-        ])?;
-        let pod = &list["items"][0];
+        let pods = driver_pods(&self.cluster, "reservoir-keeper");
+        let pod = pods.first()?;
         Some((
             pod["metadata"]["name"].as_str()?.to_string(),
             pod["metadata"]["uid"].as_str()?.to_string(),
@@ -989,13 +991,7 @@ fn node_restart(e2e: &E2e) {
 fn daemon_killed(e2e: &E2e) {
     start_steady_reader(e2e, "steady-daemon", 30);
     let recoveries = e2e.wait_all_kept();
-    let node = e2e.node_pod();
-    let before = e2e.restarts(&node, "daemon");
-    e2e.kill_container(&node, "daemon");
-    wait_for("kubelet restarts the daemon container", POD_WAIT, || {
-        (e2e.restarts(&node, "daemon") > before).then_some(())
-    });
-    let after = e2e.wait_all_kept();
+    let (node, after) = e2e.kill_daemon_and_wait();
     // Scraped while the reader still holds the volume (kubelet unstages it once the pod ends).
     let metrics = scrape_metrics();
     check_steady_reader(e2e, "steady-daemon", "a kill -9 of the daemon");
@@ -1040,16 +1036,7 @@ fn daemon_set_rolled(e2e: &E2e) {
         "daemonset/reservoir-node",
     ]);
     let new = wait_for("a new node plugin pod", POD_WAIT, || {
-        let list = e2e.cluster.kubectl_json(&[
-            "-n",
-            "reservoir",
-            "get",
-            "pods",
-            "-l",
-            "app=reservoir-node",
-        ])?;
-        let items = list["items"].as_array()?;
-        match items.as_slice() {
+        match driver_pods(&e2e.cluster, "reservoir-node").as_slice() {
             [only] if only["metadata"]["name"] != old.as_str() => {
                 only["metadata"]["name"].as_str().map(str::to_string)
             }
@@ -1087,13 +1074,7 @@ fn keeper_replaced(e2e: &E2e) {
         recoveries,
         "the keeper's restart is no recovery"
     );
-    let node = e2e.node_pod();
-    let before = e2e.restarts(&node, "daemon");
-    e2e.kill_container(&node, "daemon");
-    wait_for("kubelet restarts the daemon container", POD_WAIT, || {
-        (e2e.restarts(&node, "daemon") > before).then_some(())
-    });
-    let after = e2e.wait_all_kept();
+    let (_, after) = e2e.kill_daemon_and_wait();
     check_steady_reader(
         e2e,
         "steady-keeper",
