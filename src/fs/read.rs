@@ -40,6 +40,10 @@ impl Volume {
         ino: Ino,
         writable: bool,
     ) -> Option<Result<Arc<OpenFile>>> {
+        if writable && self.config.read_write {
+            // A writer binds to its source file at open (see `open_file`), which may block.
+            return None;
+        }
         let checked = self.meta.with(ino, |n| n.checked_ms)?;
         self.fresh(checked).then(|| self.open_known(ino, writable))
     }
@@ -48,8 +52,15 @@ impl Volume {
         if let Some(answer) = self.try_open_file(ino, writable) {
             return answer;
         }
-        self.revalidate(ino).await?;
-        self.open_known(ino, writable)
+        let checked = self.meta.with(ino, |n| n.checked_ms);
+        if !checked.is_some_and(|checked| self.fresh(checked)) {
+            self.revalidate(ino).await?;
+        }
+        let file = self.open_known(ino, writable)?;
+        if writable {
+            self.bind_writer(&file).await?;
+        }
+        Ok(file)
     }
 
     pub(super) fn open_known(self: &Arc<Self>, ino: Ino, writable: bool) -> Result<Arc<OpenFile>> {
@@ -357,7 +368,8 @@ impl Volume {
 
 pub(super) fn store(cache: &Cache, lease: &Lease, block: u32, data: &[u8]) {
     if let Err(e) = cache.store_block(lease, block, data) {
-        tracing::warn!(error = %crate::error::Chain(&e), "cannot store a block in the cache");
+        // The cache counts these and logs them at a bounded rate: a full disk fails every one.
+        tracing::debug!(error = %crate::error::Chain(&e), "cannot store a block in the cache");
     }
 }
 

@@ -91,7 +91,8 @@ impl WriteState {
 }
 
 /// What a writer handle keeps: the file as the source opened it for this handle (directory
-/// sources), opened at the first write and closed with the handle.
+/// sources), opened with the handle and closed with it. Opening it later, by the path the file
+/// then has, would write to whatever a rename has since put there.
 #[derive(Default)]
 pub struct HandleWrites {
     writer: tokio::sync::OnceCell<Option<Arc<dyn FileWriter>>>,
@@ -407,8 +408,14 @@ impl Volume {
             .and_then(|w| w.late_error.take())
     }
 
-    /// The handle's own open file on the source, opened at its first write; `None` for sources
-    /// that write by handle.
+    /// Opens the source file a writer handle writes to, while the handle still names it.
+    pub(super) async fn bind_writer(&self, file: &OpenFile) -> Result<()> {
+        let source = self.source()?;
+        self.writer(file, &source).await.map(drop)
+    }
+
+    /// The handle's own open file on the source, bound at open ([`Volume::bind_writer`]) or,
+    /// if that failed at create, at the first write; `None` for sources that write by handle.
     async fn writer(
         &self,
         file: &OpenFile,
@@ -418,8 +425,7 @@ impl Volume {
             .writes
             .writer
             .get_or_try_init(|| async {
-                let handle = self.current_handle(file);
-                let result = source.open_writer(&handle).await;
+                let result = source.open_writer(&file.handle).await;
                 self.observe(&result);
                 result
             })
@@ -613,6 +619,11 @@ impl Volume {
             readahead: Default::default(),
             writes: HandleWrites::default(),
         });
+        // The file exists now whatever happens next, so a failure to bind is not this call's
+        // failure: the writer is then opened at the first write, by the name it was created at.
+        if let Err(e) = self.bind_writer(&file).await {
+            tracing::debug!(ino = entry.ino, error = %crate::error::Chain(&e), "writer not bound at create");
+        }
         Ok((entry, file))
     }
 
