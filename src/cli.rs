@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use reservoir::cache::Damage;
 use reservoir::control::{ControlClient, ControlRequest, DaemonStatus, MountStatus, Response};
 use reservoir::fs::warm::Progress;
 use reservoir::units::human_bytes;
@@ -49,6 +50,29 @@ pub fn status_socket(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the cache found and repaired, in a line: the counts that are not zero.
+fn describe_damage(d: &Damage) -> String {
+    let found: Vec<String> = [
+        (d.journal_bytes_dropped, "journal bytes cut off"),
+        (d.unknown_files_removed, "unknown files removed"),
+        (d.missing_files, "files missing"),
+        (d.resized_files, "files of the wrong length"),
+        (d.blocks_dropped, "blocks dropped"),
+        (d.set_aside, "directory of another format set aside"),
+        (d.evicted_for_space, "files given back for free space"),
+        (d.store_failures, "blocks the disk refused"),
+    ]
+    .iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, what)| format!("{count} {what}"))
+    .collect();
+    if found.is_empty() {
+        "none found".into()
+    } else {
+        format!("{} (dropped parts are fetched again)", found.join(", "))
+    }
+}
+
 fn render_daemon_status(s: &DaemonStatus) -> String {
     let c = &s.cache;
     let mut out = format!(
@@ -72,6 +96,11 @@ fn render_daemon_status(s: &DaemonStatus) -> String {
         c.evicted_files,
         human_bytes(c.evicted_bytes),
         c.verify_failures
+    ));
+    out.push_str(&format!(
+        "cache damage   {}
+",
+        describe_damage(&c.damage)
     ));
     if s.volumes.is_empty() {
         out.push_str("volumes        none\n");
@@ -210,6 +239,7 @@ fn render_status(s: &MountStatus) -> String {
                     c.verify_failures
                 ),
             );
+            line("cache damage", describe_damage(&c.damage));
         }
         None => line("cache", "none (--no-cache)".into()),
     }

@@ -71,6 +71,8 @@ pub struct Journal<R> {
     /// Bytes the log occupies (in the file and buffered), shared with whoever accounts for disk
     /// use.
     bytes: Arc<AtomicU64>,
+    /// Bytes after the first torn or corrupt frame, cut off when the log was opened.
+    dropped_at_open: u64,
     #[cfg(debug_assertions)]
     fault: fault::DiskStall,
     _records: PhantomData<fn(R) -> R>,
@@ -142,6 +144,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             on_disk: AtomicU64::new(valid as u64),
             snapshot_bytes: AtomicU64::new(valid as u64),
             bytes: Arc::new(AtomicU64::new(valid as u64)),
+            dropped_at_open: (contents.len() - valid) as u64,
             #[cfg(debug_assertions)]
             fault: fault::DiskStall::from_env(),
             _records: PhantomData,
@@ -224,6 +227,11 @@ impl<R> Journal<R> {
     }
 
     /// A shared counter of [`Journal::bytes`], for disk accounting elsewhere.
+    /// Bytes of the log that were cut off at open: a torn tail after a crash, or damage.
+    pub fn dropped_at_open(&self) -> u64 {
+        self.dropped_at_open
+    }
+
     pub fn bytes_counter(&self) -> Arc<AtomicU64> {
         self.bytes.clone()
     }

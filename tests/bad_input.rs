@@ -127,7 +127,7 @@ fn unusable_cache_directories_are_refused() {
         &dirs.mnt,
         &["--cache-dir", full.to_str().unwrap()],
     );
-    assert!(line.contains("bytes free"), "{line}");
+    assert!(line.contains("bytes in all"), "{line}");
 
     // Owned by another process; and a mount point that is already mounted.
     let first = Mount::start(&dirs, src, &["--cache-size", "64Mi"]);

@@ -120,6 +120,11 @@ impl BlockMap {
 }
 
 impl Blocks {
+    /// Bytes of the file's blocks present on disk.
+    pub fn present_bytes(&self) -> u64 {
+        self.present_bytes
+    }
+
     pub fn is_complete(&self) -> bool {
         self.present as usize == self.checksums.len()
     }
@@ -373,8 +378,26 @@ impl Cache {
 
     /// Stores one fetched block. `data` must be the whole block (shorter only for the last).
     /// Returns false when the block was not stored (the file was evicted meanwhile, or the
-    /// block was already present).
+    /// block was already present). A block the disk does not take (full, failing) stays
+    /// missing, so its readers are answered from the source; such failures are counted, and
+    /// logged at the first and then at every power of two.
     pub fn store_block(&self, lease: &Lease, block: u32, data: &[u8]) -> Result<bool> {
+        let result = self.write_block(lease, block, data);
+        if let Err(e @ CacheError::Io { .. }) = &result {
+            let failures = self
+                .node
+                .counters
+                .store_failures
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(failures, error = %crate::error::Chain(e), "the cache disk does not take blocks; reading from the source");
+            }
+        }
+        result
+    }
+
+    fn write_block(&self, lease: &Lease, block: u32, data: &[u8]) -> Result<bool> {
         let node = &*self.node;
         let (start, len) = lease.block_range(block);
         if data.len() != len {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::blocks::BlockMap;
 use super::owners::{OwnerState, OwnerTag};
 use super::policy::{Rank, Sketch};
-use super::{ContentKey, FS_BLOCK, PER_FILE_OVERHEAD, Result, layout};
+use super::{ContentKey, Damage, FS_BLOCK, PER_FILE_OVERHEAD, Result, layout};
 
 /// Persistent index records.
 #[derive(Serialize, Deserialize)]
@@ -331,24 +331,67 @@ pub(super) fn replay(files: &mut HashMap<ContentKey, Replayed>, record: IndexRec
 }
 
 /// Removes data files the index does not know (a crash between creating a file and recording
-/// it) and index entries whose file is gone.
+/// it, or an index cut short by damage) and index entries whose file is gone, and brings each
+/// data file back to its file's size: bytes past it would reach a passthrough reader, and
+/// blocks past a shortened end are forgotten rather than read as holes.
 pub(super) fn reconcile_with_disk(
     data_dir: &Path,
     files: &mut HashMap<ContentKey, Replayed>,
+    damage: &mut Damage,
 ) -> Result<()> {
     let on_disk = layout::list_data_files(data_dir)?;
     let mut seen = HashSet::new();
     for (path, parsed) in on_disk {
-        let known = parsed.is_some_and(|(key, generation)| {
-            files.get(&key).is_some_and(|f| f.generation == generation) && seen.insert(key)
+        let known = parsed.and_then(|(key, generation)| {
+            let file = files.get_mut(&key).filter(|f| f.generation == generation)?;
+            seen.insert(key).then_some((key, file))
         });
-        if !known {
+        let Some((key, file)) = known else {
             tracing::debug!(path = %path.display(), "removing cache file the index does not know");
             let _ = std::fs::remove_file(&path);
+            damage.unknown_files_removed += 1;
+            continue;
+        };
+        match restore_size(&path, file) {
+            Ok(None) => {}
+            Ok(Some(dropped)) => {
+                tracing::warn!(path = %path.display(), size = file.size, blocks_dropped = dropped, "cached file had the wrong length; cut back to its size");
+                damage.resized_files += 1;
+                damage.blocks_dropped += dropped;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "cannot check a cached file; dropping it");
+                let _ = std::fs::remove_file(&path);
+                seen.remove(&key);
+            }
         }
     }
+    let listed = files.len();
     files.retain(|key, _| seen.contains(key));
+    damage.missing_files += (listed - files.len()) as u64;
     Ok(())
+}
+
+/// Sets a data file's length back to its file's size if it differs; `Some(blocks dropped)`
+/// when it did.
+fn restore_size(path: &Path, file: &mut Replayed) -> std::io::Result<Option<u64>> {
+    let len = std::fs::symlink_metadata(path)?.len();
+    if len == file.size {
+        return Ok(None);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(file.size)?;
+    let block_size = u64::from(file.block_size);
+    let mut dropped = 0;
+    for (block, checksum) in file.checksums.iter_mut().enumerate() {
+        let end = (block as u64 + 1).saturating_mul(block_size).min(file.size);
+        if end > len && checksum.take().is_some() {
+            dropped += 1;
+        }
+    }
+    Ok(Some(dropped))
 }
 
 pub(super) fn block_count(size: u64, block_size: u32) -> usize {

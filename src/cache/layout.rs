@@ -21,8 +21,17 @@ pub const INDEX_FILE: &str = "index";
 pub const METADATA_DIR: &str = "meta";
 pub const DATA_DIR: &str = "data";
 const FANOUT: usize = 256;
-/// The file system must have at least this much free space for a cache to start.
-const MINIMUM_FREE: u64 = 16 << 20;
+/// The free space a cache wants on its file system: below it, the cache gives back its
+/// coldest files at start (see [`super::Cache::open`]); a file system smaller than this is
+/// refused.
+pub const MINIMUM_FREE: u64 = 16 << 20;
+
+/// What [`prepare`] found.
+pub struct Prepared {
+    pub lock: CacheLock,
+    /// The directory held another format (or lost its marker) and was moved aside.
+    pub set_aside: bool,
+}
 
 /// Held for as long as the process owns the cache directory.
 pub struct CacheLock {
@@ -41,11 +50,11 @@ fn io_error(dir: &Path, what: impl Into<String>) -> impl FnOnce(std::io::Error) 
 }
 
 /// Creates the directory structure, takes the lock and sets aside contents of another format.
-pub fn prepare(dir: &Path) -> Result<CacheLock, CacheError> {
+pub fn prepare(dir: &Path) -> Result<Prepared, CacheError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir, "create the directory"))?;
     let lock = take_lock(dir)?;
-    check_free_space(dir)?;
-    check_format(dir)?;
+    check_size(dir)?;
+    let set_aside = check_format(dir)?;
     for sub in [METADATA_DIR, DATA_DIR] {
         let path = dir.join(sub);
         std::fs::create_dir_all(&path).map_err(io_error(dir, format!("create {sub}/")))?;
@@ -59,7 +68,7 @@ pub fn prepare(dir: &Path) -> Result<CacheLock, CacheError> {
             Err(e) => return Err(io_error(dir, format!("create {}", path.display()))(e)),
         }
     }
-    Ok(lock)
+    Ok(Prepared { lock, set_aside })
 }
 
 fn take_lock(dir: &Path) -> Result<CacheLock, CacheError> {
@@ -73,23 +82,32 @@ fn take_lock(dir: &Path) -> Result<CacheLock, CacheError> {
     }
 }
 
-fn check_free_space(dir: &Path) -> Result<(), CacheError> {
+/// A file system too small to ever hold a cache is a setting to fix; one that is merely full
+/// (other files, or a cache that filled it) is not: the cache starts and makes room.
+fn check_size(dir: &Path) -> Result<(), CacheError> {
     let stat =
-        nix::sys::statvfs::statvfs(dir).map_err(|e| io_error(dir, "read free space")(e.into()))?;
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
-    if free < MINIMUM_FREE {
-        return Err(CacheError::Full {
+        nix::sys::statvfs::statvfs(dir).map_err(|e| io_error(dir, "read its size")(e.into()))?;
+    let total = stat.blocks() as u64 * stat.fragment_size() as u64;
+    if total < MINIMUM_FREE {
+        return Err(CacheError::TooSmall {
             dir: dir.to_path_buf(),
-            free,
+            total,
             needed: MINIMUM_FREE,
         });
     }
     Ok(())
 }
 
+/// Bytes an unprivileged writer may still take on the directory's file system.
+pub fn free_space(dir: &Path) -> Result<u64, CacheError> {
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| io_error(dir, "read its free space")(e.into()))?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
 /// Reads the format marker; a cache written in another format is moved aside (next to the
 /// cache directory when possible, else removed), never read.
-fn check_format(dir: &Path) -> Result<(), CacheError> {
+fn check_format(dir: &Path) -> Result<bool, CacheError> {
     let marker = dir.join(FORMAT_FILE);
     let expected = format!("reservoir-cache {FORMAT_VERSION}\n");
     let found = match std::fs::read_to_string(&marker) {
@@ -97,13 +115,14 @@ fn check_format(dir: &Path) -> Result<(), CacheError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_error(dir, "read the format marker")(e)),
     };
-    match found {
-        Some(text) if text == expected => return Ok(()),
-        Some(text) => set_aside(dir, text.trim())?,
-        None if dir.join(INDEX_FILE).exists() => set_aside(dir, "unknown")?,
-        None => {}
-    }
-    std::fs::write(&marker, expected).map_err(io_error(dir, "write the format marker"))
+    let set = match found {
+        Some(text) if text == expected => return Ok(false),
+        Some(text) => set_aside(dir, text.trim()).map(|()| true)?,
+        None if dir.join(INDEX_FILE).exists() => set_aside(dir, "unknown").map(|()| true)?,
+        None => false,
+    };
+    std::fs::write(&marker, expected).map_err(io_error(dir, "write the format marker"))?;
+    Ok(set)
 }
 
 fn set_aside(dir: &Path, found: &str) -> Result<(), CacheError> {
@@ -209,7 +228,8 @@ mod tests {
     fn a_second_owner_is_refused_and_another_format_is_set_aside() {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("cache");
-        let lock = prepare(&dir).unwrap();
+        let prepared = prepare(&dir).unwrap();
+        assert!(!prepared.set_aside);
         match prepare(&dir) {
             Err(CacheError::Locked { holder, .. }) => {
                 assert_eq!(holder, format!("pid {}", std::process::id()))
@@ -217,11 +237,11 @@ mod tests {
             Err(other) => panic!("unexpected error {other}"),
             Ok(_) => panic!("a second owner was let in"),
         }
-        drop(lock);
+        drop(prepared);
 
         std::fs::write(dir.join(FORMAT_FILE), "reservoir-cache 999\n").unwrap();
         std::fs::write(dir.join(INDEX_FILE), "old index").unwrap();
-        let _lock = prepare(&dir).unwrap();
+        assert!(prepare(&dir).unwrap().set_aside);
         assert!(!dir.join(INDEX_FILE).exists());
         assert_eq!(
             std::fs::read_to_string(dir.join(FORMAT_FILE)).unwrap(),

@@ -79,11 +79,11 @@ pub enum CacheError {
         cause: std::io::Error,
     },
     #[error(
-        "cache directory {dir}: its file system has only {free} bytes free; at least {needed} are needed"
+        "cache directory {dir}: its file system holds only {total} bytes in all; give the cache a file system of at least {needed} bytes"
     )]
-    Full {
+    TooSmall {
         dir: PathBuf,
-        free: u64,
+        total: u64,
         needed: u64,
     },
     #[error(
@@ -171,6 +171,35 @@ struct Counters {
     evicted_bytes: AtomicU64,
     verify_failures: AtomicU64,
     bytes_stored: AtomicU64,
+    store_failures: AtomicU64,
+}
+
+/// What the cache found wrong with its directory, and what it did about it. Found at start,
+/// but for the journals of volumes (counted when a volume opens its own) and the blocks the
+/// disk refused (counted as they come). Nothing found here is ever served: damaged or unknown
+/// parts are dropped and fetched again from the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Damage {
+    /// Bytes cut off journals (the index and the volumes' metadata) after their first torn or
+    /// corrupt record. A few bytes after a crash are normal: the unflushed tail.
+    pub journal_bytes_dropped: u64,
+    /// Data files the index did not know, removed (a crash between creating a file and
+    /// recording it, or an index cut short).
+    pub unknown_files_removed: u64,
+    /// Files the index listed whose data file was gone.
+    pub missing_files: u64,
+    /// Data files longer or shorter than their file: cut back to its size, blocks past a
+    /// shortened end dropped.
+    pub resized_files: u64,
+    pub blocks_dropped: u64,
+    /// The directory had another format marker, or none beside an index: moved aside and
+    /// started empty.
+    pub set_aside: u64,
+    /// Files given back at start because the file system had less than 16 MiB free.
+    pub evicted_for_space: u64,
+    /// Blocks the disk did not take (full, failing): read from the source instead.
+    pub store_failures: u64,
 }
 
 /// A snapshot of the cache's use, for status reports.
@@ -191,6 +220,8 @@ pub struct Usage {
     pub evicted_files: u64,
     pub evicted_bytes: u64,
     pub verify_failures: u64,
+    #[serde(default)]
+    pub damage: Damage,
     /// The part of the owner whose view reported this (volumes of a daemon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<OwnerUsage>,
@@ -254,6 +285,8 @@ struct SharedCache {
     /// accounting: open ones count live, the others at their size on disk.
     external_journals: Mutex<HashMap<String, Arc<AtomicU64>>>,
     counters: Counters,
+    /// What [`Cache::open`] and the volumes' journals found; store failures are a counter.
+    damage: Mutex<Damage>,
     /// Bytes present and files complete, node-wide.
     tally: Arc<Tally>,
 }
@@ -262,12 +295,22 @@ impl Cache {
     /// Opens (or creates) the cache directory: takes its lock, checks the format, replays the
     /// index and removes data files the index does not know. The result is the default
     /// owner's view, bounded by the capacity alone.
+    ///
+    /// Damage is repaired, never served, and counted ([`Damage`]): a cut-off index forgets
+    /// files (their data files are removed), data files of the wrong length are set back,
+    /// missing ones are forgotten, and blocks are checked against their checksums before
+    /// their first use. A file system short of free space gets the coldest files back.
     pub fn open(config: CacheConfig) -> Result<Arc<Cache>> {
         config.validate()?;
-        let lock = layout::prepare(&config.dir)?;
+        let prepared = layout::prepare(&config.dir)?;
         let data_dir = config.dir.join(layout::DATA_DIR);
         let (journal, records) =
             Journal::<IndexRecord>::open(&config.dir.join(layout::INDEX_FILE))?;
+        let mut damage = Damage {
+            journal_bytes_dropped: journal.dropped_at_open(),
+            set_aside: u64::from(prepared.set_aside),
+            ..Damage::default()
+        };
 
         let mut replayed = HashMap::new();
         for record in records {
@@ -278,7 +321,7 @@ impl Cache {
             .map(|f| f.generation + 1)
             .max()
             .unwrap_or(1);
-        index::reconcile_with_disk(&data_dir, &mut replayed)?;
+        index::reconcile_with_disk(&data_dir, &mut replayed, &mut damage)?;
 
         let tally = Arc::new(Tally::default());
         let mut index = Index {
@@ -322,15 +365,20 @@ impl Cache {
         let external = existing_journals(&config.dir.join(layout::METADATA_DIR));
         let node = SharedCache {
             data_dir,
-            _lock: lock,
+            _lock: prepared.lock,
             index: Mutex::new(index),
             journal,
             external_journals: Mutex::new(external),
             counters: Counters::default(),
+            damage: Mutex::new(damage),
             tally,
             config,
         };
-        node.rewrite_index()?;
+        node.make_free_space()?;
+        if let Err(e) = node.rewrite_index() {
+            // The log as found is still the index; a full disk must not keep the volume down.
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot rewrite the cache index now; keeping its log");
+        }
         tracing::debug!(
             dir = %node.config.dir.display(),
             files,
@@ -415,6 +463,7 @@ impl Cache {
         };
         let path = self.node.config.dir.join(layout::METADATA_DIR).join(&name);
         let (journal, records) = Journal::open(&path)?;
+        self.node.lock_damage().journal_bytes_dropped += journal.dropped_at_open();
         self.node
             .lock_external()
             .insert(name.clone(), journal.bytes_counter());
@@ -592,6 +641,10 @@ impl Cache {
             evicted_files: counter(&node.counters.evicted_files),
             evicted_bytes: counter(&node.counters.evicted_bytes),
             verify_failures: counter(&node.counters.verify_failures),
+            damage: Damage {
+                store_failures: counter(&node.counters.store_failures),
+                ..*node.lock_damage()
+            },
             owner,
         }
     }
@@ -746,6 +799,45 @@ impl SharedCache {
             snapshot.install()?;
         }
         Ok(())
+    }
+
+    /// Gives back the coldest files, all owners' alike, until the file system has
+    /// [`layout::MINIMUM_FREE`] bytes free or the cache is empty. What is left short is
+    /// served from the source (blocks the disk refuses stay missing).
+    fn make_free_space(&self) -> Result<()> {
+        let free = layout::free_space(&self.config.dir)?;
+        if free >= layout::MINIMUM_FREE {
+            return Ok(());
+        }
+        let must_free = layout::MINIMUM_FREE - free;
+        let mut index = self.lock_index();
+        let mut freed = 0;
+        let mut victims = Vec::new();
+        for (key, _) in index.victims() {
+            if freed >= must_free {
+                break;
+            }
+            if let Some(file) = index.files.get(&key) {
+                freed += file.blocks.lock().present_bytes();
+                victims.push(key);
+            }
+        }
+        for key in &victims {
+            self.evict_locked(&mut index, *key);
+        }
+        drop(index);
+        tracing::warn!(
+            dir = %self.config.dir.display(),
+            free,
+            evicted_files = victims.len(),
+            "the cache's file system was short of free space; gave back the coldest files"
+        );
+        self.lock_damage().evicted_for_space += victims.len() as u64;
+        Ok(())
+    }
+
+    fn lock_damage(&self) -> MutexGuard<'_, Damage> {
+        self.damage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn data_path(&self, key: ContentKey, generation: u64) -> PathBuf {

@@ -143,7 +143,7 @@ impl Index {
 
     /// Residents of every owner, from the first to be evicted to the last (a merge of the
     /// owners' orders, which are few).
-    fn victims(&self) -> impl Iterator<Item = (ContentKey, Rank)> + '_ {
+    pub(super) fn victims(&self) -> impl Iterator<Item = (ContentKey, Rank)> + '_ {
         let mut heads: Vec<_> = self
             .owners
             .values()

@@ -157,7 +157,7 @@ fn node_cache(out: &mut Exposition, status: &DaemonStatus) {
          errors; `reservoir status` says why). Alert on any.",
     );
     out.sample("reservoir_lost_volumes", &[], status.lost.len() as f64);
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 7] = [
         (
             "reservoir_cache_admitted_files_total",
             "Files the admission policy let into the node cache.",
@@ -183,10 +183,43 @@ fn node_cache(out: &mut Exposition, status: &DaemonStatus) {
             "Cached blocks whose checksum did not match (dropped and fetched again).",
             c.verify_failures,
         ),
+        (
+            "reservoir_cache_store_failures_total",
+            "Fetched blocks the cache disk did not take (full or failing); their reads were \
+             answered from the source.",
+            c.damage.store_failures,
+        ),
+        (
+            "reservoir_cache_journal_bytes_dropped_total",
+            "Bytes cut off the cache's journals after a torn or corrupt record (a few after a \
+             crash are normal).",
+            c.damage.journal_bytes_dropped,
+        ),
     ];
     for (name, help, value) in counters {
         out.family(name, "counter", help);
         out.sample(name, &[], value as f64);
+    }
+    let d = &c.damage;
+    out.family(
+        "reservoir_cache_damage_repaired",
+        "gauge",
+        "Damage the cache found in its directory at start, by kind; all of it was dropped and \
+         is fetched again from the source.",
+    );
+    for (kind, count) in [
+        ("unknown_file", d.unknown_files_removed),
+        ("missing_file", d.missing_files),
+        ("wrong_length", d.resized_files),
+        ("block_past_end", d.blocks_dropped),
+        ("other_format", d.set_aside),
+        ("evicted_for_space", d.evicted_for_space),
+    ] {
+        out.sample(
+            "reservoir_cache_damage_repaired",
+            &[("kind", kind.to_string())],
+            count as f64,
+        );
     }
 }
 

@@ -7,6 +7,7 @@ fn status() -> DaemonStatus {
             "index_bytes": 50, "metadata_bytes": 50, "files": 7, "complete_files": 5,
             "admitted": 9, "rejected": 2, "evicted_files": 3, "evicted_bytes": 300,
             "verify_failures": 1, "owner": owner,
+            "damage": { "missing_files": 2, "store_failures": 5 },
         })
     };
     let owner = serde_json::json!({
@@ -110,6 +111,9 @@ fn a_daemon_status_as_prometheus_text() {
         "reservoir_up 1".to_string(),
         "reservoir_cache_capacity_bytes 1000".into(),
         "reservoir_cache_checksum_failures_total 1".into(),
+        "reservoir_cache_store_failures_total 5".into(),
+        r#"reservoir_cache_damage_repaired{kind="missing_file"} 2"#.into(),
+        r#"reservoir_cache_damage_repaired{kind="wrong_length"} 0"#.into(),
         "reservoir_volumes 1".into(),
         format!("reservoir_volume_cache_read_bytes_total{labels} 1234"),
         format!("reservoir_volume_passthrough_bytes_total{labels} 8192"),
