@@ -195,6 +195,35 @@ fn a_damaged_index_forgets_files_and_never_misreads_them() {
 }
 
 #[test]
+fn a_damaged_metadata_journal_is_cut_and_the_tree_asked_again() {
+    let dirs = Dirs::new();
+    let src = cached_dataset(&dirs);
+    let journals: Vec<PathBuf> = std::fs::read_dir(dirs.cache.join("meta"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    let journal = &journals[0];
+    let len = std::fs::metadata(journal).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(journal)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, len / 3).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], len / 3).unwrap();
+
+    let status = restart_and_check(&dirs, &src);
+    assert!(damage(&status, "journal_bytes_dropped") > 0, "{status}");
+    assert_eq!(
+        status["bytes_fetched"].as_u64(),
+        Some(0),
+        "the data was intact: {status}"
+    );
+}
+
+#[test]
 fn missing_cache_files_index_or_format_marker_are_refetched() {
     // A data file removed: that file is fetched again, the rest is served from the cache.
     let dirs = Dirs::new();
