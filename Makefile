@@ -113,6 +113,7 @@ upgrade-check:
 MODEL_CASES ?= 5000
 model:
 	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --lib -- model_tests path_tests --nocapture
+	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --test nfs_source -- nfs_paths --nocapture
 
 clean:
 	$(CARGO) clean
