@@ -315,6 +315,27 @@ fn a_cache_on_a_full_disk_comes_up_and_gives_back_room() {
 }
 
 #[test]
+fn a_cache_gives_back_room_when_other_files_fill_its_disk() {
+    let dirs = Dirs::new();
+    let disk = SmallDisk::mount(&dirs, "40m");
+    let src = cached_dataset(&dirs);
+    let _mount = Mount::start(&dirs, src.to_str().unwrap(), ARGS);
+    disk.fill(0);
+    common::mount::wait_until(
+        "the cache gives back room",
+        std::time::Duration::from_secs(10),
+        || damage(&dirs.status(), "evicted_for_space") > 0,
+    );
+    let stat = nix::sys::statvfs::statvfs(&dirs.cache).unwrap();
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    assert!(
+        free >= MIB,
+        "{free} bytes free after the cache gave back room"
+    );
+    check_every_file(&dirs, &src);
+}
+
+#[test]
 fn a_cache_disk_filling_up_while_serving_costs_no_read() {
     let dirs = Dirs::new();
     let disk = SmallDisk::mount(&dirs, "40m");

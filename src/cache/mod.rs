@@ -196,7 +196,8 @@ pub struct Damage {
     /// The directory had another format marker, or none beside an index: moved aside and
     /// started empty.
     pub set_aside: u64,
-    /// Files given back at start because the file system had less than 16 MiB free.
+    /// Files given back because the file system had less than 16 MiB free (checked at start
+    /// and every second).
     pub evicted_for_space: u64,
     /// Blocks the disk did not take (full, failing): read from the source instead.
     pub store_failures: u64,
@@ -603,6 +604,7 @@ impl Cache {
             return Ok(());
         }
         let node = &*self.node;
+        node.make_free_space()?;
         if node.journal.wants_rewrite() {
             node.rewrite_index()?;
         }
@@ -802,7 +804,8 @@ impl SharedCache {
     }
 
     /// Gives back the coldest files, all owners' alike, until the file system has
-    /// [`layout::MINIMUM_FREE`] bytes free or the cache is empty. What is left short is
+    /// [`layout::MINIMUM_FREE`] bytes free or the cache is empty: at start, and at every flush
+    /// (each second), since other files may share the disk and fill it. What is left short is
     /// served from the source (blocks the disk refuses stay missing).
     fn make_free_space(&self) -> Result<()> {
         let free = layout::free_space(&self.config.dir)?;
@@ -826,11 +829,14 @@ impl SharedCache {
             self.evict_locked(&mut index, *key);
         }
         drop(index);
+        if victims.is_empty() {
+            return Ok(());
+        }
         tracing::warn!(
             dir = %self.config.dir.display(),
             free,
             evicted_files = victims.len(),
-            "the cache's file system was short of free space; gave back the coldest files"
+            "the cache's file system is short of free space; gave back the coldest files"
         );
         self.lock_damage().evicted_for_space += victims.len() as u64;
         Ok(())
