@@ -112,7 +112,8 @@ upgrade-check:
 ## prints its seed (RESERVOIR_MODEL_SEED replays it) and the shrunk sequence. docs/robustness.md.
 MODEL_CASES ?= 5000
 model:
-	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --lib -- model_tests path_tests --nocapture
+	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --lib -- model_tests --nocapture
+	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --test source_paths -- --nocapture
 	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --test nfs_source -- nfs_paths --nocapture
 
 clean:

@@ -93,6 +93,18 @@ fn restart_and_check(dirs: &Dirs, src: &Path) -> serde_json::Value {
     status
 }
 
+/// Flips the bits of `mask` in the byte at `offset` of `path`.
+fn flip_bits(path: &Path, offset: u64, mask: u8) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ mask], offset).unwrap();
+}
+
 fn damage(status: &serde_json::Value, what: &str) -> u64 {
     status["cache"]["damage"][what].as_u64().unwrap_or(0)
 }
@@ -147,14 +159,7 @@ fn flipped_bits_in_cached_data_are_refetched() {
     let dirs = Dirs::new();
     let src = cached_dataset(&dirs);
     for (size, offset) in [(3 * MIB, 10), (MIB, MIB - 1), (10_000, 5_000)] {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(data_file_of(&dirs, size))
-            .unwrap();
-        let mut byte = [0u8];
-        file.read_exact_at(&mut byte, offset).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x10], offset).unwrap();
+        flip_bits(&data_file_of(&dirs, size), offset, 0x10);
     }
 
     let status = restart_and_check(&dirs, &src);
@@ -173,14 +178,7 @@ fn a_damaged_index_forgets_files_and_never_misreads_them() {
     let index = dirs.cache.join("index");
     let len = std::fs::metadata(&index).unwrap().len();
     assert!(len > 64, "index of {len} bytes");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&index)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, len / 2).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x01], len / 2).unwrap();
+    flip_bits(&index, len / 2, 0x01);
 
     let status = restart_and_check(&dirs, &src);
     assert!(damage(&status, "journal_bytes_dropped") > 0, "{status}");
@@ -205,14 +203,7 @@ fn a_damaged_metadata_journal_is_cut_and_the_tree_asked_again() {
     assert_eq!(journals.len(), 1, "{journals:?}");
     let journal = &journals[0];
     let len = std::fs::metadata(journal).unwrap().len();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(journal)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, len / 3).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x80], len / 3).unwrap();
+    flip_bits(journal, len / 3, 0x80);
 
     let status = restart_and_check(&dirs, &src);
     assert!(damage(&status, "journal_bytes_dropped") > 0, "{status}");

@@ -653,248 +653,45 @@ async fn throughput() {
 /// reads or changes `export/outside`, whatever names it is asked for (`..`, `.`, `/`, NUL,
 /// multi-component names), whatever symlinks the tree holds (to `../outside`, to an absolute
 /// path), and while the server's `root/swap` flips between a directory and a symlink to the
-/// outside. Handles come only from the server's own answers, as in the file system: the kernel
-/// names files by inode number, never by handle. `RESERVOIR_MODEL_CASES` sets the number of
-/// cases (32 by default; `make model` runs more).
+/// outside (`common::paths`, shared with `tests/source_paths.rs`). Handles come only from the
+/// server's own answers, as in the file system: the kernel names files by inode number, never
+/// by handle. `RESERVOIR_MODEL_CASES` sets the number of cases (32 by default; `make model`
+/// runs more).
 mod nfs_paths {
     use super::*;
+    use common::paths::{
+        Swapper, cases, make_outside, make_root, probe_strategy, run_probe, snapshot,
+    };
     use proptest::prelude::*;
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-    use reservoir::source::{Handle, Owner, SetAttr, SourceWrite};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    const SECRET: &[u8] = b"SECRET-OUTSIDE-THE-ROOT";
-    const NAMES: [&[u8]; 14] = [
-        b"..",
-        b".",
-        b"",
-        b"/",
-        b"d",
-        b"f",
-        b"up",
-        b"abs",
-        b"swap",
-        b"new",
-        b"../outside",
-        b"d/../..",
-        b"a\0b",
-        b"secret",
-    ];
-
-    #[derive(Clone, Debug)]
-    enum Probe {
-        /// Looks every name up in a known directory; keeps what it finds.
-        Lookup(usize),
-        ReadDir(usize),
-        Read(usize),
-        Create(usize, usize),
-        Mkdir(usize, usize),
-        Write(usize),
-        Truncate(usize),
-        Rename(usize, usize, usize),
-        Remove(usize, usize),
-    }
-
-    fn probe_strategy() -> impl Strategy<Value = Probe> {
-        let known = 0..64usize;
-        let name = 0..NAMES.len();
-        prop_oneof![
-            known.clone().prop_map(Probe::Lookup),
-            known.clone().prop_map(Probe::ReadDir),
-            known.clone().prop_map(Probe::Read),
-            (known.clone(), name.clone()).prop_map(|(h, n)| Probe::Create(h, n)),
-            (known.clone(), name.clone()).prop_map(|(h, n)| Probe::Mkdir(h, n)),
-            known.clone().prop_map(Probe::Write),
-            known.clone().prop_map(Probe::Truncate),
-            (known.clone(), name.clone(), name.clone())
-                .prop_map(|(h, a, b)| Probe::Rename(h, a, b)),
-            (known, name).prop_map(|(h, n)| Probe::Remove(h, n)),
-        ]
-    }
-
-    fn leaks(bytes: &[u8]) -> bool {
-        bytes.windows(SECRET.len()).any(|w| w == SECRET)
-    }
-
-    /// Every path under `dir` with its contents (files) or `None`.
-    fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
-        let mut out = Vec::new();
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(path) = pending.pop() {
-            for entry in std::fs::read_dir(&path).unwrap().flatten() {
-                let path = entry.path();
-                let meta = std::fs::symlink_metadata(&path).unwrap();
-                if meta.is_dir() {
-                    pending.push(path.clone());
-                }
-                let bytes = meta.is_file().then(|| std::fs::read(&path).unwrap());
-                out.push((path, bytes));
-            }
-        }
-        out.sort();
-        out
-    }
-
-    /// A fresh `root/` full of traps beside `outside/` (which is kept across cases).
-    fn reset_root(export: &Path) -> PathBuf {
-        let root = export.join("root");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("d")).unwrap();
-        std::fs::create_dir_all(root.join("swap")).unwrap();
-        std::fs::write(root.join("f"), b"inside").unwrap();
-        std::fs::write(root.join("d/f"), b"inside").unwrap();
-        symlink("../outside", root.join("up")).unwrap();
-        symlink(export.join("outside"), root.join("abs")).unwrap();
-        symlink(export.join("outside/secret"), root.join("d/secret")).unwrap();
-        root
-    }
-
-    fn swapper(root: PathBuf, outside: PathBuf, stop: Arc<AtomicBool>) {
-        let swap = root.join("swap");
-        while !stop.load(Ordering::Relaxed) {
-            let _ = std::fs::remove_dir(&swap).or_else(|_| std::fs::remove_file(&swap));
-            let _ = symlink(&outside, &swap);
-            std::thread::yield_now();
-            let _ = std::fs::remove_file(&swap);
-            let _ = std::fs::create_dir(&swap);
-            std::thread::yield_now();
-        }
-    }
-
-    async fn probe(
-        source: &NfsSource,
-        known: &mut Vec<Handle>,
-        probe: &Probe,
-        outside_inodes: &[u64],
-    ) -> Result<(), String> {
-        let owner = Owner { uid: 0, gid: 0 };
-        let pick = |i: &usize| known[*i % known.len()].clone();
-        let mut found = Vec::new();
-        let check_read = |bytes: &[u8]| {
-            if leaks(bytes) {
-                Err(format!("{probe:?} read the secret"))
-            } else {
-                Ok(())
-            }
-        };
-        match probe {
-            Probe::Lookup(h) => {
-                let dir = pick(h);
-                for name in NAMES {
-                    if let Ok((handle, attr)) = source.lookup(&dir, name).await {
-                        if outside_inodes.contains(&attr.fileid) {
-                            return Err(format!("{probe:?}: {name:?} found the outside"));
-                        }
-                        if attr.kind == Kind::File {
-                            if let Ok(bytes) = source.read(&handle, 0, 4096).await {
-                                check_read(&bytes)?;
-                            }
-                        }
-                        found.push(handle);
-                    }
-                }
-            }
-            Probe::ReadDir(h) => {
-                if let Ok(entries) = source.read_dir(&pick(h)).await {
-                    for e in entries {
-                        if outside_inodes.contains(&e.attr.fileid) {
-                            return Err(format!("{probe:?} listed the outside: {e:?}"));
-                        }
-                        if [&b"."[..], b"..", b""].contains(&e.name.as_slice())
-                            || e.name.contains(&b'/')
-                        {
-                            return Err(format!("{probe:?} listed the name {:?}", e.name));
-                        }
-                        found.push(e.handle);
-                    }
-                }
-            }
-            Probe::Read(h) => {
-                if let Ok(bytes) = source.read(&pick(h), 0, 4096).await {
-                    check_read(&bytes)?;
-                }
-            }
-            Probe::Create(h, n) => {
-                if let Ok((created, _)) = source
-                    .create(&pick(h), NAMES[*n], 0o644, owner, false)
-                    .await
-                {
-                    if let Ok(bytes) = source.read(&created, 0, 4096).await {
-                        check_read(&bytes)?;
-                    }
-                    let _written = source.write(&created, 0, b"pwned").await;
-                    found.push(created);
-                }
-            }
-            Probe::Mkdir(h, n) => {
-                if let Ok((made, _)) = source.mkdir(&pick(h), NAMES[*n], 0o755, owner).await {
-                    found.push(made);
-                }
-            }
-            Probe::Write(h) => {
-                let _written = source.write(&pick(h), 0, b"pwned").await;
-            }
-            Probe::Truncate(h) => {
-                let changes = SetAttr {
-                    size: Some(0),
-                    perm: Some(0o777),
-                    ..SetAttr::default()
-                };
-                let _changed = source.setattr(&pick(h), &changes).await;
-            }
-            Probe::Rename(h, a, b) => {
-                let dir = pick(h);
-                let _renamed = source.rename(&dir, NAMES[*a], &dir, NAMES[*b]).await;
-            }
-            Probe::Remove(h, n) => {
-                let dir = pick(h);
-                let _removed = source.remove(&dir, NAMES[*n]).await;
-                let _removed = source.rmdir(&dir, NAMES[*n]).await;
-            }
-        }
-        known.extend(found);
-        Ok(())
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_name_symlink_or_race_reaches_outside_the_root() {
-        let cases = std::env::var("RESERVOIR_MODEL_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(32);
         let dir = tempfile::tempdir().unwrap();
         let export = dir.path().join("export");
-        let outside = export.join("outside");
-        std::fs::create_dir_all(outside.join("d")).unwrap();
-        std::fs::write(outside.join("secret"), SECRET).unwrap();
-        std::fs::write(outside.join("d/f"), SECRET).unwrap();
-        let outside_inodes: Vec<u64> = ["", "secret", "d", "d/f"]
-            .iter()
-            .map(|p| std::fs::metadata(outside.join(p)).unwrap().ino())
-            .chain([std::fs::metadata(&export).unwrap().ino()])
-            .collect();
+        let (root, outside) = (export.join("root"), export.join("outside"));
+        let mut outside_inodes = make_outside(&outside);
+        outside_inodes.push(std::fs::metadata(&export).unwrap().ino());
         let before = snapshot(&outside);
+        make_root(&root, &outside);
         let server = Ganesha::start(&export);
-        let url = server.url(export.join("root"));
+        let url = server.url(&root);
         let opts = options(Duration::from_secs(5), 2);
 
         let mut runner = TestRunner::new_with_rng(
             Config {
-                cases,
+                cases: cases(32),
                 failure_persistence: None,
                 ..Config::default()
             },
             TestRng::from_seed(RngAlgorithm::ChaCha, &[0x15; 32]),
         );
         let result = tokio::task::block_in_place(|| {
-            runner.run(&prop::collection::vec(probe_strategy(), 1..30), |probes| {
-                let root = reset_root(&export);
-                let stop = Arc::new(AtomicBool::new(false));
-                let racer = {
-                    let (root, outside, stop) = (root.clone(), outside.clone(), stop.clone());
-                    std::thread::spawn(move || swapper(root, outside, stop))
-                };
+            // A probe names one of the handles the server has given so far (the root first).
+            let probes = prop::collection::vec(probe_strategy(0..64usize), 1..30);
+            runner.run(&probes, |probes| {
+                make_root(&root, &outside);
+                let swapper = Swapper::start(&root, &outside);
                 let outcome = tokio::runtime::Handle::current().block_on(async {
                     let source = NfsSource::connect(&nfs_url(&url), &opts)
                         .await
@@ -902,12 +699,12 @@ mod nfs_paths {
                     let (root_handle, _) = source.root().await.map_err(|e| e.to_string())?;
                     let mut known = vec![root_handle];
                     for p in &probes {
-                        probe(&source, &mut known, p, &outside_inodes).await?;
+                        let dir = known[p.target() % known.len()].clone();
+                        known.extend(run_probe(&source, &dir, p, &outside_inodes).await?);
                     }
                     Ok::<(), String>(())
                 });
-                stop.store(true, Ordering::Relaxed);
-                racer.join().unwrap();
+                drop(swapper);
                 outcome.map_err(TestCaseError::fail)?;
                 prop_assert_eq!(snapshot(&outside), before.clone(), "the outside changed");
                 Ok(())

@@ -843,9 +843,6 @@ impl FileWriter for LocalFileWriter {
 }
 
 #[cfg(test)]
-mod path_tests;
-
-#[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
