@@ -79,6 +79,11 @@ fn data_file_of(dirs: &Dirs, size: u64) -> PathBuf {
 
 /// Restarts over the damaged cache, checks every byte, and returns the status.
 fn restart_and_check(dirs: &Dirs, src: &Path) -> serde_json::Value {
+    restart_check_and_show(dirs, src).0
+}
+
+/// [`restart_and_check`], and the status as `reservoir status` shows it to people.
+fn restart_check_and_show(dirs: &Dirs, src: &Path) -> (serde_json::Value, String) {
     let _mount = Mount::start(dirs, src.to_str().unwrap(), ARGS);
     check_every_file(dirs, src);
     // A second pass reads what the first stored: still right, and nothing fetched again.
@@ -90,7 +95,13 @@ fn restart_and_check(dirs: &Dirs, src: &Path) -> serde_json::Value {
         fetched,
         "{status}"
     );
-    status
+    let shown = dirs
+        .command()
+        .arg("status")
+        .arg(&dirs.mnt)
+        .output()
+        .unwrap();
+    (status, String::from_utf8_lossy(&shown.stdout).into_owned())
 }
 
 /// Flips the bits of `mask` in the byte at `offset` of `path`.
@@ -121,7 +132,11 @@ fn a_truncated_cache_file_is_refetched_from_where_it_was_cut() {
         .set_len(2 * MIB + MIB / 2)
         .unwrap();
 
-    let status = restart_and_check(&dirs, &src);
+    let (status, shown) = restart_check_and_show(&dirs, &src);
+    assert!(
+        shown.contains("cache damage   1 files of the wrong length, 4 blocks dropped"),
+        "{shown}"
+    );
     assert_eq!(damage(&status, "resized_files"), 1, "{status}");
     // Blocks 2 (cut in the middle), 3, 4 and the 123-byte tail.
     assert_eq!(damage(&status, "blocks_dropped"), 4, "{status}");
