@@ -64,6 +64,6 @@ if [ "${1:-test}" = deploy ] && ! command -v kubernetes-validate >/dev/null 2>&1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "install-deps: cargo (Rust 1.85 or newer) is not on PATH; install it with rustup (https://rustup.rs)" >&2
+  echo "install-deps: cargo (Rust 1.89 or newer) is not on PATH; install it with rustup (https://rustup.rs)" >&2
   exit 1
 fi

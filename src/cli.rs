@@ -141,6 +141,10 @@ fn render_daemon_status(s: &DaemonStatus) -> String {
             ]);
         }
         out.push_str(&table(&rows));
+        for v in s.volumes.iter().filter(|v| v.origin.is_some()) {
+            let origin = v.origin.as_deref().unwrap_or_default();
+            out.push_str(&format!("{}: {origin}\n", v.volume_id));
+        }
     }
     for p in &s.pending {
         out.push_str(&format!(

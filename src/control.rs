@@ -125,6 +125,11 @@ pub struct MountRequest {
     /// Paths inside the volume loaded into the cache in the background after mounting.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preload: Vec<String>,
+    /// Where `source` came from when the user named something else: the claim it was
+    /// resolved from and how it is read (`pvc://ns/claim -> PersistentVolume pv-1 (in-tree
+    /// nfs): ...`). Shown in the status; never interpreted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 fn default_high_watermark() -> f64 {
@@ -307,6 +312,9 @@ pub struct DaemonVolume {
     /// The source as requested (`source` in the flattened status is the volume's root, with
     /// the sub-path joined).
     pub requested_source: String,
+    /// The claim the source was resolved from, and how it is read (see `MountRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -30,8 +30,8 @@ const NS: &str = "e2e";
 const POD_WAIT: Duration = Duration::from_secs(120);
 
 /// The datasets: `data` (the main one, also the inline volumes' allowed prefix), `shared`
-/// (read only by the shared-volume scenario, so its first epoch surely comes from the source)
-/// and `other` (outside --allowed-sources).
+/// (read only by the shared-volume scenario, so its first epoch surely comes from the source),
+/// `other` (outside --allowed-sources) and `claimed` (only read through a claim's NFS volume).
 struct Datasets {
     dir: tempfile::TempDir,
 }
@@ -43,7 +43,7 @@ impl Datasets {
             .tempdir()
             .unwrap();
         let root = dir.path().join("export");
-        for (name, seed) in [("data", 1), ("shared", 2), ("other", 3)] {
+        for (name, seed) in [("data", 1), ("shared", 2), ("other", 3), ("claimed", 4)] {
             let d = root.join(name);
             fs::create_dir_all(d.join("nested/deeper")).unwrap();
             write_random_file(&d.join("big.bin"), 6 << 20, seed);
@@ -342,6 +342,11 @@ fn kubernetes_end_to_end() {
         static_volume(&e2e)
     });
     step(
+        "pvc:// sources: an NFS claim read byte for byte with our client; missing, unbound and \
+         other-namespace claims refused",
+        || claims(&e2e),
+    );
+    step(
         "an inline volume reads; one outside --allowed-sources is refused",
         || inline(&e2e),
     );
@@ -398,7 +403,8 @@ fn install(e2e: &E2e, archive: &Path) {
             .unwrap()
             .trim_start_matches('/')
     );
-    let allowed = e2e.nfs("data");
+    // Inline volumes may also name claims of their own pod's namespace.
+    let allowed = format!("{},pvc://", e2e.nfs("data"));
     for name in [
         "kustomization.yaml",
         "node.yaml",
@@ -587,6 +593,292 @@ spec:
         e2e.nfs("data")
     ));
     e2e.assert_reads("static-reader", &claim_volume("static"), "data", "{}");
+}
+
+/// Bytes the NFS server has read from its files so far (`rchar` of its process).
+fn server_read_bytes(e2e: &E2e) -> u64 {
+    let pid = e2e.ganesha.pid().expect("ganesha runs");
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar of the NFS server")
+}
+
+/// Waits for a warning event on `name` whose text contains every one of `needles`.
+fn wait_event(e2e: &E2e, namespace: &str, name: &str, needles: &[&str]) -> String {
+    wait_for(
+        &format!("an event on {namespace}/{name} with {needles:?}"),
+        POD_WAIT,
+        || {
+            e2e.cluster
+                .events(namespace, name)
+                .into_iter()
+                .find(|e| needles.iter().all(|n| e.contains(n)))
+        },
+    )
+}
+
+/// `pvc://` sources. A claim bound to an in-tree `nfs` PersistentVolume of the test's server
+/// (which kubelet never mounts: no pod uses that claim directly) is read through a static
+/// volume and an inline one, with reservoir's NFS client: the pods read every byte, the server
+/// served them, and the status names the claim. Then the refusals a user can meet, each with
+/// its code and the claim named: a claim that does not exist (at CreateVolume, before any pod,
+/// and at mount), one that is not bound, and an inline volume naming a claim of another
+/// namespace.
+fn claims(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    let export = e2e.ganesha.exports()[0].join("claimed");
+    cluster.kubectl_ok(&["create", "namespace", "e2e-other"]);
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: e2e-claimed-nfs
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  nfs:
+    server: "{server}"
+    path: "{path}"
+    readOnly: true
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: claimed
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: e2e-claimed-nfs
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: via-claim
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: via-claim
+    volumeAttributes:
+      source: "pvc://{NS}/claimed"
+      readOnly: "true"
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: via-claim
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: via-claim
+  resources:
+    requests:
+      storage: 1Gi
+---
+# Never bound: no such class, no provisioner.
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: unbound
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: e2e-no-such-class
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: theirs
+  namespace: e2e-other
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: e2e-no-such-class
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: e2e-missing-claim
+provisioner: {DRIVER}
+parameters:
+  source: "pvc://${{pvc.metadata.namespace}}/no-such-claim"
+  readOnly: "true"
+volumeBindingMode: Immediate
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: from-missing
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: e2e-missing-claim
+  resources:
+    requests:
+      storage: 1Gi
+"#,
+        server = e2e.ganesha.host(),
+        path = export.display(),
+    ));
+    // The refused pods first: kubelet's retries run while the good ones read.
+    let inline_claim = |claim: &str| {
+        format!(
+            "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
+             volumeAttributes:\n          source: \"{claim}\""
+        )
+    };
+    let refused = [
+        (
+            "claim-missing",
+            format!("pvc://{NS}/no-such-claim"),
+            "NotFound",
+            "no such PersistentVolumeClaim",
+        ),
+        (
+            "claim-unbound",
+            format!("pvc://{NS}/unbound"),
+            "FailedPrecondition",
+            "not bound to a volume (phase Pending)",
+        ),
+        (
+            "claim-theirs",
+            "pvc://e2e-other/theirs".to_string(),
+            "PermissionDenied",
+            "own pod's namespace (e2e)",
+        ),
+    ];
+    for (pod_name, source, _, _) in &refused {
+        cluster.apply(&pod(pod_name, &inline_claim(source), READ_ALL, "{}", false));
+    }
+    wait_for(
+        "the NFS-backed claim is bound",
+        Duration::from_secs(60),
+        || {
+            let claim = cluster.kubectl_json(&["-n", NS, "get", "pvc", "claimed"])?;
+            (claim["status"]["phase"] == "Bound").then_some(())
+        },
+    );
+
+    let expected = e2e.datasets.checksums("claimed");
+    let size: u64 = ["big.bin", "nested/a.bin", "nested/deeper/b.bin"]
+        .iter()
+        .map(|f| {
+            fs::metadata(e2e.datasets.export().join("claimed").join(f))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let served_before = server_read_bytes(e2e);
+    // The reader stays, so that the volume stays staged for the status below.
+    cluster.apply(&pod(
+        "claim-reader",
+        &claim_volume("via-claim"),
+        &format!("{READ_ALL}; sleep 3600"),
+        "{}",
+        false,
+    ));
+    let log = wait_for("claim-reader has read the dataset", POD_WAIT, || {
+        let log = cluster.container_log(NS, "claim-reader", "main");
+        log.contains("READ-DONE").then_some(log)
+    });
+    assert_eq!(
+        parse_checksums(&log),
+        expected,
+        "claim-reader read other bytes:\n{log}"
+    );
+    let served = server_read_bytes(e2e) - served_before;
+    assert!(
+        served >= size,
+        "the NFS server read {served} B of its files for a dataset of more than {size} B"
+    );
+    let status = e2e.volume_status("via-claim");
+    let origin = status["origin"].as_str().unwrap_or_default();
+    assert!(
+        origin.contains(&format!(
+            "pvc://{NS}/claimed -> PersistentVolume e2e-claimed-nfs (in-tree nfs)"
+        )),
+        "{status}"
+    );
+    assert_eq!(
+        status["source"].as_str().unwrap(),
+        e2e.ganesha.url(&export),
+        "read from the claim's NFS share: {status}"
+    );
+    let fetched = status["bytes_fetched"].as_u64().unwrap();
+    assert!(fetched >= size, "{status}");
+    eprintln!(
+        "e2e:   through pvc://{NS}/claimed: the server read {served} B, the daemon fetched \
+         {fetched} B ({} files)",
+        expected.len()
+    );
+    // No kernel NFS mount: the claim's volume is never mounted on the node.
+    assert!(
+        mounts().iter().all(|(_, _, fs)| !fs.starts_with("nfs")),
+        "{:?}",
+        mounts()
+    );
+
+    // Inline: a claim of the pod's own namespace (podInfoOnMount says which), with a path
+    // inside the claim's volume.
+    let log = e2e.run_reader(
+        "claim-inline-reader",
+        &inline_claim(&format!("pvc://{NS}/claimed/nested")),
+        "{}",
+    );
+    let nested: BTreeMap<String, String> = expected
+        .iter()
+        .filter_map(|(path, hash)| {
+            Some((
+                format!("./{}", path.strip_prefix("./nested/")?),
+                hash.clone(),
+            ))
+        })
+        .collect();
+    assert!(!nested.is_empty());
+    assert_eq!(parse_checksums(&log), nested, "claim-inline-reader:\n{log}");
+
+    for (pod_name, _, code, text) in &refused {
+        let event = wait_event(e2e, NS, pod_name, &["FailedMount", code, text]);
+        eprintln!("e2e:   {pod_name}: {event}");
+        assert_eq!(cluster.pod_phase(NS, pod_name).as_deref(), Some("Pending"));
+    }
+    // CreateVolume checked the claim before any pod asked for the volume.
+    let event = wait_event(
+        e2e,
+        NS,
+        "from-missing",
+        &[
+            "ProvisioningFailed",
+            "NotFound",
+            &format!("claim {NS}/no-such-claim"),
+        ],
+    );
+    eprintln!("e2e:   from-missing: {event}");
+    let names: Vec<&str> = refused.iter().map(|(p, _, _, _)| *p).collect();
+    let mut args = vec!["-n", NS, "delete", "pod", "claim-reader", "--wait=false"];
+    args.extend(names);
+    cluster.kubectl_ok(&args);
+    cluster.kubectl_ok(&["-n", NS, "delete", "pvc", "from-missing", "--wait=false"]);
 }
 
 fn inline(e2e: &E2e) {

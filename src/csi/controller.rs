@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use tracing::Level;
 
 use super::capability;
-use super::params::{ParamError, VolumeParams};
+use super::claims::Claims;
+use super::params::{ParamError, VolumeParams, VolumeSource};
 use super::proto::controller_server::Controller;
 use super::proto::controller_service_capability::Rpc;
 use super::proto::controller_service_capability::rpc::Type as CapabilityType;
@@ -49,6 +50,8 @@ pub struct ControllerService {
     store: Arc<StateStore>,
     options: ControllerOptions,
     busy: Arc<Mutex<HashSet<String>>>,
+    /// `pvc://` sources: resolved through the Kubernetes API.
+    claims: Arc<Claims>,
 }
 
 /// Marks a volume id as having an operation in progress until dropped.
@@ -72,6 +75,7 @@ impl ControllerService {
             store,
             options,
             busy: Arc::new(Mutex::new(HashSet::new())),
+            claims: Arc::new(Claims::default()),
         }
     }
 
@@ -177,9 +181,20 @@ impl ControllerService {
     }
 
     /// Opens an NFS source (the export and the path inside it, subPath included) within the
-    /// check timeout. Directory sources live on the nodes and are checked there.
+    /// check timeout. Directory sources live on the nodes and are checked there. A claim is
+    /// resolved first (it exists, is bound, its volume is one reservoir reads), and the NFS
+    /// share it resolves to is checked like any: before any pod starts.
     async fn check_source(&self, params: &VolumeParams) -> Result<(), Status> {
-        let root = params.root();
+        let root = match &params.source {
+            VolumeSource::Claim(claim) => {
+                let resolved = self.claims.resolve(claim).await?;
+                params.resolved(&resolved.source).root()
+            }
+            VolumeSource::Direct(_) => params.root(),
+        };
+        let Some(root) = root else {
+            return Err(Status::internal("a claim source was left unresolved"));
+        };
         let SourceSpec::Nfs(url) = &root else {
             return Ok(());
         };

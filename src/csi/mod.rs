@@ -12,6 +12,7 @@
 //! `docs/csi.md` describes the behaviour and every parameter.
 
 pub mod capability;
+pub mod claims;
 pub mod controller;
 pub mod health;
 pub mod identity;

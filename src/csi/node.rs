@@ -23,8 +23,12 @@ use tonic::{Request, Response, Status};
 use tracing::Level;
 
 use super::capability;
+use super::claims::{ClaimError, Claims, inline_pod_namespace};
 use super::mounts::{self, MountEntry};
-use super::params::{EPHEMERAL, METADATA_TTL, VolumeParams, render_source};
+use super::params::{
+    CLAIM_SCHEME, EPHEMERAL, METADATA_TTL, POD_NAMESPACE, POD_UID, VolumeParams, VolumeSource,
+    render_source,
+};
 use super::proto::node_server::Node as NodeRpc;
 use super::proto::node_service_capability::Rpc;
 use super::proto::node_service_capability::rpc::Type as RpcType;
@@ -80,33 +84,50 @@ impl From<NodeError> for Status {
 }
 
 /// The sources inline volumes may name: prefixes, matched by path component (`/data` admits
-/// `/data/x`, not `/data2`). Empty: no inline volumes.
+/// `/data/x`, not `/data2`), and `pvc://` (claims of the pod's own namespace) or
+/// `pvc://NAMESPACE` (claims, for pods of that namespace only). Empty: no inline volumes.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct AllowedSources(Vec<SourceSpec>);
+pub struct AllowedSources {
+    sources: Vec<SourceSpec>,
+    /// Namespaces whose pods may name their own claims; `None` admits every namespace.
+    claim_namespaces: Vec<Option<String>>,
+}
 
 impl AllowedSources {
-    /// Parses a comma-separated list of sources (`nfs://HOST/PATH`, `/PATH`); empty entries
-    /// are ignored.
+    /// Parses a comma-separated list of sources (`nfs://HOST/PATH`, `/PATH`, `pvc://`,
+    /// `pvc://NAMESPACE`); empty entries are ignored.
     pub fn parse(list: &str) -> Result<AllowedSources, String> {
-        let mut out = Vec::new();
+        let mut out = AllowedSources::default();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Some(rest) = item.strip_prefix(CLAIM_SCHEME) {
+                let namespace = rest.trim_end_matches('/');
+                if namespace.contains('/') {
+                    return Err(format!(
+                        "{ALLOWED_SOURCES_FLAG}: {item:?}: claims are allowed by namespace \
+                         (pvc:// or pvc://NAMESPACE), never one by one"
+                    ));
+                }
+                out.claim_namespaces
+                    .push((!namespace.is_empty()).then(|| namespace.to_string()));
+                continue;
+            }
             let spec: SourceSpec = item
                 .parse()
                 .map_err(|e: crate::source::SpecError| format!("{ALLOWED_SOURCES_FLAG}: {e}"))?;
-            out.push(spec);
+            out.sources.push(spec);
         }
-        Ok(AllowedSources(out))
+        Ok(out)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.sources.is_empty() && self.claim_namespaces.is_empty()
     }
 
     /// Whether `root` (a volume's root, sub-path joined; a directory already resolved) lies
     /// under one of the prefixes. NFS: same host, same explicit ports if the prefix has any,
     /// and the path under the prefix's.
     pub fn permits(&self, root: &SourceSpec) -> bool {
-        self.0.iter().any(|allowed| match (allowed, root) {
+        self.sources.iter().any(|allowed| match (allowed, root) {
             (SourceSpec::Local(prefix), SourceSpec::Local(path)) => path.starts_with(prefix),
             (SourceSpec::Nfs(prefix), SourceSpec::Nfs(url)) => {
                 prefix.host.eq_ignore_ascii_case(&url.host)
@@ -118,14 +139,26 @@ impl AllowedSources {
         })
     }
 
+    /// Whether pods of `namespace` may name claims (of that namespace: checked apart).
+    pub fn permits_claims_of(&self, namespace: &str) -> bool {
+        self.claim_namespaces
+            .iter()
+            .any(|allowed| allowed.as_deref().is_none_or(|n| n == namespace))
+    }
+
     /// The prefixes as the user wrote them (for messages).
     pub fn describe(&self) -> String {
-        if self.0.is_empty() {
+        if self.is_empty() {
             return "none".to_string();
         }
-        self.0
+        self.sources
             .iter()
             .map(render_source)
+            .chain(
+                self.claim_namespaces
+                    .iter()
+                    .map(|n| format!("{CLAIM_SCHEME}{}", n.as_deref().unwrap_or_default())),
+            )
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -150,6 +183,8 @@ pub struct NodePlugin {
     options: Arc<NodeOptions>,
     /// Paths (staging or target) with a call in progress.
     busy: Arc<Mutex<HashSet<PathBuf>>>,
+    /// `pvc://` sources: resolved through the Kubernetes API.
+    claims: Arc<Claims>,
 }
 
 /// Marks a path as having a call in progress until dropped.
@@ -227,13 +262,15 @@ fn mount_at(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
 fn mount_request(
     volume_id: &str,
     target: &Path,
-    params: &VolumeParams,
+    params: &Direct,
     read_write: bool,
 ) -> MountRequest {
+    let Direct { params, origin, .. } = params;
     MountRequest {
         volume_id: volume_id.to_string(),
         target_path: target.to_path_buf(),
-        source: render_source(&params.source),
+        source: params.source.to_string(),
+        origin: origin.clone(),
         sub_path: params.sub_path.clone(),
         cache_size: params.cache_size.map(|s| s.0),
         high_watermark: params.high_watermark,
@@ -241,6 +278,31 @@ fn mount_request(
         metadata_ttl: params.metadata_ttl,
         read_write,
         preload: params.preload.clone(),
+    }
+}
+
+/// The pod an inline volume is for, as kubelet said (`podInfoOnMount`).
+struct PodInfo {
+    namespace: Option<String>,
+    uid: Option<String>,
+}
+
+/// Volume parameters whose source the daemon reads directly: a claim resolved.
+struct Direct {
+    params: VolumeParams,
+    /// The volume's root (source and sub-path).
+    root: SourceSpec,
+    /// The claim it was resolved from, and how it is read (for the status).
+    origin: Option<String>,
+}
+
+fn claim_error(e: ClaimError) -> NodeError {
+    let message = e.to_string();
+    match e.code() {
+        tonic::Code::NotFound => NodeError::NotFound(message),
+        tonic::Code::PermissionDenied => NodeError::PermissionDenied(message),
+        tonic::Code::Unavailable => NodeError::Unavailable(message),
+        _ => NodeError::FailedPrecondition(message),
     }
 }
 
@@ -292,6 +354,7 @@ impl NodePlugin {
         NodePlugin {
             options: Arc::new(options),
             busy: Arc::new(Mutex::new(HashSet::new())),
+            claims: Arc::new(Claims::default()),
         }
     }
 
@@ -330,6 +393,64 @@ impl NodePlugin {
         }
     }
 
+    /// The parameters with a claim resolved to the source its volume is read from.
+    async fn direct(&self, params: VolumeParams) -> Result<Direct, NodeError> {
+        let (params, origin) = match &params.source {
+            VolumeSource::Direct(_) => (params, None),
+            VolumeSource::Claim(claim) => {
+                let resolved = self.claims.resolve(claim).await.map_err(claim_error)?;
+                let origin = resolved.describe(claim);
+                tracing::info!(%origin, "claim resolved");
+                (params.resolved(&resolved.source), Some(origin))
+            }
+        };
+        let root = params
+            .root()
+            .ok_or_else(|| NodeError::Internal("a claim source was left unresolved".to_string()))?;
+        Ok(Direct {
+            params,
+            root,
+            origin,
+        })
+    }
+
+    /// An inline volume's direct source, checked against the allowed prefixes. A directory is
+    /// resolved first, so that a symbolic link cannot lead outside them; the resolved
+    /// directory is what gets mounted.
+    async fn direct_inline(&self, mut params: VolumeParams) -> Result<Direct, NodeError> {
+        let root = match params.root() {
+            Some(SourceSpec::Local(path)) => {
+                let resolved = blocking(move || {
+                    std::fs::canonicalize(&path)
+                        .map_err(|e| NodeError::NotFound(format!("source {}: {e}", path.display())))
+                })
+                .await?;
+                params.source = VolumeSource::Direct(SourceSpec::Local(resolved.clone()));
+                params.sub_path = None;
+                SourceSpec::Local(resolved)
+            }
+            Some(nfs) => nfs,
+            None => {
+                return Err(NodeError::Internal(
+                    "a claim source reached the direct path".to_string(),
+                ));
+            }
+        };
+        if !self.options.allowed_sources.permits(&root) {
+            return Err(NodeError::PermissionDenied(format!(
+                "source {} is not allowed for inline volumes on this node: it is under none of \
+                 the prefixes of {ALLOWED_SOURCES_FLAG} ({})",
+                render_source(&root),
+                self.options.allowed_sources.describe()
+            )));
+        }
+        Ok(Direct {
+            params,
+            root,
+            origin: None,
+        })
+    }
+
     /// The daemon's status, without starting one.
     async fn daemon_status(&self) -> Result<DaemonStatus, ClientError> {
         Client::new(&self.options.daemon_socket).status().await
@@ -346,7 +467,8 @@ impl NodePlugin {
         let read_write = capability::writes(mode) && !params.read_only;
         check_writable(&params, read_write)?;
         let _busy = self.begin(&staging)?;
-        let root = params.root();
+        let direct = self.direct(params).await?;
+        let root = direct.root.clone();
         blocking(move || check_directory(&root)).await?;
         let client = self.daemon().await?;
         let status = client.status().await.map_err(daemon_error)?;
@@ -362,7 +484,7 @@ impl NodePlugin {
             )));
         }
         let mounted = client
-            .mount(&mount_request(&volume_id, &staging, &params, read_write))
+            .mount(&mount_request(&volume_id, &staging, &direct, read_write))
             .await
             .map_err(daemon_error)?;
         tracing::info!(
@@ -446,8 +568,12 @@ impl NodePlugin {
         let mode = access_mode(Some(capability), &params)?;
         let read_only = request.readonly || !capability::writes(mode) || params.read_only;
         if ephemeral {
+            let pod = PodInfo {
+                namespace: request.volume_context.get(POD_NAMESPACE).cloned(),
+                uid: request.volume_context.get(POD_UID).cloned(),
+            };
             return self
-                .publish_inline(volume_id, target, params, read_only)
+                .publish_inline(volume_id, target, params, read_only, pod)
                 .await;
         }
         let staging = path_field(&request.staging_target_path, "staging_target_path")?;
@@ -483,8 +609,9 @@ impl NodePlugin {
                 let status = client.status().await.map_err(daemon_error)?;
                 if served_at(&status, &staging).is_none() {
                     clear_dead_mount(&status, &staging).await?;
+                    let direct = self.direct(params).await?;
                     client
-                        .mount(&mount_request(&volume_id, &staging, &params, read_write))
+                        .mount(&mount_request(&volume_id, &staging, &direct, read_write))
                         .await
                         .map_err(daemon_error)?;
                 }
@@ -509,8 +636,9 @@ impl NodePlugin {
         &self,
         volume_id: String,
         target: PathBuf,
-        mut params: VolumeParams,
+        params: VolumeParams,
         read_only: bool,
+        pod: PodInfo,
     ) -> Result<(), NodeError> {
         if self.options.allowed_sources.is_empty() {
             return Err(NodeError::PermissionDenied(format!(
@@ -519,39 +647,38 @@ impl NodePlugin {
             )));
         }
         let _busy = self.begin(&target)?;
-        // A directory is resolved first, so that a symbolic link cannot lead outside the
-        // allowed prefixes; the resolved directory is what gets mounted.
-        let root = params.root();
-        let root = match root {
-            SourceSpec::Local(path) => {
-                let resolved = blocking(move || {
-                    std::fs::canonicalize(&path)
-                        .map_err(|e| NodeError::NotFound(format!("source {}: {e}", path.display())))
-                })
-                .await?;
-                params.source = SourceSpec::Local(resolved.clone());
-                params.sub_path = None;
-                SourceSpec::Local(resolved)
+        let direct = match &params.source {
+            VolumeSource::Claim(claim) => {
+                // A pod author may name a claim of their own pod's namespace (they could mount
+                // it themselves), and only where the administrator allows claims at all.
+                let namespace = inline_pod_namespace(
+                    claim,
+                    pod.namespace.as_deref(),
+                    pod.uid.as_deref(),
+                    &target,
+                )
+                .map_err(claim_error)?;
+                if !self.options.allowed_sources.permits_claims_of(&namespace) {
+                    return Err(NodeError::PermissionDenied(format!(
+                        "source {claim} is not allowed for inline volumes on this node: \
+                         {ALLOWED_SOURCES_FLAG} ({}) admits no claims of namespace {namespace} \
+                         (add pvc:// or pvc://{namespace})",
+                        self.options.allowed_sources.describe()
+                    )));
+                }
+                self.direct(params).await?
             }
-            nfs => nfs,
+            VolumeSource::Direct(_) => self.direct_inline(params).await?,
         };
-        if !self.options.allowed_sources.permits(&root) {
-            return Err(NodeError::PermissionDenied(format!(
-                "source {} is not allowed for inline volumes on this node: it is under none of \
-                 the prefixes of {ALLOWED_SOURCES_FLAG} ({})",
-                render_source(&root),
-                self.options.allowed_sources.describe()
-            )));
-        }
-        let check = root.clone();
-        blocking(move || check_directory(&check)).await?;
+        let root = direct.root.clone();
+        blocking(move || check_directory(&root)).await?;
         let read_write = !read_only;
-        check_writable(&params, read_write)?;
+        check_writable(&direct.params, read_write)?;
         let client = self.daemon().await?;
         let status = client.status().await.map_err(daemon_error)?;
         clear_dead_mount(&status, &target).await?;
         client
-            .mount(&mount_request(&volume_id, &target, &params, read_write))
+            .mount(&mount_request(&volume_id, &target, &direct, read_write))
             .await
             .map_err(daemon_error)?;
         let path = target.clone();
@@ -1034,6 +1161,22 @@ mod tests {
         assert!(AllowedSources::parse("").unwrap().is_empty());
         assert!(AllowedSources::parse("relative/dir").is_err());
         assert_eq!(AllowedSources::default().describe(), "none");
+    }
+
+    #[test]
+    fn claims_are_allowed_by_namespace_only() {
+        let none = AllowedSources::parse("/data").unwrap();
+        assert!(!none.permits_claims_of("ml"));
+        let any = AllowedSources::parse("/data,pvc://").unwrap();
+        assert!(any.permits_claims_of("ml") && any.permits_claims_of("team-b"));
+        // A claim never passes as a directory or NFS prefix, nor the other way round.
+        assert!(!any.permits(&"/other".parse().unwrap()));
+        assert_eq!(any.describe(), "/data,pvc://");
+        let one = AllowedSources::parse("pvc://ml/").unwrap();
+        assert!(!one.is_empty());
+        assert!(one.permits_claims_of("ml") && !one.permits_claims_of("team-b"));
+        let e = AllowedSources::parse("pvc://ml/claim").unwrap_err();
+        assert!(e.contains("by namespace"), "{e}");
     }
 
     #[test]

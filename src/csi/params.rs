@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::source::{NfsUrl, SourceSpec, SpecError};
 use crate::units::{Size, Ttl};
 
-/// The dataset: `nfs://HOST[:PORT]/EXPORT[/PATH][?nfsport=N&mountport=N]` or an absolute
-/// directory (`/PATH`, `local:///PATH`). Required.
+/// The dataset: `nfs://HOST[:PORT]/EXPORT[/PATH][?nfsport=N&mountport=N]`, an absolute
+/// directory (`/PATH`, `local:///PATH`) or a claim (`pvc://NAMESPACE/CLAIM[/PATH]`). Required.
 pub const SOURCE: &str = "source";
 /// A relative directory inside the source that becomes the volume's root.
 pub const SUB_PATH: &str = "subPath";
@@ -61,7 +61,16 @@ pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 /// `"true"` in the `volume_context` of an inline (ephemeral) volume, set by kubelet.
 pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
-/// The variables `subPath` may use, and the keys they are read from.
+/// The namespace of the pod an inline volume belongs to, set by kubelet when the CSIDriver has
+/// `podInfoOnMount: true`.
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+/// The uid of that pod (with `podInfoOnMount`).
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+
+/// The scheme of claim sources.
+pub const CLAIM_SCHEME: &str = "pvc://";
+
+/// The variables `subPath` and `source` may use, and the keys they are read from.
 pub const SUB_PATH_VARIABLES: [(&str, &str); 3] = [
     ("pvc.metadata.namespace", PVC_NAMESPACE),
     ("pvc.metadata.name", PVC_NAME),
@@ -79,11 +88,47 @@ const MAX_VALUE_LEN: usize = 4096;
 /// Most entries in `preload`.
 const MAX_PRELOAD_PATHS: usize = 256;
 
+/// A PersistentVolumeClaim whose volume is the dataset: `pvc://NAMESPACE/CLAIM[/PATH]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimSource {
+    pub namespace: String,
+    pub name: String,
+    /// A normalised relative directory inside the claim's volume (as `subPath`).
+    pub path: Option<String>,
+}
+
+impl std::fmt::Display for ClaimSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{CLAIM_SCHEME}{}/{}", self.namespace, self.name)?;
+        match &self.path {
+            Some(path) => write!(f, "/{path}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a volume's data lives: a source the daemon reads directly, or a claim the node
+/// resolves to one (see `src/csi/claims.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum VolumeSource {
+    Direct(SourceSpec),
+    Claim(ClaimSource),
+}
+
+impl std::fmt::Display for VolumeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeSource::Direct(spec) => f.write_str(&render_source(spec)),
+            VolumeSource::Claim(claim) => write!(f, "{claim}"),
+        }
+    }
+}
+
 /// Validated volume parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumeParams {
     /// The dataset, normalised.
-    pub source: SourceSpec,
+    pub source: VolumeSource,
     /// A normalised relative path inside the source (no `.`, `..` or empty components, no
     /// leading or trailing `/`), with `${...}` variables already expanded.
     pub sub_path: Option<String>,
@@ -176,11 +221,12 @@ impl VolumeParams {
         }
 
         let source = match ours.get(SOURCE) {
-            Some(value) => parse_source(value)?,
+            Some(value) => parse_volume_source(value, &all)?,
             None => {
                 return Err(ParamError::Missing {
                     key: SOURCE.to_string(),
-                    expected: "nfs://HOST/EXPORT[/PATH] or an absolute directory such as /data"
+                    expected: "nfs://HOST/EXPORT[/PATH], pvc://NAMESPACE/CLAIM[/PATH] or an \
+                               absolute directory such as /data"
                         .to_string(),
                 });
             }
@@ -262,7 +308,7 @@ impl VolumeParams {
     /// yields `self`.
     pub fn to_volume_context(&self) -> HashMap<String, String> {
         let mut map = HashMap::new();
-        map.insert(SOURCE.to_string(), render_source(&self.source));
+        map.insert(SOURCE.to_string(), self.source.to_string());
         if let Some(sub_path) = &self.sub_path {
             map.insert(SUB_PATH.to_string(), sub_path.clone());
         }
@@ -280,23 +326,117 @@ impl VolumeParams {
     }
 
     /// The volume's root: the source with `subPath` appended. This is what a node mounts, and
-    /// what the controller checks.
-    pub fn root(&self) -> SourceSpec {
-        let Some(sub) = &self.sub_path else {
-            return self.source.clone();
-        };
+    /// what the controller checks. `None` for a claim: resolve it first ([`Self::resolved`]).
+    pub fn root(&self) -> Option<SourceSpec> {
         match &self.source {
-            SourceSpec::Local(path) => SourceSpec::Local(path.join(sub)),
-            SourceSpec::Nfs(url) => {
-                let mut url = url.clone();
-                if !url.path.ends_with('/') {
-                    url.path.push('/');
-                }
-                url.path.push_str(sub);
-                SourceSpec::Nfs(url)
-            }
+            VolumeSource::Direct(spec) => Some(join(spec, self.sub_path.as_deref())),
+            VolumeSource::Claim(_) => None,
         }
     }
+
+    /// These parameters with the claim replaced by the source its volume resolved to
+    /// (`base`, the claim's root): the claim's path is joined, `subPath` stays as it is.
+    pub fn resolved(&self, base: &SourceSpec) -> VolumeParams {
+        let source = match &self.source {
+            VolumeSource::Claim(claim) => join(base, claim.path.as_deref()),
+            VolumeSource::Direct(_) => base.clone(),
+        };
+        VolumeParams {
+            source: VolumeSource::Direct(source),
+            ..self.clone()
+        }
+    }
+}
+
+/// `source` with the normalised relative path `sub` appended.
+pub fn join(source: &SourceSpec, sub: Option<&str>) -> SourceSpec {
+    let Some(sub) = sub else {
+        return source.clone();
+    };
+    match source {
+        SourceSpec::Local(path) => SourceSpec::Local(path.join(sub)),
+        SourceSpec::Nfs(url) => {
+            let mut url = url.clone();
+            if !url.path.ends_with('/') {
+                url.path.push('/');
+            }
+            url.path.push_str(sub);
+            SourceSpec::Nfs(url)
+        }
+    }
+}
+
+/// A `source` value: `${...}` variables expanded, then a claim or a direct source.
+fn parse_volume_source(
+    value: &str,
+    all: &BTreeMap<String, String>,
+) -> Result<VolumeSource, ParamError> {
+    let expanded;
+    let value = if value.contains("${") {
+        expanded =
+            expand_variables(value, all).map_err(|why| ParamError::invalid(SOURCE, value, why))?;
+        expanded.as_str()
+    } else {
+        value
+    };
+    match value.strip_prefix(CLAIM_SCHEME) {
+        Some(rest) => parse_claim(rest)
+            .map(VolumeSource::Claim)
+            .map_err(|why| ParamError::invalid(SOURCE, value, why)),
+        None => parse_source(value).map(VolumeSource::Direct),
+    }
+}
+
+/// `NAMESPACE/CLAIM[/PATH]`, with Kubernetes' own rules for the names.
+fn parse_claim(rest: &str) -> Result<ClaimSource, String> {
+    let expected = "pvc://NAMESPACE/CLAIM[/PATH]";
+    let mut parts = rest.splitn(3, '/');
+    let namespace = parts.next().unwrap_or_default();
+    let name = parts.next().unwrap_or_default();
+    if namespace.is_empty() || name.is_empty() {
+        return Err(format!("expected {expected}"));
+    }
+    if !is_dns_label(namespace) {
+        return Err(format!(
+            "namespace {namespace:?} is not a valid namespace name (lower-case letters, digits \
+             and '-', at most 63) in {expected}"
+        ));
+    }
+    if !is_dns_subdomain(name) {
+        return Err(format!(
+            "claim {name:?} is not a valid claim name (lower-case letters, digits, '-' and '.', \
+             at most 253) in {expected}"
+        ));
+    }
+    let path = match parts.next() {
+        Some(path) => {
+            let normalized = normalize_relative(path).map_err(|why| format!("PATH: {why}"))?;
+            (!normalized.is_empty()).then_some(normalized)
+        }
+        None => None,
+    };
+    Ok(ClaimSource {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        path,
+    })
+}
+
+/// An RFC 1123 label, as Kubernetes requires of namespace names.
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// An RFC 1123 subdomain, as Kubernetes requires of claim names.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
 fn parse_source(value: &str) -> Result<SourceSpec, ParamError> {
@@ -585,7 +725,10 @@ mod tests {
             ("readOnly", "true"),
         ])
         .unwrap();
-        assert_eq!(p.source, SourceSpec::Local("/data/sets".into()));
+        assert_eq!(
+            p.source,
+            VolumeSource::Direct(SourceSpec::Local("/data/sets".into()))
+        );
         assert_eq!(p.sub_path.as_deref(), Some("imagenet/train"));
         assert_eq!(p.cache_size, Some(Size(100 << 30)));
         assert_eq!((p.high_watermark, p.low_watermark), (0.9, 0.5));
@@ -594,8 +737,68 @@ mod tests {
         assert!(p.read_only);
         assert_eq!(
             p.root(),
-            SourceSpec::Local("/data/sets/imagenet/train".into())
+            Some(SourceSpec::Local("/data/sets/imagenet/train".into()))
         );
+    }
+
+    #[test]
+    fn claim_sources() {
+        let p = parse(&[("source", "pvc://ml/imagenet//train/./"), ("subPath", "v2")]).unwrap();
+        let claim = ClaimSource {
+            namespace: "ml".into(),
+            name: "imagenet".into(),
+            path: Some("train".into()),
+        };
+        assert_eq!(p.source, VolumeSource::Claim(claim));
+        assert_eq!(p.root(), None, "a claim has no root until it is resolved");
+        assert_eq!(p.to_volume_context()["source"], "pvc://ml/imagenet/train");
+        assert_eq!(VolumeParams::parse(&p.to_volume_context()).unwrap(), p);
+        // Resolved: the claim's path, then subPath, inside the claim's root.
+        let base: SourceSpec = "nfs://filer/exports/pv-1".parse().unwrap();
+        let resolved = p.resolved(&base);
+        assert_eq!(
+            resolved.root().unwrap().to_string(),
+            "nfs://filer/exports/pv-1/train/v2"
+        );
+        assert_eq!(resolved.sub_path.as_deref(), Some("v2"));
+
+        let bare = parse(&[("source", "pvc://ml/imagenet")]).unwrap();
+        assert_eq!(
+            bare.resolved(&base).root().unwrap().to_string(),
+            "nfs://filer/exports/pv-1"
+        );
+
+        // One StorageClass for every team's own claim.
+        let p = parse(&[
+            (
+                "source",
+                "pvc://${pvc.metadata.namespace}/${pvc.metadata.name}-src",
+            ),
+            (PVC_NAME, "data"),
+            (PVC_NAMESPACE, "team-a"),
+        ])
+        .unwrap();
+        assert_eq!(p.source.to_string(), "pvc://team-a/data-src");
+        let e = err(&[("source", "pvc://${pvc.metadata.namespace}/x")]);
+        assert!(
+            e.to_string().contains("csi.storage.k8s.io/pvc/namespace"),
+            "{e}"
+        );
+
+        for (bad, why) in [
+            ("pvc://ml", "pvc://NAMESPACE/CLAIM"),
+            ("pvc:///claim", "pvc://NAMESPACE/CLAIM"),
+            ("pvc://ML/claim", "namespace \"ML\""),
+            ("pvc://ml/Claim", "claim \"Claim\""),
+            ("pvc://ml/a_b", "claim"),
+            ("pvc://-ml/claim", "namespace"),
+            ("pvc://ml/claim/../other", "'..'"),
+            ("pvc://ml/claim/a/../../x", "'..'"),
+        ] {
+            let e = err(&[("source", bad)]);
+            assert_eq!(e.key(), "source");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -729,7 +932,10 @@ mod tests {
             (PROVISIONER_IDENTITY, "1234-reservoir"),
         ])
         .unwrap();
-        assert_eq!(p.source, SourceSpec::Local("/d".into()));
+        assert_eq!(
+            p.source,
+            VolumeSource::Direct(SourceSpec::Local("/d".into()))
+        );
         // The first problem in key order is reported.
         let e = err(&[("zzz", "1"), ("aaa", "2"), ("source", "/d")]);
         assert_eq!(e.key(), "aaa");
@@ -825,7 +1031,12 @@ mod tests {
                 pairs.push((key, rng.string()));
             }
             if rng.below(2) == 0 {
-                let sources = ["/data", "nfs://h/e", "nfs://[::1]:1/a?mountport=2"];
+                let sources = [
+                    "/data",
+                    "nfs://h/e",
+                    "nfs://[::1]:1/a?mountport=2",
+                    "pvc://ns/claim",
+                ];
                 let mut source = sources[rng.below(sources.len())].to_string();
                 source.push_str(&rng.string());
                 pairs.push((SOURCE.to_string(), source));

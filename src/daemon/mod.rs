@@ -887,6 +887,7 @@ impl Daemon {
                 volume_id: spec.request.volume_id.clone(),
                 target_path: spec.request.target_path.clone(),
                 requested_source: spec.request.source.clone(),
+                origin: spec.request.origin.clone(),
                 sub_path: spec.request.sub_path.clone(),
                 cache_size: spec.request.cache_size,
                 read_write: spec.request.read_write,

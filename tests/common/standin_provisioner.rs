@@ -11,6 +11,8 @@
 //! - creates the PersistentVolume (driver, volume handle, the returned volume context as
 //!   attributes, a claimRef to the claim, the class's reclaim policy), which the real
 //!   controller-manager then binds;
+//! - when CreateVolume fails, records a `ProvisioningFailed` warning event on the claim with
+//!   the driver's error (once per message), and goes on with the other claims;
 //! - on release of a PersistentVolume it provisioned with the Delete policy, calls
 //!   DeleteVolume and deletes the PersistentVolume.
 //!
@@ -210,7 +212,9 @@ impl Worker {
                 continue;
             }
             let class = &classes[&text(&claim["spec"]["storageClassName"])];
-            self.provision(&mut client, &claim, class, &pv_name).await?;
+            if let Err(e) = self.provision(&mut client, &claim, class, &pv_name).await {
+                self.provisioning_failed(&claim, &e);
+            }
         }
         for volume in released {
             let name = text(&volume["metadata"]["name"]);
@@ -226,6 +230,36 @@ impl Worker {
             self.note(format!("deleted volume {id} and PersistentVolume {name}"));
         }
         Ok(())
+    }
+
+    /// A claim that could not be provisioned: a warning event on it, as the sidecar records.
+    fn provisioning_failed(&self, claim: &Value, error: &str) {
+        let line = format!("provisioning failed: {error}");
+        if self.journal.lock().unwrap().contains(&line) {
+            return;
+        }
+        self.note(line);
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": "standin-provisioner-",
+                "namespace": claim["metadata"]["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": claim["metadata"]["namespace"],
+                "name": claim["metadata"]["name"],
+                "uid": claim["metadata"]["uid"],
+            },
+            "reason": "ProvisioningFailed",
+            "message": error,
+            "type": "Warning",
+            "source": { "component": "standin-provisioner" },
+        });
+        self.api
+            .run(&["create", "-f", "-"], Some(&event.to_string()));
     }
 
     async fn provision(
@@ -273,7 +307,14 @@ impl Worker {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("CreateVolume for {namespace}/{claim_name}: {e}"))?
+            .map_err(|e| {
+                // As the sidecar words it: the gRPC code by name, then the driver's message.
+                format!(
+                    "CreateVolume for {namespace}/{claim_name}: rpc error: code = {:?} desc = {}",
+                    e.code(),
+                    e.message()
+                )
+            })?
             .into_inner();
         let volume = response.volume.ok_or("CreateVolume returned no volume")?;
         let capacity = if volume.capacity_bytes > 0 {
