@@ -403,6 +403,11 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Decodes one request line (JSON, surrounding white space ignored).
+pub fn decode_request(line: &[u8]) -> Result<ControlRequest, serde_json::Error> {
+    serde_json::from_slice(line.trim_ascii())
+}
+
 /// Reads the one request of a connection. A request that cannot be read is answered with an
 /// error line here, and `None` returned.
 pub(crate) async fn read_request(
@@ -421,7 +426,7 @@ pub(crate) async fn read_request(
         .await?;
         return Ok((None, write));
     }
-    match serde_json::from_slice(line.trim_ascii()) {
+    match decode_request(&line) {
         Ok(request) => Ok((Some(request), write)),
         Err(e) => {
             let message = format!("bad request: {e}");
