@@ -46,7 +46,7 @@ use crate::source::SourceOptions;
 pub use session::{SessionDir, SessionRecord};
 
 pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
-pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target};
+pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target, volume_paths};
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/reservoir/daemon.sock";
