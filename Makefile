@@ -120,7 +120,7 @@ model:
 ## missing): every target for FUZZ_SMOKE_SECONDS (part of `make test`), or FUZZ_SECONDS each
 ## (`make fuzz`). A crash fails the run and leaves its input under fuzz/artifacts/TARGET/.
 ## FUZZ_TARGETS: a subset. docs/robustness.md.
-FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_SECONDS ?= 300
 FUZZ_TARGETS ?=
 fuzz-smoke:
