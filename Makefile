@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: demo test lint deploy-check sanity image image-check e2e bench-quick bench bench-writes crash-stress upgrade-check model build release clean
+.PHONY: demo test lint deploy-check sanity image image-check e2e bench-quick bench bench-writes crash-stress upgrade-check model fuzz-smoke fuzz build release clean
 
 release:
 	$(CARGO) build --release --locked
@@ -18,13 +18,15 @@ demo:
 	scripts/demo.sh
 
 ## Every test: formatting, lints, unit tests, real-mount integration tests (root, /dev/fuse),
-## the user Dockerfile, and the end-to-end test in a real Kubernetes.
+## a short run of every fuzz target, the user Dockerfile, and the end-to-end test in a real
+## Kubernetes.
 test:
 	scripts/install-deps.sh test
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(MAKE) deploy-check
 	$(CARGO) test --locked --all-targets
+	$(MAKE) fuzz-smoke
 	$(MAKE) image-check RESERVOIR_BIN=target/debug/reservoir
 	$(MAKE) e2e RESERVOIR_BIN=target/debug/reservoir
 
@@ -115,6 +117,19 @@ model:
 	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --lib -- model_tests --nocapture
 	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --test source_paths -- --nocapture
 	RESERVOIR_MODEL_CASES=$(MODEL_CASES) $(CARGO) test --locked --test nfs_source -- nfs_paths --nocapture
+
+## The fuzz targets of fuzz/ (cargo-fuzz on the nightly toolchain; cargo-fuzz is installed if
+## missing): every target for FUZZ_SMOKE_SECONDS (part of `make test`), or FUZZ_SECONDS each
+## (`make fuzz`). A crash fails the run and leaves its input under fuzz/artifacts/TARGET/.
+## FUZZ_TARGETS: a subset. docs/robustness.md.
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
+fuzz-smoke:
+	scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS) $(FUZZ_TARGETS)
+
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	$(CARGO) clean

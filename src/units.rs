@@ -142,33 +142,34 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total = Duration::ZERO;
+    // Milliseconds, wide enough for every duration `format_duration` prints (whole
+    // milliseconds up to u64::MAX seconds), so that what is printed parses again.
+    let mut total: u128 = 0;
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(fail)?;
         if digits == 0 {
             return Err(fail());
         }
-        let value: u64 = rest[..digits].parse().map_err(|_| fail())?;
+        let value: u128 = rest[..digits].parse().map_err(|_| fail())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
+        let unit_ms: u128 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return Err(fail()),
         };
-        let part = unit
-            .checked_mul(u32::try_from(value).map_err(|_| fail())?)
-            .ok_or_else(fail)?;
+        let part = value.checked_mul(unit_ms).ok_or_else(fail)?;
         total = total.checked_add(part).ok_or_else(fail)?;
         rest = &rest[unit_len..];
     }
-    Ok(total)
+    let secs = u64::try_from(total / 1000).map_err(|_| fail())?;
+    Ok(Duration::new(secs, (total % 1000) as u32 * 1_000_000))
 }
 
 pub fn format_duration(d: Duration) -> String {
@@ -220,6 +221,29 @@ mod tests {
         assert_eq!(Size(1000).to_string(), "1000");
     }
 
+    /// Found by the `source_spec` fuzz target: a TTL given in seconds beyond 2^32 was printed
+    /// as `...s` (or `h`, `m`) and that text did not parse (the units took 32-bit counts), so
+    /// a `metadataTTL` CreateVolume accepted was refused by every node it reached.
+    #[test]
+    fn every_printed_duration_parses_back() {
+        for text in [
+            "2222222222251555",
+            "18446744073709551615",
+            "4294967296s",
+            "4294967295d",
+            "18446744073709551615s999ms",
+            "307445734561825860m",
+        ] {
+            let ttl: Ttl = text.parse().unwrap();
+            assert_eq!(
+                ttl.to_string().parse::<Ttl>(),
+                Ok(ttl),
+                "{text} printed as {ttl}"
+            );
+        }
+        assert!("18446744073709551615s1000ms".parse::<Ttl>().is_err());
+    }
+
     #[test]
     fn durations() {
         for (text, secs) in [
@@ -244,6 +268,10 @@ mod tests {
             assert!(bad.parse::<Ttl>().is_err(), "{bad}");
         }
         assert_eq!(Ttl::Finite(Duration::from_secs(60)).to_string(), "1m");
+        assert!(
+            "18446744073709551616s".parse::<Ttl>().is_err(),
+            "beyond u64 seconds"
+        );
         assert_eq!(Ttl::Forever.to_string(), "forever");
         assert!(Ttl::Forever.covers(Duration::MAX));
         assert!(!Ttl::Finite(Duration::from_secs(1)).covers(Duration::from_secs(1)));

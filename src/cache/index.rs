@@ -247,10 +247,50 @@ impl Replayed {
     }
 }
 
-/// Applies one record of the journal.
-pub(super) fn replay(files: &mut HashMap<ContentKey, Replayed>, record: IndexRecord) {
+/// The block sizes a cache accepts (`CacheConfig::validate`), powers of two.
+const MIN_BLOCK_SIZE: u32 = 4096;
+const MAX_BLOCK_SIZE: u32 = 64 << 20;
+
+/// Whether a file the journal describes is one the cache could have admitted: a block size it
+/// accepts, and a size within `capacity` (a file bigger than the cache is never admitted). A
+/// record that is not (damage that kept its checksum, or another version's bug) is skipped:
+/// replaying it would divide by a zero block size or allocate a checksum slot per block of
+/// an impossible file.
+fn admissible(size: u64, block_size: u32, capacity: u64) -> bool {
+    let ok = block_size.is_power_of_two()
+        && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        && size <= capacity;
+    if !ok {
+        tracing::warn!(
+            size,
+            block_size,
+            capacity,
+            "the cache index describes a file it could not hold; skipping the record"
+        );
+    }
+    ok
+}
+
+/// Applies one record of the journal, for a cache of `capacity` bytes.
+pub(super) fn replay(
+    files: &mut HashMap<ContentKey, Replayed>,
+    record: IndexRecord,
+    capacity: u64,
+) {
     let current = |file: &Replayed, generation: u64| file.generation == generation;
     match record {
+        IndexRecord::Admitted {
+            size, block_size, ..
+        }
+        | IndexRecord::AdmittedBy {
+            size, block_size, ..
+        }
+        | IndexRecord::Entry {
+            size, block_size, ..
+        }
+        | IndexRecord::EntryOf {
+            size, block_size, ..
+        } if !admissible(size, block_size, capacity) => {}
         IndexRecord::Admitted {
             key,
             generation,
@@ -401,4 +441,47 @@ pub(super) fn block_count(size: u64, block_size: u32) -> usize {
 /// Disk bytes a cached file of `size` may occupy.
 pub(super) fn budget(size: u64) -> u64 {
     size.div_ceil(FS_BLOCK) * FS_BLOCK + PER_FILE_OVERHEAD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `cache_files` fuzz target: an index record (with a valid checksum) naming
+    /// a block size of 0 made the replay divide by zero, so the cache never opened again; a
+    /// huge size would have allocated a checksum slot for each of its blocks.
+    #[test]
+    fn records_of_files_the_cache_could_not_hold_are_skipped() {
+        let capacity = 64 << 20;
+        let admitted = |key: u128, size: u64, block_size: u32| IndexRecord::Admitted {
+            key: ContentKey(key),
+            generation: 1,
+            size,
+            block_size,
+        };
+        let mut files = HashMap::new();
+        for record in [
+            admitted(1, 10_000, 0),
+            admitted(2, 10_000, 4095),
+            admitted(3, 10_000, 3 << 12),
+            admitted(4, 10_000, 128 << 20),
+            admitted(5, u64::MAX, 4096),
+            admitted(6, capacity + 1, 1 << 20),
+            IndexRecord::Entry {
+                key: ContentKey(7),
+                generation: 1,
+                size: u64::MAX,
+                block_size: 0,
+                blocks: vec![(0, 1)],
+            },
+            admitted(8, 10_000, 4096),
+            admitted(9, capacity, 64 << 20),
+        ] {
+            replay(&mut files, record, capacity);
+        }
+        let mut kept: Vec<u128> = files.keys().map(|k| k.0).collect();
+        kept.sort();
+        assert_eq!(kept, [8, 9]);
+        assert_eq!(files[&ContentKey(8)].checksums.len(), 3);
+    }
 }

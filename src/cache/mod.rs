@@ -315,7 +315,7 @@ impl Cache {
 
         let mut replayed = HashMap::new();
         for record in records {
-            index::replay(&mut replayed, record);
+            index::replay(&mut replayed, record, config.capacity);
         }
         let next_generation = replayed
             .values()

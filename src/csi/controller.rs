@@ -95,39 +95,11 @@ impl ControllerService {
     }
 
     async fn create_volume(&self, request: CreateVolumeRequest) -> Result<Volume, Status> {
-        let name = &request.name;
-        check_name(name)?;
-        if request.volume_capabilities.is_empty() {
-            return Err(Status::invalid_argument(
-                "volume_capabilities is required (at least one capability)",
-            ));
-        }
-        let params = VolumeParams::parse(&request.parameters).map_err(param_status)?;
-        let mut modes = Vec::new();
-        for cap in &request.volume_capabilities {
-            let mode = capability::check(cap, &params).map_err(Status::invalid_argument)?;
-            let mode = mode.as_str_name().to_string();
-            if !modes.contains(&mode) {
-                modes.push(mode);
-            }
-        }
-        let capacity = requested_capacity(request.capacity_range.as_ref())?;
-        if request.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source is not supported: reservoir volumes are views of a \
-                 source, not copies (no snapshots or clones)",
-            ));
-        }
-        if !request.mutable_parameters.is_empty() {
-            return Err(Status::invalid_argument(
-                "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
-            ));
-        }
-        let context: BTreeMap<String, String> = params.to_volume_context().into_iter().collect();
-        let volume_id = volume_id_for(name);
-        let _busy = self.begin(&volume_id)?;
+        let plan = plan_create(&request)?;
+        let (name, volume_id) = (&request.name, &plan.volume_id);
+        let _busy = self.begin(volume_id)?;
 
-        if let Some(existing) = self.store.get(&volume_id) {
+        if let Some(existing) = self.store.get(volume_id) {
             if existing.name != *name {
                 return Err(Status::already_exists(format!(
                     "volume id {volume_id} is taken by volume {:?}",
@@ -135,12 +107,12 @@ impl ControllerService {
                 )));
             }
             match VolumeParams::parse(&existing.parameters) {
-                Ok(recorded) if recorded == params => {}
+                Ok(recorded) if recorded == plan.params => {}
                 Ok(recorded) => {
                     let recorded = recorded.to_volume_context().into_iter().collect();
                     return Err(Status::already_exists(format!(
                         "volume {name:?} already exists with other parameters ({})",
-                        differences(&recorded, &context)
+                        differences(&recorded, &plan.context)
                     )));
                 }
                 Err(e) => {
@@ -150,29 +122,21 @@ impl ControllerService {
                     )));
                 }
             }
-            if !capacity.admits(existing.capacity_bytes) {
+            if !plan.capacity.admits(existing.capacity_bytes) {
                 return Err(Status::already_exists(format!(
                     "volume {name:?} already exists with capacity {} bytes, outside the \
-                     requested range ({capacity})",
-                    existing.capacity_bytes
+                     requested range ({})",
+                    existing.capacity_bytes, plan.capacity
                 )));
             }
             return Ok(volume_of(&existing));
         }
 
-        self.check_source(&params).await?;
-        let record = VolumeRecord {
-            version: RECORD_VERSION,
-            volume_id,
-            name: name.clone(),
-            capacity_bytes: capacity.reported(),
-            parameters: request.parameters.clone().into_iter().collect(),
-            volume_context: context,
-            access_modes: modes,
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
+        self.check_source(&plan.params).await?;
+        let created_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let record = plan.record(&request, created_at);
         self.store
             .put(record.clone())
             .await
@@ -248,57 +212,7 @@ impl ControllerService {
             .then(|| self.store.get(id))
             .flatten()
             .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
-        let params = VolumeParams::parse(&record.volume_context).map_err(|e| {
-            Status::internal(format!(
-                "volume {id}: its recorded parameters are invalid: {e}"
-            ))
-        })?;
-        let refuse = |message: String| ValidateVolumeCapabilitiesResponse {
-            confirmed: None,
-            message,
-        };
-        if !request.volume_context.is_empty() {
-            let given: BTreeMap<String, String> =
-                request.volume_context.clone().into_iter().collect();
-            if given != record.volume_context {
-                return Ok(refuse(format!(
-                    "volume_context does not match volume {id} ({})",
-                    differences(&record.volume_context, &given)
-                )));
-            }
-        }
-        if !request.parameters.is_empty() {
-            match VolumeParams::parse(&request.parameters) {
-                Ok(p) if p == params => {}
-                Ok(p) => {
-                    let given = p.to_volume_context().into_iter().collect();
-                    return Ok(refuse(format!(
-                        "parameters do not match volume {id} ({})",
-                        differences(&record.volume_context, &given)
-                    )));
-                }
-                Err(e) => return Ok(refuse(e.to_string())),
-            }
-        }
-        if !request.mutable_parameters.is_empty() {
-            return Ok(refuse(
-                "mutable_parameters are not supported (no MODIFY_VOLUME capability)".to_string(),
-            ));
-        }
-        for cap in &request.volume_capabilities {
-            if let Err(why) = capability::check(cap, &params) {
-                return Ok(refuse(why));
-            }
-        }
-        Ok(ValidateVolumeCapabilitiesResponse {
-            confirmed: Some(Confirmed {
-                volume_context: request.volume_context,
-                volume_capabilities: request.volume_capabilities,
-                parameters: request.parameters,
-                mutable_parameters: Default::default(),
-            }),
-            message: String::new(),
-        })
+        validate_against(&record, request)
     }
 
     fn list(&self, request: ListVolumesRequest) -> Result<ListVolumesResponse, Status> {
@@ -525,6 +439,133 @@ impl Controller for ControllerService {
         })
         .await
     }
+}
+
+/// ValidateVolumeCapabilities for the volume `record`: confirmed, or refused with why.
+pub fn validate_against(
+    record: &VolumeRecord,
+    request: ValidateVolumeCapabilitiesRequest,
+) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
+    let id = &record.volume_id;
+    let params = VolumeParams::parse(&record.volume_context).map_err(|e| {
+        Status::internal(format!(
+            "volume {id}: its recorded parameters are invalid: {e}"
+        ))
+    })?;
+    let refuse = |message: String| ValidateVolumeCapabilitiesResponse {
+        confirmed: None,
+        message,
+    };
+    if !request.volume_context.is_empty() {
+        let given: BTreeMap<String, String> = request.volume_context.clone().into_iter().collect();
+        if given != record.volume_context {
+            return Ok(refuse(format!(
+                "volume_context does not match volume {id} ({})",
+                differences(&record.volume_context, &given)
+            )));
+        }
+    }
+    if !request.parameters.is_empty() {
+        match VolumeParams::parse(&request.parameters) {
+            Ok(p) if p == params => {}
+            Ok(p) => {
+                let given = p.to_volume_context().into_iter().collect();
+                return Ok(refuse(format!(
+                    "parameters do not match volume {id} ({})",
+                    differences(&record.volume_context, &given)
+                )));
+            }
+            Err(e) => return Ok(refuse(e.to_string())),
+        }
+    }
+    if !request.mutable_parameters.is_empty() {
+        return Ok(refuse(
+            "mutable_parameters are not supported (no MODIFY_VOLUME capability)".to_string(),
+        ));
+    }
+    for cap in &request.volume_capabilities {
+        if let Err(why) = capability::check(cap, &params) {
+            return Ok(refuse(why));
+        }
+    }
+    Ok(ValidateVolumeCapabilitiesResponse {
+        confirmed: Some(Confirmed {
+            volume_context: request.volume_context,
+            volume_capabilities: request.volume_capabilities,
+            parameters: request.parameters,
+            mutable_parameters: Default::default(),
+        }),
+        message: String::new(),
+    })
+}
+
+/// A CreateVolume request, checked: the volume it names, before the state store or the source
+/// is consulted.
+#[derive(Debug)]
+pub struct CreatePlan {
+    pub params: VolumeParams,
+    /// The access modes asked for (CSI names), each once.
+    pub modes: Vec<String>,
+    capacity: Capacity,
+    /// The canonical parameters handed to the CO.
+    pub context: BTreeMap<String, String>,
+    pub volume_id: String,
+}
+
+impl CreatePlan {
+    /// What the controller records for the volume `request` creates.
+    pub fn record(self, request: &CreateVolumeRequest, created_at: u64) -> VolumeRecord {
+        VolumeRecord {
+            version: RECORD_VERSION,
+            volume_id: self.volume_id,
+            name: request.name.clone(),
+            capacity_bytes: self.capacity.reported(),
+            parameters: request.parameters.clone().into_iter().collect(),
+            volume_context: self.context,
+            access_modes: self.modes,
+            created_at,
+        }
+    }
+}
+
+/// Checks a CreateVolume request by its contents alone: every refusal it can earn without the
+/// state store or the source.
+pub fn plan_create(request: &CreateVolumeRequest) -> Result<CreatePlan, Status> {
+    check_name(&request.name)?;
+    if request.volume_capabilities.is_empty() {
+        return Err(Status::invalid_argument(
+            "volume_capabilities is required (at least one capability)",
+        ));
+    }
+    let params = VolumeParams::parse(&request.parameters).map_err(param_status)?;
+    let mut modes = Vec::new();
+    for cap in &request.volume_capabilities {
+        let mode = capability::check(cap, &params).map_err(Status::invalid_argument)?;
+        let mode = mode.as_str_name().to_string();
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    let capacity = requested_capacity(request.capacity_range.as_ref())?;
+    if request.volume_content_source.is_some() {
+        return Err(Status::invalid_argument(
+            "volume_content_source is not supported: reservoir volumes are views of a source, \
+             not copies (no snapshots or clones)",
+        ));
+    }
+    if !request.mutable_parameters.is_empty() {
+        return Err(Status::invalid_argument(
+            "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
+        ));
+    }
+    let context = params.to_volume_context().into_iter().collect();
+    Ok(CreatePlan {
+        params,
+        modes,
+        capacity,
+        context,
+        volume_id: volume_id_for(&request.name),
+    })
 }
 
 fn check_name(name: &str) -> Result<(), Status> {

@@ -349,6 +349,104 @@ fn check_writable(params: &VolumeParams, read_write: bool) -> Result<(), NodeErr
     Ok(())
 }
 
+/// A NodeStageVolume request, checked: what the daemon is asked to mount, and where.
+#[derive(Debug)]
+pub struct StagePlan {
+    pub volume_id: String,
+    /// Absolute, normalised, without `..`.
+    pub staging: PathBuf,
+    pub params: VolumeParams,
+    pub read_write: bool,
+}
+
+impl StagePlan {
+    /// The daemon's request for this stage; `None` for a claim, which only the API server can
+    /// resolve to a source.
+    pub fn mount_request(&self) -> Option<MountRequest> {
+        let direct = Direct {
+            root: self.params.root()?,
+            params: self.params.clone(),
+            origin: None,
+        };
+        Some(mount_request(
+            &self.volume_id,
+            &self.staging,
+            &direct,
+            self.read_write,
+        ))
+    }
+}
+
+/// Checks a NodeStageVolume request without touching the node (no mount table, no daemon, no
+/// file system): every refusal a request can earn by its contents alone.
+pub fn plan_stage(request: &NodeStageVolumeRequest) -> Result<StagePlan, NodeError> {
+    let volume_id = required(&request.volume_id, "volume_id")?.to_string();
+    let staging = path_field(&request.staging_target_path, "staging_target_path")?;
+    let capability = request
+        .volume_capability
+        .as_ref()
+        .ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".to_string()))?;
+    let params = params_of(&request.volume_context)?;
+    let mode = access_mode(Some(capability), &params)?;
+    let read_write = capability::writes(mode) && !params.read_only;
+    check_writable(&params, read_write)?;
+    Ok(StagePlan {
+        volume_id,
+        staging,
+        params,
+        read_write,
+    })
+}
+
+/// A NodePublishVolume request, checked.
+#[derive(Debug)]
+pub struct PublishPlan {
+    pub volume_id: String,
+    /// Absolute, normalised, without `..`.
+    pub target: PathBuf,
+    pub params: VolumeParams,
+    pub mode: volume_capability::access_mode::Mode,
+    pub read_only: bool,
+    /// The staged volume to bind; `None` for an inline (ephemeral) volume.
+    pub staging: Option<PathBuf>,
+}
+
+/// Checks a NodePublishVolume request without touching the node, like [`plan_stage`]. An
+/// inline volume's source is checked against `--allowed-sources` later, once a directory
+/// source is resolved on the node.
+pub fn plan_publish(request: &NodePublishVolumeRequest) -> Result<PublishPlan, NodeError> {
+    let volume_id = required(&request.volume_id, "volume_id")?.to_string();
+    let target = path_field(&request.target_path, "target_path")?;
+    let capability = request
+        .volume_capability
+        .as_ref()
+        .ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".to_string()))?;
+    let ephemeral = request
+        .volume_context
+        .get(EPHEMERAL)
+        .is_some_and(|v| v == "true")
+        || request.staging_target_path.is_empty();
+    let params = params_of(&request.volume_context)?;
+    let mode = access_mode(Some(capability), &params)?;
+    let read_only = request.readonly || !capability::writes(mode) || params.read_only;
+    let staging = if ephemeral {
+        None
+    } else {
+        Some(path_field(
+            &request.staging_target_path,
+            "staging_target_path",
+        )?)
+    };
+    Ok(PublishPlan {
+        volume_id,
+        target,
+        params,
+        mode,
+        read_only,
+        staging,
+    })
+}
+
 impl NodePlugin {
     pub fn new(options: NodeOptions) -> NodePlugin {
         NodePlugin {
@@ -457,15 +555,12 @@ impl NodePlugin {
     }
 
     pub async fn stage(&self, request: NodeStageVolumeRequest) -> Result<(), NodeError> {
-        let volume_id = required(&request.volume_id, "volume_id")?.to_string();
-        let staging = path_field(&request.staging_target_path, "staging_target_path")?;
-        let capability = request.volume_capability.as_ref().ok_or_else(|| {
-            NodeError::InvalidArgument("volume_capability is required".to_string())
-        })?;
-        let params = params_of(&request.volume_context)?;
-        let mode = access_mode(Some(capability), &params)?;
-        let read_write = capability::writes(mode) && !params.read_only;
-        check_writable(&params, read_write)?;
+        let StagePlan {
+            volume_id,
+            staging,
+            params,
+            read_write,
+        } = plan_stage(&request)?;
         let _busy = self.begin(&staging)?;
         let direct = self.direct(params).await?;
         let root = direct.root.clone();
@@ -554,20 +649,15 @@ impl NodePlugin {
     }
 
     pub async fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), NodeError> {
-        let volume_id = required(&request.volume_id, "volume_id")?.to_string();
-        let target = path_field(&request.target_path, "target_path")?;
-        let capability = request.volume_capability.as_ref().ok_or_else(|| {
-            NodeError::InvalidArgument("volume_capability is required".to_string())
-        })?;
-        let ephemeral = request
-            .volume_context
-            .get(EPHEMERAL)
-            .is_some_and(|v| v == "true")
-            || request.staging_target_path.is_empty();
-        let params = params_of(&request.volume_context)?;
-        let mode = access_mode(Some(capability), &params)?;
-        let read_only = request.readonly || !capability::writes(mode) || params.read_only;
-        if ephemeral {
+        let PublishPlan {
+            volume_id,
+            target,
+            params,
+            mode,
+            read_only,
+            staging,
+        } = plan_publish(&request)?;
+        let Some(staging) = staging else {
             let pod = PodInfo {
                 namespace: request.volume_context.get(POD_NAMESPACE).cloned(),
                 uid: request.volume_context.get(POD_UID).cloned(),
@@ -575,8 +665,7 @@ impl NodePlugin {
             return self
                 .publish_inline(volume_id, target, params, read_only, pod)
                 .await;
-        }
-        let staging = path_field(&request.staging_target_path, "staging_target_path")?;
+        };
         let _busy = self.begin(&target)?;
         let client = self.daemon().await?;
         let status = client.status().await.map_err(daemon_error)?;

@@ -43,10 +43,10 @@ use crate::fuse::{Channel, Connection, Session};
 use crate::keeper;
 use crate::mountpoint::{check_mountpoint, mount_at, set_read_ahead, unmount_or_detach};
 use crate::source::SourceOptions;
-use session::{SessionDir, SessionRecord};
+pub use session::{SessionDir, SessionRecord};
 
 pub use client::{Client, ClientError, Mounted, SpawnOptions, Timeouts, ensure_running};
-pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target};
+pub use spec::{BadRequest, VolumeSpec, target_path as normalize_target, volume_paths};
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/reservoir/daemon.sock";

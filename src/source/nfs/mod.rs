@@ -57,6 +57,7 @@ use super::{
 };
 use convert::{Fh, fh_of, handle_of};
 use pool::Transport;
+use replies::{NoProgress, ReadStep};
 use writes::UnstableWrites;
 
 /// The call [`Server::call`] makes on each attempt: one NFSv3 procedure of the client on the
@@ -75,6 +76,7 @@ mod convert;
 mod discovery;
 mod namespace;
 mod pool;
+pub mod replies;
 mod writes;
 
 /// The largest single READ we issue, even when the server accepts more (ganesha announces
@@ -186,27 +188,20 @@ impl Server {
                     ));
                 }
             };
-            let mut data = ok.data.0.into_owned();
-            data.truncate(want as usize);
-            let got = data.len();
-            if out.is_empty() {
-                out = data;
-            } else {
-                out.extend_from_slice(&data);
-            }
-            if ok.eof {
-                break;
-            }
-            if got == 0 {
-                return Err(SourceError::status(
-                    "read",
-                    libc::EIO,
-                    format!(
-                        "{}: {} at {at}: the server returned no data and no end of file",
-                        self.id,
-                        Fh(&fh.data)
-                    ),
-                ));
+            match replies::take_read(&mut out, want, ok) {
+                Ok(ReadStep::Done) => break,
+                Ok(ReadStep::More) => {}
+                Err(NoProgress) => {
+                    return Err(SourceError::status(
+                        "read",
+                        libc::EIO,
+                        format!(
+                            "{}: {} at {at}: the server returned no data and no end of file",
+                            self.id,
+                            Fh(&fh.data)
+                        ),
+                    ));
+                }
             }
         }
         Ok(out)
@@ -297,17 +292,11 @@ impl Source for NfsSource {
                     }
                 }
             }
-            let mut out = Vec::with_capacity(len as usize);
-            let mut start = 0u32;
-            for data in pieces.into_iter().flatten() {
-                let expected = piece.min(len - start);
-                out.extend_from_slice(&data);
-                if (data.len() as u32) < expected {
-                    break; // end of file
-                }
-                start += expected;
-            }
-            Ok(out)
+            Ok(replies::join_pieces(
+                pieces.into_iter().flatten().collect(),
+                piece,
+                len,
+            ))
         }
         .instrument(span)
         .await

@@ -12,14 +12,13 @@ use nfs3_client::nfs3_types::nfs3::{
 };
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Server;
 use super::convert::{Fh, attr_from_fattr, post_op, sattr_of};
 use super::pool::Reply;
-use crate::source::{
-    Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SourceError, check_name,
-};
+use super::replies::{EmptyPage, Listed, listing_page};
+use crate::source::{Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SourceError};
 
 /// How often a non-exclusive CREATE goes round when the name it found is removed before it could
 /// be looked up.
@@ -184,11 +183,8 @@ impl Server {
                     }
                 };
                 pages += 1;
-                verifier = ok.cookieverf;
-                let eof = ok.reply.eof;
-                let page = ok.reply.entries.into_inner();
-                if page.is_empty() && !eof {
-                    return Err(SourceError::status(
+                let page = listing_page(ok, cookie).map_err(|EmptyPage| {
+                    SourceError::status(
                         "readdir",
                         libc::EIO,
                         format!(
@@ -196,27 +192,14 @@ impl Server {
                             self.id,
                             Fh(&dir.data)
                         ),
-                    ));
-                }
-                for entry in page {
-                    cookie = entry.cookie;
-                    let name = entry.name.0.into_owned();
-                    if name == b"." || name == b".." {
-                        continue;
-                    }
-                    if check_name(&name).is_err() {
-                        warn!(name = %String::from_utf8_lossy(&name).escape_debug(), "skipping an entry with an invalid name");
-                        continue;
-                    }
-                    match (entry.name_handle, entry.name_attributes) {
-                        (Nfs3Option::Some(fh), Nfs3Option::Some(attr)) if !fh.data.is_empty() => {
-                            entries.push(DirEntry {
-                                name,
-                                handle: Handle(fh.data.into_owned().into_boxed_slice()),
-                                attr: attr_from_fattr(&attr),
-                            });
-                        }
-                        _ => match self
+                    )
+                })?;
+                (cookie, verifier) = (page.cookie, page.verifier);
+                let eof = page.eof;
+                for listed in page.entries {
+                    match listed {
+                        Listed::Entry(entry) => entries.push(entry),
+                        Listed::LookUp(name) => match self
                             .lookup_fh(dir, &name, Instant::now() + self.timeout)
                             .await
                         {
