@@ -377,10 +377,10 @@ impl<R> Snapshot<'_, R> {
             let _ = std::fs::remove_file(&tmp);
         })?;
         // In place from here on: a failure to sync the directory only weakens durability.
-        if let Some(parent) = path.parent() {
-            if let Err(cause) = File::open(parent).and_then(|dir| dir.sync_all()) {
-                tracing::warn!(journal = %path.display(), error = &cause as &dyn std::error::Error, "cannot sync the directory of a rewritten journal");
-            }
+        if let Some(parent) = path.parent()
+            && let Err(cause) = File::open(parent).and_then(|dir| dir.sync_all())
+        {
+            tracing::warn!(journal = %path.display(), error = &cause as &dyn std::error::Error, "cannot sync the directory of a rewritten journal");
         }
         file.seek(SeekFrom::End(0)).map_err(io("seek"))?;
         *log = LogFile {

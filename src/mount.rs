@@ -183,7 +183,7 @@ async fn flush_periodically(volume: Arc<Volume>) {
         interval.tick().await;
         ticks += 1;
         let volume = volume.clone();
-        let sync = ticks % 30 == 0;
+        let sync = ticks.is_multiple_of(30);
         let _ = tokio::task::spawn_blocking(move || volume.flush(sync)).await;
     }
 }

@@ -166,7 +166,7 @@ fn read_until_stopped(
     let mut rng = fastrand::Rng::with_seed(reader as u64);
     // A long-lived handle: half the readers on a warm file (passthrough), half on a cold one
     // (served by the daemon).
-    let (kept_id, kept_path, kept_size) = if reader % 2 == 0 {
+    let (kept_id, kept_path, kept_size) = if reader.is_multiple_of(2) {
         let n = reader as u32 % WARM_FILES;
         (n, mnt.join(format!("warm/{n}")), WARM_SIZE)
     } else {
@@ -291,11 +291,12 @@ impl Probe {
                     let asked = Instant::now();
                     let answered = nix::sys::statvfs::statvfs(&mnt).is_ok();
                     let mut killed = killed_at.lock().unwrap();
-                    if let Some(at) = *killed {
-                        if answered && asked > at {
-                            answers.lock().unwrap().push(Instant::now() - at);
-                            *killed = None;
-                        }
+                    if let Some(at) = *killed
+                        && answered
+                        && asked > at
+                    {
+                        answers.lock().unwrap().push(Instant::now() - at);
+                        *killed = None;
                     }
                     drop(killed);
                     std::thread::sleep(Duration::from_millis(2));

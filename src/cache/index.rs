@@ -175,10 +175,10 @@ impl Drop for IndexGuard<'_> {
         drop(index);
         for path in doomed {
             // Unlink, never truncate: a reader holding the file (passthrough) keeps its bytes.
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "cannot remove an evicted cache file");
-                }
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "cannot remove an evicted cache file");
             }
         }
     }
@@ -345,10 +345,10 @@ pub(super) fn replay(
             block,
             checksum,
         } => {
-            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation)) {
-                if let Some(slot) = file.checksums.get_mut(block as usize) {
-                    *slot = Some(checksum);
-                }
+            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation))
+                && let Some(slot) = file.checksums.get_mut(block as usize)
+            {
+                *slot = Some(checksum);
             }
         }
         IndexRecord::Dropped {
@@ -356,10 +356,10 @@ pub(super) fn replay(
             generation,
             block,
         } => {
-            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation)) {
-                if let Some(slot) = file.checksums.get_mut(block as usize) {
-                    *slot = None;
-                }
+            if let Some(file) = files.get_mut(&key).filter(|f| current(f, generation))
+                && let Some(slot) = file.checksums.get_mut(block as usize)
+            {
+                *slot = None;
             }
         }
         IndexRecord::Evicted { key, generation } => {

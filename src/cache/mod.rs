@@ -703,14 +703,14 @@ impl Drop for Cache {
                 }
             }
             for name in journals {
-                if let Err(e) = std::fs::remove_file(dir.join(&name)) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(
-                            journal = name,
-                            error = &e as &dyn std::error::Error,
-                            "cannot remove a volume's metadata journal"
-                        );
-                    }
+                if let Err(e) = std::fs::remove_file(dir.join(&name))
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(
+                        journal = name,
+                        error = &e as &dyn std::error::Error,
+                        "cannot remove a volume's metadata journal"
+                    );
                 }
             }
         }

@@ -789,13 +789,13 @@ impl NodePlugin {
         let target = path_field(&request.target_path, "target_path")?;
         let _busy = self.begin(&target)?;
         // An inline volume is the daemon's own mount: the daemon ends its session.
-        if let Ok(status) = self.daemon_status().await {
-            if served_at(&status, &target).is_some() {
-                Client::new(&self.options.daemon_socket)
-                    .unmount(&target)
-                    .await
-                    .map_err(|e| NodeError::Internal(e.to_string()))?;
-            }
+        if let Ok(status) = self.daemon_status().await
+            && served_at(&status, &target).is_some()
+        {
+            Client::new(&self.options.daemon_socket)
+                .unmount(&target)
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
         }
         blocking(move || {
             // Mounts may be stacked: unmount until nothing is left (bounded).

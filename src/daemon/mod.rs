@@ -790,10 +790,8 @@ impl Daemon {
                     }
                 }
                 Err(_) => {
-                    if spawn {
-                        if let Some(options) = &self.config.keeper {
-                            ensure_keeper(options);
-                        }
+                    if spawn && let Some(options) = &self.config.keeper {
+                        ensure_keeper(options);
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }
@@ -803,10 +801,10 @@ impl Daemon {
 
     fn mark_kept(&self, state: &SessionDir, kept: bool) {
         for slot in self.lock().volumes.values() {
-            if let Phase::Mounted(hosted) = &slot.phase {
-                if hosted.state.name() == state.name() {
-                    hosted.kept.store(kept, Ordering::Relaxed);
-                }
+            if let Phase::Mounted(hosted) = &slot.phase
+                && hosted.state.name() == state.name()
+            {
+                hosted.kept.store(kept, Ordering::Relaxed);
             }
         }
     }
@@ -1042,7 +1040,7 @@ impl Daemon {
         loop {
             interval.tick().await;
             ticks += 1;
-            let sync = ticks % 30 == 0;
+            let sync = ticks.is_multiple_of(30);
             let volumes: Vec<Arc<Volume>> = self
                 .lock()
                 .volumes
@@ -1140,17 +1138,15 @@ fn teardown(hosted: Hosted, discard: bool, keeper: Option<&keeper::KeeperClient>
     if !ended {
         tracing::warn!("the FUSE session did not end; leaving its threads behind");
     }
-    if let Some(keeper) = keeper {
-        if let Err(e) = keeper.release(&state.name()) {
-            tracing::warn!(session = state.name(), error = %e, "cannot tell the keeper to drop an unmounted volume's connection");
-        }
+    if let Some(keeper) = keeper
+        && let Err(e) = keeper.release(&state.name())
+    {
+        tracing::warn!(session = state.name(), error = %e, "cannot tell the keeper to drop an unmounted volume's connection");
     }
     state.remove();
     volume.finish();
-    if discard {
-        if let Some(cache) = volume.cache() {
-            cache.discard_journals_on_release();
-        }
+    if discard && let Some(cache) = volume.cache() {
+        cache.discard_journals_on_release();
     }
     drop(volume);
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);

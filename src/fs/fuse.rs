@@ -86,10 +86,9 @@ pub fn resume(
             kind: BackingKind::Source,
             ..
         } = handle.mode
+            && handle.writable
         {
-            if handle.writable {
-                adapter.volume.direct_writer(handle.ino, true);
-            }
+            adapter.volume.direct_writer(handle.ino, true);
         }
     }
     serve(adapter, connection, on_end)
@@ -443,10 +442,10 @@ impl FuseAdapter {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .release(handle.ino, handle.mode);
-            if let Some(backing) = closed {
-                if let Err(e) = reply.channel().close_backing(backing) {
-                    tracing::warn!(backing, error = %crate::error::Chain(&e), "cannot close a passthrough backing file");
-                }
+            if let Some(backing) = closed
+                && let Err(e) = reply.channel().close_backing(backing)
+            {
+                tracing::warn!(backing, error = %crate::error::Chain(&e), "cannot close a passthrough backing file");
             }
             if handle.writable {
                 if let OpenMode::Passthrough { .. } = handle.mode {
@@ -479,10 +478,10 @@ impl FuseAdapter {
         let Some(handle) = self.handles.file(fh) else {
             return reply.error(libc::EBADF);
         };
-        if let Some(file) = handle.file() {
-            if let Some(data) = self.volume.try_read(file, offset, size) {
-                return reply.data(&data);
-            }
+        if let Some(file) = handle.file()
+            && let Some(data) = self.volume.try_read(file, offset, size)
+        {
+            return reply.data(&data);
         }
         let this = self.clone();
         self.spawn(async move {
@@ -502,14 +501,14 @@ impl FuseAdapter {
             return reply.error(libc::EBADF);
         };
         // A directory source writes straight from the kernel's buffer, on this thread.
-        if let Some(file) = handle.file() {
-            if let Some(result) = self.volume.try_write(file, offset, data) {
-                failpoint::hit("after-source:write");
-                return match result {
-                    Ok(written) => reply.written(written),
-                    Err(e) => reply_error(reply, "write", ino, &e),
-                };
-            }
+        if let Some(file) = handle.file()
+            && let Some(result) = self.volume.try_write(file, offset, data)
+        {
+            failpoint::hit("after-source:write");
+            return match result {
+                Ok(written) => reply.written(written),
+                Err(e) => reply_error(reply, "write", ino, &e),
+            };
         }
         // Otherwise the bytes are copied once, into the buffer the write owns until it lands.
         let (this, data) = (self.clone(), data.to_vec());

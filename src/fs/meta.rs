@@ -237,10 +237,10 @@ impl MetaStore {
         let mut reachable = HashSet::new();
         let mut pending = vec![ROOT];
         while let Some(ino) = pending.pop() {
-            if reachable.insert(ino) {
-                if let Some(dir) = nodes.get(&ino).and_then(|n| n.dir.as_ref()) {
-                    pending.extend(dir.children.values().copied());
-                }
+            if reachable.insert(ino)
+                && let Some(dir) = nodes.get(&ino).and_then(|n| n.dir.as_ref())
+            {
+                pending.extend(dir.children.values().copied());
             }
         }
         nodes.retain(|ino, _| reachable.contains(ino));
@@ -277,10 +277,10 @@ impl MetaStore {
     }
 
     fn append_quiet(&self, record: MetaRecord) {
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.append(&record) {
-                tracing::warn!(error = %crate::error::Chain(&e), "cannot persist metadata; it will be fetched again after a restart");
-            }
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.append(&record)
+        {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot persist metadata; it will be fetched again after a restart");
         }
     }
 
@@ -322,12 +322,11 @@ impl MetaStore {
     /// fsync), so that a successor daemon knows every number the kernel may hold: called before
     /// a reply gives new numbers to the kernel. A crash of the node ends the connection anyway.
     pub fn persist_inodes(&self) {
-        if self.new_inodes.swap(false, Ordering::AcqRel) {
-            if let Some(journal) = &self.journal {
-                if let Err(e) = journal.flush(false) {
-                    tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
-                }
-            }
+        if self.new_inodes.swap(false, Ordering::AcqRel)
+            && let Some(journal) = &self.journal
+            && let Err(e) = journal.flush(false)
+        {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
         }
     }
 
@@ -335,10 +334,10 @@ impl MetaStore {
     /// journal first if it has grown enough. Called periodically, outside every request.
     pub fn flush(&self, sync: bool) {
         self.compact_if_wanted();
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.flush(sync) {
-                tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
-            }
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.flush(sync)
+        {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the metadata journal");
         }
     }
 
@@ -436,20 +435,21 @@ impl MetaStore {
     ) -> Option<Ino> {
         table.nodes.get(&parent)?.dir.as_ref()?;
         if let Some(ino) = table.child(parent, name) {
-            if let Some(node) = table.nodes.get_mut(&ino) {
-                if node.handle == handle && same_kind(&node.attr, &attr) {
-                    let changed = node.attr != attr;
-                    node.attr = attr;
-                    node.checked_ms = now;
-                    if changed {
-                        if node.attr.kind == Kind::Symlink {
-                            node.link = None;
-                        }
-                        let record = node_record(ino, node);
-                        self.append(table, record);
+            if let Some(node) = table.nodes.get_mut(&ino)
+                && node.handle == handle
+                && same_kind(&node.attr, &attr)
+            {
+                let changed = node.attr != attr;
+                node.attr = attr;
+                node.checked_ms = now;
+                if changed {
+                    if node.attr.kind == Kind::Symlink {
+                        node.link = None;
                     }
-                    return Some(ino);
+                    let record = node_record(ino, node);
+                    self.append(table, record);
                 }
+                return Some(ino);
             }
             self.detach_locked(table, ino);
         }
@@ -613,10 +613,10 @@ impl MetaStore {
             return;
         };
         let (parent, name) = (node.parent, node.name.clone());
-        if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
-            if dir.children.get(&name) == Some(&ino) {
-                dir.children.remove(&name);
-            }
+        if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut())
+            && dir.children.get(&name) == Some(&ino)
+        {
+            dir.children.remove(&name);
         }
         self.append(table, MetaRecord::Removed { ino });
     }
@@ -680,10 +680,10 @@ impl MetaStore {
             self.upsert_child(new_parent, new_name, handle, attr, false);
             return;
         };
-        if let Some(replaced) = table.child(new_parent, new_name) {
-            if replaced != ino {
-                self.detach_locked(&mut table, replaced);
-            }
+        if let Some(replaced) = table.child(new_parent, new_name)
+            && replaced != ino
+        {
+            self.detach_locked(&mut table, replaced);
         }
         if let Some(dir) = table.nodes.get_mut(&parent).and_then(|p| p.dir.as_mut()) {
             dir.children.remove(name);

@@ -334,10 +334,10 @@ impl Volume {
     /// Writes buffered journals out; with `sync`, to stable storage.
     pub fn flush(&self, sync: bool) {
         self.meta.flush(sync);
-        if let Some(cache) = &self.cache {
-            if let Err(e) = cache.flush(sync) {
-                tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the cache index");
-            }
+        if let Some(cache) = &self.cache
+            && let Err(e) = cache.flush(sync)
+        {
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot flush the cache index");
         }
     }
 }

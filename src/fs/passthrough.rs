@@ -90,13 +90,13 @@ impl OpenTable {
         match mode {
             OpenMode::Daemon => opens.daemon = opens.daemon.saturating_sub(1),
             OpenMode::Passthrough { backing, .. } => {
-                if let Some((current, _, count)) = &mut opens.backing {
-                    if *current == backing {
-                        *count -= 1;
-                        if *count == 0 {
-                            opens.backing = None;
-                            closed = Some(backing);
-                        }
+                if let Some((current, _, count)) = &mut opens.backing
+                    && *current == backing
+                {
+                    *count -= 1;
+                    if *count == 0 {
+                        opens.backing = None;
+                        closed = Some(backing);
                     }
                 }
             }

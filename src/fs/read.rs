@@ -120,11 +120,11 @@ impl Volume {
             readahead: Mutex::new(ReadAhead::default()),
             writes: write::HandleWrites::default(),
         });
-        if let Some(lease) = &file.lease {
-            if !passthrough_ready {
-                let blocks = lease.block_count().min(OPEN_PREFETCH_BLOCKS);
-                self.prefetch(&file, 0..blocks);
-            }
+        if let Some(lease) = &file.lease
+            && !passthrough_ready
+        {
+            let blocks = lease.block_count().min(OPEN_PREFETCH_BLOCKS);
+            self.prefetch(&file, 0..blocks);
         }
         Ok(file)
     }
@@ -250,10 +250,10 @@ impl Volume {
         preload: bool,
     ) -> Result<Arc<Vec<u8>>> {
         let (start, len) = lease.block_range(block);
-        if let Some(cache) = &self.cache {
-            if let Ok(Some(data)) = cache.read(lease, start, len) {
-                return Ok(Arc::new(data));
-            }
+        if let Some(cache) = &self.cache
+            && let Ok(Some(data)) = cache.read(lease, start, len)
+        {
+            return Ok(Arc::new(data));
         }
         let cell = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());

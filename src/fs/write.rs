@@ -311,11 +311,11 @@ impl Volume {
     /// write's end, for what is served without asking (directory listings with attributes),
     /// so that the size the kernel sees after the write is acknowledged never goes back.
     fn grow_known_size(&self, ino: Ino, end: u64) {
-        if let Some(mut attr) = self.meta.with(ino, |n| n.attr.clone()) {
-            if attr.size < end {
-                attr.size = end;
-                self.meta.update_attr(ino, attr);
-            }
+        if let Some(mut attr) = self.meta.with(ino, |n| n.attr.clone())
+            && attr.size < end
+        {
+            attr.size = end;
+            self.meta.update_attr(ino, attr);
         }
         self.meta.expire(ino);
     }
@@ -701,10 +701,9 @@ impl Volume {
             .meta
             .child(parent, name)
             .and_then(|ino| self.current_key(ino))
+            && let Some(cache) = &self.cache
         {
-            if let Some(cache) = &self.cache {
-                cache.forget(key);
-            }
+            cache.forget(key);
         }
         self.meta.remove_child(parent, name);
         Ok(())
@@ -735,10 +734,10 @@ impl Volume {
         self.observe(&looked_up);
         match looked_up {
             Ok((handle, attr)) => {
-                if let Some(replaced) = self.meta.child(new_parent, new_name) {
-                    if let (Some(cache), Some(key)) = (&self.cache, self.current_key(replaced)) {
-                        cache.forget(key);
-                    }
+                if let Some(replaced) = self.meta.child(new_parent, new_name)
+                    && let (Some(cache), Some(key)) = (&self.cache, self.current_key(replaced))
+                {
+                    cache.forget(key);
                 }
                 self.meta
                     .rename(parent, name, new_parent, new_name, handle, attr);
@@ -771,10 +770,8 @@ impl Volume {
         let result = source.setattr(&handle, &changes).await;
         self.observe(&result);
         let attr = result?;
-        if truncates {
-            if let Some(key) = key_before {
-                self.data_changed(ino, key);
-            }
+        if truncates && let Some(key) = key_before {
+            self.data_changed(ino, key);
         }
         self.meta.update_attr(ino, attr.clone());
         Ok(NodeEntry {

@@ -216,10 +216,10 @@ pub async fn run_probe<H: std::fmt::Debug>(
                     if outside_inodes.contains(&attr.fileid) {
                         return Err(format!("{probe:?}: {name:?} found the outside"));
                     }
-                    if attr.kind == Kind::File {
-                        if let Ok(bytes) = source.read(&handle, 0, 4096).await {
-                            clean(&bytes)?;
-                        }
+                    if attr.kind == Kind::File
+                        && let Ok(bytes) = source.read(&handle, 0, 4096).await
+                    {
+                        clean(&bytes)?;
                     }
                     found.push(handle);
                 }

@@ -398,10 +398,10 @@ impl Server {
         if !ours.looks_like(&attr) {
             return Ok(None);
         }
-        if let Some(target) = ours.target {
-            if self.readlink_fh(&fh, deadline).await? != target {
-                return Ok(None);
-            }
+        if let Some(target) = ours.target
+            && self.readlink_fh(&fh, deadline).await? != target
+        {
+            return Ok(None);
         }
         debug!(target = %InDir { dir, name }, kind = ?ours.kind, "a retried call found the object of its first attempt");
         Ok(Some((fh, attr)))
