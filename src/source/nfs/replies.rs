@@ -26,6 +26,8 @@ pub struct ListingPage {
     pub cookie: u64,
     pub verifier: cookieverf3,
     pub eof: bool,
+    /// Entries the server sent, those skipped included.
+    pub received: usize,
 }
 
 /// The server returned an empty page and no end of the listing: asking again would loop.
@@ -44,6 +46,7 @@ pub fn listing_page(ok: READDIRPLUS3resok<'_>, cookie: u64) -> Result<ListingPag
         cookie,
         verifier: ok.cookieverf,
         eof,
+        received: page.len(),
     };
     for entry in page {
         taken.cookie = entry.cookie;
@@ -69,6 +72,41 @@ pub fn listing_page(ok: READDIRPLUS3resok<'_>, cookie: u64) -> Result<ListingPag
             });
     }
     Ok(taken)
+}
+
+/// The most names one listing may hold: a server that never ends its listing (always a new
+/// cookie, never the end) is stopped here instead of growing the list until memory runs out.
+/// A directory of this many names is far past what a dataset's directory holds.
+pub const MAX_LISTING_ENTRIES: usize = 10_000_000;
+
+/// Why a listing is given up: the server does not lead it to an end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stalled {
+    /// A page ended at a cookie an earlier page of this listing ended at: asking on would loop.
+    RepeatedCookie(u64),
+    TooManyEntries,
+}
+
+/// What a listing has gone through so far, to tell a server that leads it nowhere.
+#[derive(Default)]
+pub struct ListingProgress {
+    page_ends: std::collections::HashSet<u64>,
+    entries: usize,
+}
+
+impl ListingProgress {
+    /// Counts a page that is not the last, which ended at `cookie` after `entries` entries
+    /// (skipped ones included: a server could send nothing but names it knows are skipped).
+    pub fn next_page(&mut self, cookie: u64, entries: usize) -> Result<(), Stalled> {
+        self.entries = self.entries.saturating_add(entries);
+        if self.entries > MAX_LISTING_ENTRIES {
+            return Err(Stalled::TooManyEntries);
+        }
+        if !self.page_ends.insert(cookie) {
+            return Err(Stalled::RepeatedCookie(cookie));
+        }
+        Ok(())
+    }
 }
 
 /// Where a range being read stands after one READ reply.
@@ -123,6 +161,28 @@ pub fn join_pieces(pieces: Vec<Vec<u8>>, piece: u32, len: u32) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_listing_that_leads_nowhere_is_given_up() {
+        let mut progress = ListingProgress::default();
+        progress.next_page(10, 10).unwrap();
+        progress.next_page(20, 10).unwrap();
+        // Back to an earlier page, or a page that did not move: either would loop for ever.
+        assert_eq!(progress.next_page(10, 10), Err(Stalled::RepeatedCookie(10)));
+        let mut progress = ListingProgress::default();
+        progress.next_page(0, 0).unwrap();
+        assert_eq!(progress.next_page(0, 1), Err(Stalled::RepeatedCookie(0)));
+        // Always a new cookie, never the end: stopped at the entry limit.
+        let mut progress = ListingProgress::default();
+        let page = 1000;
+        for cookie in 1..=(MAX_LISTING_ENTRIES / page) as u64 {
+            progress.next_page(cookie, page).unwrap();
+        }
+        assert_eq!(
+            progress.next_page(u64::MAX, page),
+            Err(Stalled::TooManyEntries)
+        );
+    }
+
     use nfs3_client::nfs3_types::nfs3::{
         dirlistplus3, entryplus3, fattr3, filename3, ftype3, nfs_fh3, nfstime3, specdata3,
     };
