@@ -329,7 +329,7 @@ impl VolumeParams {
     /// what the controller checks. `None` for a claim: resolve it first ([`Self::resolved`]).
     pub fn root(&self) -> Option<SourceSpec> {
         match &self.source {
-            VolumeSource::Direct(spec) => Some(join(spec, self.sub_path.as_deref())),
+            VolumeSource::Direct(spec) => Some(spec.join(self.sub_path.as_deref())),
             VolumeSource::Claim(_) => None,
         }
     }
@@ -338,30 +338,12 @@ impl VolumeParams {
     /// (`base`, the claim's root): the claim's path is joined, `subPath` stays as it is.
     pub fn resolved(&self, base: &SourceSpec) -> VolumeParams {
         let source = match &self.source {
-            VolumeSource::Claim(claim) => join(base, claim.path.as_deref()),
+            VolumeSource::Claim(claim) => base.join(claim.path.as_deref()),
             VolumeSource::Direct(_) => base.clone(),
         };
         VolumeParams {
             source: VolumeSource::Direct(source),
             ..self.clone()
-        }
-    }
-}
-
-/// `source` with the normalised relative path `sub` appended.
-pub fn join(source: &SourceSpec, sub: Option<&str>) -> SourceSpec {
-    let Some(sub) = sub else {
-        return source.clone();
-    };
-    match source {
-        SourceSpec::Local(path) => SourceSpec::Local(path.join(sub)),
-        SourceSpec::Nfs(url) => {
-            let mut url = url.clone();
-            if !url.path.ends_with('/') {
-                url.path.push('/');
-            }
-            url.path.push_str(sub);
-            SourceSpec::Nfs(url)
         }
     }
 }

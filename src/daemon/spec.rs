@@ -67,7 +67,7 @@ impl VolumeSpec {
             None => None,
             Some(sub) => relative_path(sub).map_err(|why| bad("sub_path", why))?,
         };
-        let root = join(&source, request.sub_path.as_deref());
+        let root = source.join(request.sub_path.as_deref());
         if !(0.0 < request.low_watermark
             && request.low_watermark < request.high_watermark
             && request.high_watermark <= 1.0)
@@ -187,25 +187,6 @@ pub fn volume_paths(paths: &[String]) -> Result<Vec<String>, BadRequest> {
         }
     }
     Ok(out)
-}
-
-/// The source with a relative directory joined: a directory inside a directory source, or a
-/// longer path on the NFS server (the export is still found by prefix).
-fn join(source: &SourceSpec, sub_path: Option<&str>) -> SourceSpec {
-    let Some(sub) = sub_path else {
-        return source.clone();
-    };
-    match source {
-        SourceSpec::Local(path) => SourceSpec::Local(path.join(sub)),
-        SourceSpec::Nfs(url) => {
-            let mut url = url.clone();
-            if !url.path.ends_with('/') {
-                url.path.push('/');
-            }
-            url.path.push_str(sub);
-            SourceSpec::Nfs(url)
-        }
-    }
 }
 
 #[cfg(test)]

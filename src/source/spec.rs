@@ -38,6 +38,25 @@ pub enum SpecError {
 }
 
 impl SourceSpec {
+    /// The source with a relative directory joined: a directory inside a directory source, or
+    /// a longer path on the NFS server (the export is still found by prefix).
+    pub fn join(&self, sub_path: Option<&str>) -> SourceSpec {
+        let Some(sub) = sub_path else {
+            return self.clone();
+        };
+        match self {
+            SourceSpec::Local(path) => SourceSpec::Local(path.join(sub)),
+            SourceSpec::Nfs(url) => {
+                let mut url = url.clone();
+                if !url.path.ends_with('/') {
+                    url.path.push('/');
+                }
+                url.path.push_str(sub);
+                SourceSpec::Nfs(url)
+            }
+        }
+    }
+
     /// The identity of the dataset, used to key cached data and metadata. It does not need the
     /// source to be reachable, so a mount can start offline from what the cache knows.
     pub fn id(&self) -> String {
