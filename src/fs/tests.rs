@@ -300,18 +300,7 @@ async fn an_open_file_is_read_and_written_after_its_directory_is_renamed() {
     let cache_dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(source.path().join("d")).unwrap();
     std::fs::write(source.path().join("d/f"), pattern(200_000)).unwrap();
-    let volume = Volume::open(
-        SourceSpec::Local(source.path().to_path_buf()),
-        options(),
-        Some(cache(cache_dir.path())),
-        VolumeConfig {
-            metadata_ttl: Ttl::Forever,
-            read_write: true,
-            idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
-        },
-    )
-    .await
-    .unwrap();
+    let volume = read_write_volume(source.path(), Some(cache_dir.path())).await;
     let d = volume.lookup(ROOT, b"d").await.unwrap();
     let f = volume.lookup(d.ino, b"f").await.unwrap();
     let reader = volume.open_file(f.ino, false).await.unwrap();
@@ -340,7 +329,7 @@ async fn a_write_after_its_file_is_renamed_over_lands_in_the_opened_file() {
     let source = tempfile::tempdir().unwrap();
     std::fs::write(source.path().join("a"), b"aaaa").unwrap();
     std::fs::write(source.path().join("b"), b"bbbb").unwrap();
-    let volume = read_write_volume(source.path()).await;
+    let volume = read_write_volume(source.path(), None).await;
     let a = volume.lookup(ROOT, b"a").await.unwrap();
     let writer = volume.open_file(a.ino, true).await.unwrap();
 
@@ -359,7 +348,7 @@ async fn a_write_after_its_file_is_renamed_over_lands_in_the_opened_file() {
 async fn a_writer_of_a_removed_file_flushes_cleanly() {
     let source = tempfile::tempdir().unwrap();
     std::fs::write(source.path().join("a"), b"aaaa").unwrap();
-    let volume = read_write_volume(source.path()).await;
+    let volume = read_write_volume(source.path(), None).await;
     let a = volume.lookup(ROOT, b"a").await.unwrap();
     let writer = volume.open_file(a.ino, true).await.unwrap();
 
@@ -369,11 +358,13 @@ async fn a_writer_of_a_removed_file_flushes_cleanly() {
     assert!(!source.path().join("a").exists());
 }
 
-async fn read_write_volume(source: &Path) -> Arc<Volume> {
+/// A read-write volume over the directory `source`, metadata kept for good, with a cache in
+/// `cache_dir` or none.
+async fn read_write_volume(source: &Path, cache_dir: Option<&Path>) -> Arc<Volume> {
     Volume::open(
         SourceSpec::Local(source.to_path_buf()),
         options(),
-        None,
+        cache_dir.map(cache),
         VolumeConfig {
             metadata_ttl: Ttl::Forever,
             read_write: true,
@@ -393,18 +384,7 @@ async fn a_rename_over_a_known_name_does_not_hand_its_number_to_another_file() {
     let cache_dir = tempfile::tempdir().unwrap();
     std::fs::write(source.path().join("a"), b"old a").unwrap();
     std::fs::write(source.path().join("c"), b"the new a").unwrap();
-    let volume = Volume::open(
-        SourceSpec::Local(source.path().to_path_buf()),
-        options(),
-        Some(cache(cache_dir.path())),
-        VolumeConfig {
-            metadata_ttl: Ttl::Forever,
-            read_write: true,
-            idle_nodes: crate::fs::DEFAULT_IDLE_NODES,
-        },
-    )
-    .await
-    .unwrap();
+    let volume = read_write_volume(source.path(), Some(cache_dir.path())).await;
     let old = volume.lookup(ROOT, b"a").await.unwrap();
     volume.rename(ROOT, b"c", ROOT, b"a").await.unwrap();
     let new = volume.lookup(ROOT, b"a").await.unwrap();
