@@ -382,12 +382,8 @@ impl StagePlan {
 pub fn plan_stage(request: &NodeStageVolumeRequest) -> Result<StagePlan, NodeError> {
     let volume_id = required(&request.volume_id, "volume_id")?.to_string();
     let staging = path_field(&request.staging_target_path, "staging_target_path")?;
-    let capability = request
-        .volume_capability
-        .as_ref()
-        .ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".to_string()))?;
     let params = params_of(&request.volume_context)?;
-    let mode = access_mode(Some(capability), &params)?;
+    let mode = access_mode(request.volume_capability.as_ref(), &params)?;
     let read_write = capability::writes(mode) && !params.read_only;
     check_writable(&params, read_write)?;
     Ok(StagePlan {
@@ -417,17 +413,13 @@ pub struct PublishPlan {
 pub fn plan_publish(request: &NodePublishVolumeRequest) -> Result<PublishPlan, NodeError> {
     let volume_id = required(&request.volume_id, "volume_id")?.to_string();
     let target = path_field(&request.target_path, "target_path")?;
-    let capability = request
-        .volume_capability
-        .as_ref()
-        .ok_or_else(|| NodeError::InvalidArgument("volume_capability is required".to_string()))?;
     let ephemeral = request
         .volume_context
         .get(EPHEMERAL)
         .is_some_and(|v| v == "true")
         || request.staging_target_path.is_empty();
     let params = params_of(&request.volume_context)?;
-    let mode = access_mode(Some(capability), &params)?;
+    let mode = access_mode(request.volume_capability.as_ref(), &params)?;
     let read_only = request.readonly || !capability::writes(mode) || params.read_only;
     let staging = if ephemeral {
         None
