@@ -246,6 +246,22 @@ struct NodeArgs {
     /// over HTTP at this address (e.g. 0.0.0.0:9809). Off by default.
     #[arg(long)]
     health_address: Option<std::net::SocketAddr>,
+    /// Kubelet's root directory, where it mounts pods' volumes (source pods' claims).
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// Where source pods' records and mounts live; the daemon must see this path (it is under
+    /// kubelet's directory, which both containers share). Default: KUBELET_DIR/plugins/DRIVER/sources.
+    #[arg(long)]
+    source_pods_dir: Option<PathBuf>,
+    /// The image of source pods (which mount claims kubelet must mount, and only wait): a pause
+    /// image, usually already on every node as the sandbox image.
+    #[arg(long, default_value = reservoir::csi::source_pods::DEFAULT_IMAGE)]
+    source_pod_image: String,
+    /// Label this Node with the share of each volume it has cached
+    /// (cache.reservoir.csi.dev/VOLUME=PERCENT), so that pods can prefer it. Needs the
+    /// Kubernetes API and patch on nodes.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    locality_labels: bool,
 }
 
 #[derive(Args)]
@@ -315,7 +331,7 @@ fn main() -> ExitCode {
             reservoir::csi::server::run_controller(reservoir::csi::server::ControllerConfig {
                 endpoint: args.endpoint,
                 state_dir: args.state_dir,
-                driver_name: args.driver_name,
+                driver_name: args.driver_name.clone(),
                 options: reservoir::csi::controller::ControllerOptions {
                     source_check_timeout: args.source_check_timeout,
                 },
@@ -477,6 +493,7 @@ fn node_command(
     controller: Option<(PathBuf, reservoir::csi::controller::ControllerOptions)>,
 ) -> anyhow::Result<ExitCode> {
     use reservoir::csi::node::{AllowedSources, NodeOptions};
+    use reservoir::csi::source_pods::SourcePodOptions;
     let allowed_sources =
         AllowedSources::parse(&args.allowed_sources).map_err(anyhow::Error::msg)?;
     let daemon_socket = std::path::absolute(&args.daemon_socket).unwrap_or(args.daemon_socket);
@@ -497,14 +514,28 @@ fn node_command(
             wait: std::time::Duration::from_secs(30),
         }
     });
+    let source_pods_dir = args.source_pods_dir.unwrap_or_else(|| {
+        args.kubelet_dir
+            .join("plugins")
+            .join(&args.driver_name)
+            .join("sources")
+    });
     reservoir::csi::server::run_node(reservoir::csi::server::NodeConfig {
         endpoint: args.endpoint,
-        driver_name: args.driver_name,
+        driver_name: args.driver_name.clone(),
         node: NodeOptions {
+            source_pods: SourcePodOptions {
+                node: args.node_id.clone(),
+                image: args.source_pod_image,
+                dir: source_pods_dir,
+                kubelet_dir: args.kubelet_dir,
+            },
             node_id: args.node_id,
             daemon_socket,
             spawn,
             allowed_sources,
+            locality_labels: args.locality_labels,
+            driver_name: args.driver_name.clone(),
         },
         controller,
         registration: args.kubelet_registration_dir.map(|dir| {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::data::{sha256_file, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
-use common::k8s::{API_SERVICE_IP, BUSYBOX_IMAGE, Cluster, NODE_IP, wait_for};
+use common::k8s::{API_SERVICE_IP, BUSYBOX_IMAGE, Cluster, NODE_IP, NODE_NAME, wait_for};
 use common::standin_provisioner::StandInProvisioner;
 
 const DRIVER: &str = "reservoir.csi.dev";
@@ -345,6 +345,17 @@ fn kubernetes_end_to_end() {
         "pvc:// sources: an NFS claim read byte for byte with our client; missing, unbound and \
          other-namespace claims refused",
         || claims(&e2e),
+    );
+    step(
+        "pvc:// through a source pod: a local claim waiting for its first consumer is bound, \
+         read, its pod recreated when deleted, released at unstage; a local volume of another \
+         node is refused",
+        || source_pods(&e2e),
+    );
+    step(
+        "locality: the node's label for a volume appears after a preload, stays after unstage, \
+         follows evictions; the documented affinity is accepted",
+        || locality(&e2e),
     );
     step(
         "an inline volume reads; one outside --allowed-sources is refused",
@@ -879,6 +890,476 @@ spec:
     args.extend(names);
     cluster.kubectl_ok(&args);
     cluster.kubectl_ok(&["-n", NS, "delete", "pvc", "from-missing", "--wait=false"]);
+}
+
+/// Where the node plugin keeps source pods' records and binds (the default under kubelet's
+/// directory).
+const SOURCE_PODS_DIR: &str = "/var/lib/kubelet/plugins/reservoir.csi.dev/sources";
+
+/// The source pods in the test's namespace: `(name, uid, phase, node)`.
+fn source_pod_list(cluster: &Cluster) -> Vec<(String, String, String, String)> {
+    cluster
+        .kubectl_json(&[
+            "-n",
+            NS,
+            "get",
+            "pods",
+            "-l",
+            "reservoir.csi.dev/role=source",
+        ])
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let text = |pointer: &str| {
+                p.pointer(pointer)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (
+                text("/metadata/name"),
+                text("/metadata/uid"),
+                text("/status/phase"),
+                text("/spec/nodeName"),
+            )
+        })
+        .collect()
+}
+
+/// Claims kubelet must mount, read through a source pod. A local PersistentVolume of this
+/// node, whose claim waits for its first consumer (a `kubernetes.io/no-provisioner` class with
+/// WaitForFirstConsumer): the source pod binds it, and a pod of a reservoir volume naming
+/// `pvc://e2e/local-data` reads it byte for byte. The source pod, deleted behind the driver's
+/// back, is made again while the volume goes on serving (a file written after that is read).
+/// Unstaging leaves no source pod, bind or record. A local volume pinned to another node is
+/// refused with FAILED_PRECONDITION before any pod is made.
+fn source_pods(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    let local = e2e.datasets.dir.path().join("local");
+    fs::create_dir_all(local.join("nested")).unwrap();
+    write_random_file(&local.join("big.bin"), 3 << 20, 41);
+    write_random_file(&local.join("nested/a.bin"), 200 << 10, 42);
+    write_small_tree(&local.join("small"), 20, 1, 8192, 43);
+    run_sh(&format!("chmod -R a+rX {}", local.display()));
+    let local_pv = |name: &str, class: &str, node: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {name}
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: "{class}"
+  local:
+    path: "{path}"
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+        - matchExpressions:
+            - key: kubernetes.io/hostname
+              operator: In
+              values: ["{node}"]
+"#,
+            path = local.display()
+        )
+    };
+    cluster.apply(&format!(
+        r#"{here}---
+{there}---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: e2e-local
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: local-data
+  namespace: {NS}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: e2e-local
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: elsewhere
+  namespace: {NS}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: ""
+  volumeName: e2e-local-elsewhere
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: via-local
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: via-local
+    volumeAttributes:
+      source: "pvc://{NS}/local-data"
+      readOnly: "true"
+      metadataTTL: 1s
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: via-local
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: via-local
+  resources:
+    requests:
+      storage: 1Gi
+---
+# The node plugin may make source pods in this namespace (and no other).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: reservoir-source-pods
+  namespace: {NS}
+subjects:
+  - kind: ServiceAccount
+    name: reservoir-node
+    namespace: reservoir
+roleRef:
+  kind: ClusterRole
+  name: reservoir-source-pods
+  apiGroup: rbac.authorization.k8s.io
+"#,
+        here = local_pv("e2e-local", "e2e-local", NODE_NAME),
+        there = local_pv("e2e-local-elsewhere", "", "e2e-no-such-node"),
+    ));
+    let phase = |claim: &str| {
+        cluster
+            .kubectl_json(&["-n", NS, "get", "pvc", claim])
+            .and_then(|c| c["status"]["phase"].as_str().map(str::to_string))
+    };
+    assert_eq!(
+        phase("local-data").as_deref(),
+        Some("Pending"),
+        "waits for a first consumer"
+    );
+    // Refused before any pod is made: the volume belongs to another node.
+    cluster.apply(&pod(
+        "local-elsewhere",
+        &format!(
+            "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
+             volumeAttributes:\n          source: \"pvc://{NS}/elsewhere\""
+        ),
+        READ_ALL,
+        "{}",
+        false,
+    ));
+
+    let expected = {
+        let mut out = BTreeMap::new();
+        for path in run_sh(&format!("cd {} && find . -type f", local.display())).lines() {
+            out.insert(path.to_string(), sha256_file(&local.join(path)));
+        }
+        out
+    };
+    cluster.apply(&pod(
+        "local-reader",
+        &claim_volume("via-local"),
+        &format!("{READ_ALL}; sleep 3600"),
+        "{}",
+        false,
+    ));
+    let log = wait_for("local-reader has read the claim", POD_WAIT, || {
+        let log = cluster.container_log(NS, "local-reader", "main");
+        log.contains("READ-DONE").then_some(log)
+    });
+    assert_eq!(parse_checksums(&log), expected, "local-reader:\n{log}");
+    assert_eq!(
+        phase("local-data").as_deref(),
+        Some("Bound"),
+        "the source pod bound the claim"
+    );
+    let pods = source_pod_list(cluster);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let (source_pod, first_uid, pod_phase, node) = pods[0].clone();
+    assert_eq!(
+        (pod_phase.as_str(), node.as_str()),
+        ("Running", NODE_NAME),
+        "{pods:?}"
+    );
+    let status = e2e.volume_status("via-local");
+    let origin = status["origin"].as_str().unwrap_or_default();
+    assert!(
+        origin.contains(&format!("pvc://{NS}/local-data -> PersistentVolume e2e-local (a local volume): mounted by kubelet for source pod {NS}/{source_pod}")),
+        "{status}"
+    );
+    let binds = || {
+        mounts()
+            .into_iter()
+            .filter(|(point, _, _)| point.starts_with(SOURCE_PODS_DIR))
+            .count()
+    };
+    assert_eq!(binds(), 1, "{:?}", mounts());
+    eprintln!("e2e:   {origin}");
+
+    // Deleted behind the driver's back: made again, and the volume goes on reading.
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", &source_pod, "--wait=true"]);
+    let started = Instant::now();
+    wait_for(
+        "the source pod is made again",
+        Duration::from_secs(60),
+        || {
+            source_pod_list(cluster)
+                .into_iter()
+                .find(|(name, uid, phase, _)| {
+                    name == &source_pod && uid != &first_uid && phase == "Running"
+                })
+        },
+    );
+    eprintln!(
+        "e2e:   source pod deleted: running again after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    fs::write(
+        local.join("after.txt"),
+        "written after the source pod came back\n",
+    )
+    .unwrap();
+    run_sh(&format!("chmod a+r {}", local.join("after.txt").display()));
+    let log = e2e.run_reader("local-reader-2", &claim_volume("via-local"), "{}");
+    assert!(log.contains("./after.txt"), "the new file was read:\n{log}");
+    let mut expected_now = expected.clone();
+    expected_now.insert(
+        "./after.txt".to_string(),
+        sha256_file(&local.join("after.txt")),
+    );
+    assert_eq!(
+        parse_checksums(&log),
+        expected_now,
+        "local-reader-2:\n{log}"
+    );
+
+    let event = wait_event(
+        e2e,
+        NS,
+        "local-elsewhere",
+        &[
+            "FailedMount",
+            "FailedPrecondition",
+            &format!("claim {NS}/elsewhere"),
+            "kubernetes.io/hostname In [e2e-no-such-node]",
+        ],
+    );
+    eprintln!("e2e:   local-elsewhere: {event}");
+    assert_eq!(
+        source_pod_list(cluster).len(),
+        1,
+        "no source pod for the refused claim"
+    );
+
+    // Unstaged: no source pod, bind or record is left.
+    cluster.kubectl_ok(&[
+        "-n",
+        NS,
+        "delete",
+        "pod",
+        "local-reader",
+        "local-reader-2",
+        "local-elsewhere",
+        "--wait=true",
+    ]);
+    wait_for("the source pod is deleted", Duration::from_secs(60), || {
+        source_pod_list(cluster).is_empty().then_some(())
+    });
+    assert_eq!(binds(), 0, "{:?}", mounts());
+    let records: Vec<_> = fs::read_dir(SOURCE_PODS_DIR)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(records.is_empty(), "{records:?}");
+}
+
+/// The node's locality label of the volume whose PersistentVolume is `pv`.
+fn locality_label(cluster: &Cluster, pv: &str) -> Option<String> {
+    cluster
+        .kubectl_json(&["get", "node", NODE_NAME])?
+        .pointer("/metadata/labels")?
+        .get(format!("cache.reservoir.csi.dev/{pv}"))?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Locality labels. A volume preloaded as a whole: the node's label for it reads 100, and
+/// stays once the volume is unstaged (its data is still cached). Staged again with a cache
+/// quota below its size, a new file evicts older ones: the label drops. A pod with the
+/// preferred node affinity docs/kubernetes.md gives is accepted and scheduled.
+fn locality(e2e: &E2e) {
+    let cluster = &e2e.cluster;
+    let dir = e2e.datasets.export().join("locality");
+    fs::create_dir_all(&dir).unwrap();
+    for (i, name) in ["a.bin", "b.bin", "c.bin", "d.bin"].iter().enumerate() {
+        write_random_file(&dir.join(name), 24 << 20, 50 + i as u64);
+    }
+    run_sh(&format!("chmod -R a+rX {}", dir.display()));
+    let volume = |extra: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: e2e-locality
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: e2e-locality
+    volumeAttributes:
+      source: "{source}"
+      readOnly: "true"
+{extra}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: locality
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: e2e-locality
+  resources:
+    requests:
+      storage: 1Gi
+"#,
+            source = e2e.nfs("locality")
+        )
+    };
+    cluster.apply(&volume("      preload: /"));
+    cluster.apply(&pod(
+        "locality-preload",
+        &claim_volume("locality"),
+        "sleep 3600",
+        "{}",
+        false,
+    ));
+    let started = Instant::now();
+    wait_for(
+        "the locality label reads 100",
+        Duration::from_secs(120),
+        || (locality_label(cluster, "e2e-locality")? == "100").then_some(()),
+    );
+    eprintln!(
+        "e2e:   label cache.reservoir.csi.dev/e2e-locality=100 {:.1} s after the pod was made",
+        started.elapsed().as_secs_f64()
+    );
+    cluster.kubectl_ok(&["-n", NS, "delete", "pod", "locality-preload", "--wait=true"]);
+    wait_for("the volume is unstaged", Duration::from_secs(60), || {
+        let status = e2e.status();
+        let volumes = status["volumes"].as_array()?;
+        volumes
+            .iter()
+            .all(|v| v["volume_id"] != "e2e-locality")
+            .then_some(())
+    });
+    // A refresh round later the label is still there: the data still is.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        locality_label(cluster, "e2e-locality").as_deref(),
+        Some("100")
+    );
+
+    // The same volume with a quota below its size: a new file evicts older ones.
+    cluster.kubectl_ok(&["-n", NS, "delete", "pvc", "locality", "--wait=true"]);
+    cluster.kubectl_ok(&["delete", "pv", "e2e-locality", "--wait=true"]);
+    write_random_file(&dir.join("e.bin"), 16 << 20, 60);
+    run_sh(&format!("chmod a+r {}", dir.join("e.bin").display()));
+    cluster.apply(&volume("      cacheSize: 64Mi"));
+    cluster.apply(&pod(
+        "locality-evict",
+        &claim_volume("locality"),
+        // Opened often enough to outrank the preloaded files (each open counts).
+        "for i in 1 2 3 4 5 6; do cat /data/e.bin > /dev/null; done; echo READ-DONE; sleep 3600",
+        "{}",
+        false,
+    ));
+    let value = wait_for("the locality label drops", Duration::from_secs(120), || {
+        let value: u64 = locality_label(cluster, "e2e-locality")?.parse().ok()?;
+        (value < 100).then_some(value)
+    });
+    assert!(
+        (1..=70).contains(&value),
+        "64 MiB of 96 MiB at most: {value}"
+    );
+    eprintln!("e2e:   after eviction: cache.reservoir.csi.dev/e2e-locality={value}");
+
+    // The documented affinity (docs/kubernetes.md), accepted and scheduled.
+    let docs = fs::read_to_string(cluster.repo.join("docs/kubernetes.md")).unwrap();
+    let snippet = docs
+        .split("```yaml\n# locality-affinity\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/kubernetes.md has the locality affinity snippet");
+    let affinity: String = snippet
+        .replace("YOUR-VOLUME", "e2e-locality")
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: locality-preferring
+  namespace: {NS}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+{affinity}  containers:
+    - name: main
+      image: {BUSYBOX_IMAGE}
+      command: ["true"]
+"#
+    ));
+    let phase = cluster.wait_pod_done(NS, "locality-preferring", POD_WAIT);
+    assert_eq!(phase, "Succeeded");
+    let spec = cluster
+        .kubectl_json(&["-n", NS, "get", "pod", "locality-preferring"])
+        .unwrap();
+    let preferred = &spec["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
+    assert!(
+        preferred
+            .to_string()
+            .contains("cache.reservoir.csi.dev/e2e-locality"),
+        "{spec}"
+    );
+    cluster.kubectl_ok(&[
+        "-n",
+        NS,
+        "delete",
+        "pod",
+        "locality-evict",
+        "locality-preferring",
+        "--wait=false",
+    ]);
 }
 
 fn inline(e2e: &E2e) {

@@ -392,6 +392,32 @@ async fn a_directory_of_thousands_of_entries_is_listed_completely() {
     assert_eq!(source.read(&last.handle, 0, 10).await.unwrap(), b"5499");
 }
 
+/// What tells a `pvc://` claim's share apart as one kubelet could mount but the NFSv3 client
+/// cannot read (the node then reads the claim through a source pod): a server that speaks
+/// NFSv4 only, and an NFSv4 pseudo path. A server that is down is no such share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_only_nfsv4_serves_are_told_apart_from_unreachable_ones() {
+    use reservoir::csi::claims::nfs_v3_refusal;
+    let tree = tree();
+    let v4 = Ganesha::start_v4_only(&tree.export);
+    let err = connect_err(&v4.url(&tree.export)).await;
+    assert!(matches!(err, SourceError::NotOffered { .. }), "{err}");
+    let why = nfs_v3_refusal(&err).expect("a v4-only server is told apart");
+    assert!(why.contains("NFSv4 only"), "{why}");
+    drop(v4);
+
+    let mut v3 = Ganesha::start(&tree.export);
+    // Ganesha's NFSv4 pseudo path of its first export (NFSv3 knows only the export's path).
+    let pseudo = format!("nfs://{}/export1", v3.host());
+    let err = connect_err(&pseudo).await;
+    let why = nfs_v3_refusal(&err).unwrap_or_else(|| panic!("a pseudo path: {err}"));
+    assert!(why.contains("pseudo path"), "{why}");
+
+    v3.stop();
+    let err = connect_err(&v3.url(&tree.export)).await;
+    assert_eq!(nfs_v3_refusal(&err), None, "a stopped server: {err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_server_fails_fast_and_a_restarted_one_serves_the_same_handles() {
     let tree = tree();

@@ -4,15 +4,18 @@
 //! account in a cluster, or the kubeconfig `KUBECONFIG` names): the claim, the PersistentVolume
 //! it is bound to, and what that volume is. A volume backed by NFS (an in-tree `nfs` volume, or
 //! a volume of the NFS CSI driver `nfs.csi.k8s.io`, whose attributes name the server and share)
-//! is read with reservoir's own NFSv3 client: no kernel mount on the node. Other volume types
-//! are refused (FAILED_PRECONDITION) for now.
+//! is read with reservoir's own NFSv3 client: no kernel mount on the node. Any other volume
+//! that kubelet mounts into pods' directories (local volumes, CSI volumes, in-tree network file
+//! systems) is brought onto the node by a source pod (`source_pods.rs`), as a pod would mount
+//! it. A claim still waiting for its first consumer is bound by that source pod.
 //!
 //! [`resolve_bound`] decides from the objects alone (tested without a cluster); [`Claims`] is
 //! the thin adapter that fetches them.
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{NodeSelector, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Api;
 use tokio::sync::OnceCell;
 
@@ -31,8 +34,9 @@ pub enum ClaimError {
     #[error("claim {claim}: no such PersistentVolumeClaim")]
     NotFound { claim: String },
     #[error(
-        "claim {claim}: not bound to a volume (phase {phase}); a claim must be Bound before \
-         reservoir can read it"
+        "claim {claim}: not bound to a volume (phase {phase}); a claim must be Bound, or wait \
+         for its first consumer (a StorageClass with volumeBindingMode WaitForFirstConsumer), \
+         before reservoir can read it"
     )]
     NotBound { claim: String, phase: String },
     #[error("claim {claim}: its PersistentVolume {volume} {why}")]
@@ -42,13 +46,13 @@ pub enum ClaimError {
         why: String,
     },
     #[error(
-        "claim {claim}: its PersistentVolume {volume} is {kind}; reservoir reads claims backed \
-         by NFS (an in-tree nfs volume or a {NFS_CSI_DRIVER} volume) only"
+        "claim {claim}: its PersistentVolume {volume} {kind}, which reservoir cannot read: {why}"
     )]
     Unsupported {
         claim: String,
         volume: String,
         kind: String,
+        why: String,
     },
     #[error(
         "claim {claim}: an inline volume may only name a claim of its own pod's namespace \
@@ -61,9 +65,10 @@ pub enum ClaimError {
     #[error("claim {claim}: {why}")]
     PodUnknown { claim: String, why: String },
     #[error(
-        "claim {claim}: the Kubernetes API refused the driver ({message}); the driver's \
-         service account needs get on persistentvolumeclaims and persistentvolumes \
-         (deploy/kubernetes/rbac.yaml)"
+        "claim {claim}: the Kubernetes API refused the driver ({message}); the driver needs \
+         the roles of deploy/kubernetes/rbac.yaml, and for claims read through a source pod \
+         the ClusterRole reservoir-source-pods bound in the claim's namespace \
+         (docs/kubernetes.md, \"Claims as sources\")"
     )]
     Forbidden { claim: String, message: String },
     #[error("claim {claim}: the Kubernetes API did not answer: {message}")]
@@ -93,32 +98,56 @@ impl From<ClaimError> for tonic::Status {
     }
 }
 
+/// How a claim's data reaches the daemon.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Backing {
+    /// The claim's root as an NFS share reservoir's own client reads (the claim's PATH not yet
+    /// joined): no mount on the node.
+    Nfs(SourceSpec),
+    /// Kubelet mounts the volume for a source pod on the node; the daemon reads that mount.
+    SourcePod,
+}
+
 /// What a claim resolved to.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
-    /// The claim's root as a source the daemon reads (the claim's PATH not yet joined).
-    pub source: SourceSpec,
-    /// The PersistentVolume's name.
-    pub volume: String,
-    /// How the volume is read, for the status: `in-tree nfs` or the CSI driver's name.
-    pub kind: &'static str,
+    pub backing: Backing,
+    /// The PersistentVolume's name; `None` for a claim waiting for its first consumer.
+    pub volume: Option<String>,
+    /// What the volume is, for the status: `in-tree nfs`, `a local volume`, ...
+    pub kind: String,
+    /// The nodes the volume can be used on (a local volume's node), if it says.
+    pub node_affinity: Option<NodeSelector>,
+    /// The claim may be mounted on one node at a time (ReadWriteOnce or ReadWriteOncePod).
+    pub single_node: bool,
 }
 
 impl Resolved {
-    /// One line for the status and the logs: which claim, which volume, which path.
+    /// One line for the status and the logs: which claim, which volume, how it is read.
     pub fn describe(&self, claim: &ClaimSource) -> String {
-        format!(
-            "{claim} -> PersistentVolume {} ({}): reservoir's NFSv3 client, no mount on the node",
-            self.volume, self.kind
-        )
+        let volume = match &self.volume {
+            Some(volume) => format!("PersistentVolume {volume}"),
+            None => "a volume bound at first use".to_string(),
+        };
+        match &self.backing {
+            Backing::Nfs(_) => format!(
+                "{claim} -> {volume} ({}): reservoir's NFSv3 client, no mount on the node",
+                self.kind
+            ),
+            Backing::SourcePod => {
+                format!("{claim} -> {volume} ({}): mounted by kubelet", self.kind)
+            }
+        }
     }
 }
 
-/// The claim's volume, from the claim and its PersistentVolume (`None`: not found).
+/// The claim's volume, from the claim, its PersistentVolume (`None`: not found) and whether
+/// its StorageClass waits for a first consumer to bind it.
 pub fn resolve_bound(
     source: &ClaimSource,
     claim: &PersistentVolumeClaim,
     volume: Option<&PersistentVolume>,
+    waits_for_consumer: bool,
 ) -> Result<Resolved, ClaimError> {
     let name = format!("{}/{}", source.namespace, source.name);
     let phase = claim
@@ -126,7 +155,31 @@ pub fn resolve_bound(
         .as_ref()
         .and_then(|s| s.phase.clone())
         .unwrap_or_else(|| "Pending".to_string());
+    let single_node = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.as_ref())
+        .is_some_and(|modes| {
+            !modes.is_empty()
+                && modes
+                    .iter()
+                    .all(|m| m == "ReadWriteOnce" || m == "ReadWriteOncePod")
+        });
     let bound_to = claim.spec.as_ref().and_then(|s| s.volume_name.clone());
+    if phase == "Pending" && bound_to.is_none() && waits_for_consumer {
+        let class = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.storage_class_name.clone())
+            .unwrap_or_default();
+        return Ok(Resolved {
+            backing: Backing::SourcePod,
+            volume: None,
+            kind: format!("StorageClass {class}, waiting for its first consumer"),
+            node_affinity: None,
+            single_node,
+        });
+    }
     let Some(volume_name) = bound_to.filter(|_| phase == "Bound") else {
         return Err(ClaimError::NotBound { claim: name, phase });
     };
@@ -153,47 +206,89 @@ pub fn resolve_bound(
     if !bound_back {
         return Err(bad("is not bound to this claim".to_string()));
     }
+    let resolved = |backing: Backing, kind: String| Resolved {
+        backing,
+        volume: Some(volume_name.clone()),
+        kind,
+        node_affinity: spec.node_affinity.as_ref().and_then(|a| a.required.clone()),
+        single_node,
+    };
+    let unsupported = |kind: &str, why: &str| ClaimError::Unsupported {
+        claim: name.clone(),
+        volume: volume_name.clone(),
+        kind: kind.to_string(),
+        why: why.to_string(),
+    };
+    if spec.volume_mode.as_deref() == Some("Block") {
+        return Err(unsupported(
+            "is a raw block volume (volumeMode Block)",
+            "it holds no file system to read; use a Filesystem volume",
+        ));
+    }
     if let Some(nfs) = &spec.nfs {
         let url = nfs_url(&nfs.server, &nfs.path).map_err(bad)?;
-        return Ok(Resolved {
-            source: SourceSpec::Nfs(url),
-            volume: volume_name,
-            kind: "in-tree nfs",
-        });
+        return Ok(resolved(
+            Backing::Nfs(SourceSpec::Nfs(url)),
+            "in-tree nfs".to_string(),
+        ));
+    }
+    if let Some(csi) = &spec.csi
+        && csi.driver == NFS_CSI_DRIVER
+    {
+        let attributes = csi.volume_attributes.clone().unwrap_or_default();
+        let attribute = |key: &str| {
+            attributes.get(key).cloned().ok_or_else(|| {
+                bad(format!(
+                    "({NFS_CSI_DRIVER}) has no volume attribute {key:?}"
+                ))
+            })
+        };
+        let server = attribute("server")?;
+        let mut path = attribute("share")?;
+        if let Some(subdir) = attributes.get("subdir").filter(|s| !s.is_empty()) {
+            path = format!("{}/{subdir}", path.trim_end_matches('/'));
+        }
+        let url = nfs_url(&server, &path).map_err(bad)?;
+        return Ok(resolved(
+            Backing::Nfs(SourceSpec::Nfs(url)),
+            NFS_CSI_DRIVER.to_string(),
+        ));
+    }
+    if spec.host_path.is_some() {
+        return Err(unsupported(
+            "is a hostPath volume",
+            "it is a directory on some node that kubelet hands to containers as it is, never \
+             mounting it where the driver can see it; use a local PersistentVolume (which \
+             kubelet mounts) or name the directory itself as the source",
+        ));
     }
     if let Some(csi) = &spec.csi {
-        if csi.driver == NFS_CSI_DRIVER {
-            let attributes = csi.volume_attributes.clone().unwrap_or_default();
-            let attribute = |key: &str| {
-                attributes.get(key).cloned().ok_or_else(|| {
-                    bad(format!(
-                        "({NFS_CSI_DRIVER}) has no volume attribute {key:?}"
-                    ))
-                })
-            };
-            let server = attribute("server")?;
-            let mut path = attribute("share")?;
-            if let Some(subdir) = attributes.get("subdir").filter(|s| !s.is_empty()) {
-                path = format!("{}/{subdir}", path.trim_end_matches('/'));
-            }
-            let url = nfs_url(&server, &path).map_err(bad)?;
-            return Ok(Resolved {
-                source: SourceSpec::Nfs(url),
-                volume: volume_name,
-                kind: NFS_CSI_DRIVER,
-            });
+        if csi.driver == super::DEFAULT_DRIVER_NAME {
+            return Err(unsupported(
+                "is a reservoir volume",
+                "a cache in front of a cache reads everything twice; name its source instead",
+            ));
         }
-        return Err(ClaimError::Unsupported {
-            claim: name,
-            volume: volume_name,
-            kind: format!("a CSI volume of the driver {}", csi.driver),
-        });
+        return Ok(resolved(
+            Backing::SourcePod,
+            format!("a CSI volume of the driver {}", csi.driver),
+        ));
     }
-    Err(ClaimError::Unsupported {
-        claim: name,
-        volume: volume_name,
-        kind: volume_kind(spec).to_string(),
-    })
+    Ok(resolved(Backing::SourcePod, volume_kind(spec).to_string()))
+}
+
+/// Why reservoir's NFSv3 client cannot read a claim's NFS share that kubelet could mount
+/// (`None`: another failure, reported as it is). The server speaks NFSv4 only, or the path is
+/// no NFSv3 export (an NFSv4 pseudo path): the claim is then read through a source pod.
+pub fn nfs_v3_refusal(error: &crate::source::SourceError) -> Option<String> {
+    use crate::source::SourceError;
+    match error {
+        SourceError::NotOffered { message, .. } => Some(message.clone()),
+        SourceError::Invalid(message) if message.contains("no export of") => {
+            Some(format!("{message} (an NFSv4 pseudo path?)"))
+        }
+        _ => None,
+    }
 }
 
 /// The server and path of an NFS volume as an NFS URL: the path absolute, without `.`, `..` or
@@ -248,7 +343,8 @@ fn volume_kind(spec: &k8s_openapi::api::core::v1::PersistentVolumeSpec) -> &'sta
         s if s.azure_file.is_some() => "an Azure File volume",
         s if s.aws_elastic_block_store.is_some() => "an AWS EBS volume",
         s if s.gce_persistent_disk.is_some() => "a GCE persistent disk",
-        _ => "of a volume type reservoir does not know",
+        s if s.nfs.is_some() => "an in-tree nfs volume",
+        _ => "a volume",
     }
 }
 
@@ -306,7 +402,8 @@ pub struct Claims {
 }
 
 impl Claims {
-    async fn client(&self, claim: &str) -> Result<kube::Client, ClaimError> {
+    /// The API client, made at the first call.
+    pub async fn client(&self, claim: &str) -> Result<kube::Client, ClaimError> {
         self.client
             .get_or_try_init(|| async {
                 kube::Client::try_default()
@@ -322,7 +419,7 @@ impl Claims {
             .cloned()
     }
 
-    /// The claim's volume as a source.
+    /// The claim's volume, and how it is read.
     pub async fn resolve(&self, source: &ClaimSource) -> Result<Resolved, ClaimError> {
         let name = format!("{}/{}", source.namespace, source.name);
         let client = self.client(&name).await?;
@@ -333,19 +430,34 @@ impl Claims {
                 .ok_or(ClaimError::NotFound {
                     claim: name.clone(),
                 })?;
-        let bound_to = claim.spec.as_ref().and_then(|s| s.volume_name.clone());
-        let volume = match bound_to {
+        let spec = claim.spec.as_ref();
+        let bound_to = spec.and_then(|s| s.volume_name.clone());
+        let volume = match &bound_to {
             Some(volume) => {
-                let volumes: Api<PersistentVolume> = Api::all(client);
-                api_call(&name, volumes.get_opt(&volume)).await?
+                let volumes: Api<PersistentVolume> = Api::all(client.clone());
+                api_call(&name, volumes.get_opt(volume)).await?
             }
             None => None,
         };
-        resolve_bound(source, &claim, volume.as_ref())
+        let class = spec
+            .and_then(|s| s.storage_class_name.clone())
+            .filter(|c| !c.is_empty());
+        let waits_for_consumer = match (&bound_to, class) {
+            (None, Some(class)) => {
+                let classes: Api<StorageClass> = Api::all(client);
+                api_call(&name, classes.get_opt(&class))
+                    .await?
+                    .and_then(|c| c.volume_binding_mode)
+                    .is_some_and(|mode| mode == "WaitForFirstConsumer")
+            }
+            _ => false,
+        };
+        resolve_bound(source, &claim, volume.as_ref(), waits_for_consumer)
     }
 }
 
-async fn api_call<T>(
+/// One API call within [`API_TIMEOUT`], its failure named after `claim`.
+pub async fn api_call<T>(
     claim: &str,
     call: impl Future<Output = kube::Result<T>>,
 ) -> Result<T, ClaimError> {
@@ -372,8 +484,9 @@ async fn api_call<T>(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        CSIPersistentVolumeSource, HostPathVolumeSource, NFSVolumeSource, ObjectReference,
-        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PersistentVolumeSpec,
+        CSIPersistentVolumeSource, HostPathVolumeSource, LocalVolumeSource, NFSVolumeSource,
+        NodeSelectorRequirement, NodeSelectorTerm, ObjectReference, PersistentVolumeClaimSpec,
+        PersistentVolumeClaimStatus, PersistentVolumeSpec, VolumeNodeAffinity,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -454,33 +567,46 @@ mod tests {
     #[test]
     fn nfs_volumes_become_nfs_sources() {
         let bound = claim("Bound", Some("pv-1"));
-        let r = resolve_bound(&source(), &bound, Some(&nfs("filer", "/exports//a/./b/"))).unwrap();
-        assert_eq!(r.source.to_string(), "nfs://filer/exports/a/b");
+        let r = resolve_bound(
+            &source(),
+            &bound,
+            Some(&nfs("filer", "/exports//a/./b/")),
+            false,
+        )
+        .unwrap();
+        assert_eq!(share(&r), "nfs://filer/exports/a/b");
         assert_eq!(r.kind, "in-tree nfs");
-        assert_eq!(r.volume, "pv-1");
+        assert_eq!(r.volume.as_deref(), Some("pv-1"));
         assert!(
             r.describe(&source())
                 .contains("pvc://ml/data -> PersistentVolume pv-1")
         );
 
-        let v6 = resolve_bound(&source(), &bound, Some(&nfs("fd00::1", "/"))).unwrap();
-        assert_eq!(v6.source.to_string(), "nfs://[fd00::1]/");
+        let v6 = resolve_bound(&source(), &bound, Some(&nfs("fd00::1", "/")), false).unwrap();
+        assert_eq!(share(&v6), "nfs://[fd00::1]/");
 
         let attributes = [
             ("server", "10.0.0.5"),
             ("share", "/srv/nfs/"),
             ("subdir", "pvc-9"),
         ];
-        let r = resolve_bound(&source(), &bound, Some(&csi(NFS_CSI_DRIVER, &attributes))).unwrap();
-        assert_eq!(r.source.to_string(), "nfs://10.0.0.5/srv/nfs/pvc-9");
+        let r = resolve_bound(
+            &source(),
+            &bound,
+            Some(&csi(NFS_CSI_DRIVER, &attributes)),
+            false,
+        )
+        .unwrap();
+        assert_eq!(share(&r), "nfs://10.0.0.5/srv/nfs/pvc-9");
         assert_eq!(r.kind, NFS_CSI_DRIVER);
         let r = resolve_bound(
             &source(),
             &bound,
             Some(&csi(NFS_CSI_DRIVER, &[("server", "s"), ("share", "/x")])),
+            false,
         )
         .unwrap();
-        assert_eq!(r.source.to_string(), "nfs://s/x");
+        assert_eq!(share(&r), "nfs://s/x");
     }
 
     #[test]
@@ -493,14 +619,14 @@ mod tests {
         };
         let good = nfs("filer", "/x");
         for pending in [claim("Pending", None), claim("Pending", Some("pv-1"))] {
-            let e = resolve_bound(&source(), &pending, Some(&good)).unwrap_err();
+            let e = resolve_bound(&source(), &pending, Some(&good), false).unwrap_err();
             check(e, tonic::Code::FailedPrecondition, "phase Pending");
         }
-        let lost = resolve_bound(&source(), &claim("Lost", Some("pv-1")), None).unwrap_err();
+        let lost = resolve_bound(&source(), &claim("Lost", Some("pv-1")), None, true).unwrap_err();
         check(lost, tonic::Code::FailedPrecondition, "phase Lost");
 
         let bound = claim("Bound", Some("pv-1"));
-        let gone = resolve_bound(&source(), &bound, None).unwrap_err();
+        let gone = resolve_bound(&source(), &bound, None, false).unwrap_err();
         check(gone, tonic::Code::FailedPrecondition, "pv-1 does not exist");
 
         let mut elsewhere = good.clone();
@@ -512,7 +638,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .namespace = Some("other".into());
-        let e = resolve_bound(&source(), &bound, Some(&elsewhere)).unwrap_err();
+        let e = resolve_bound(&source(), &bound, Some(&elsewhere), false).unwrap_err();
         check(
             e,
             tonic::Code::FailedPrecondition,
@@ -526,21 +652,102 @@ mod tests {
             }),
             ..Default::default()
         });
-        let e = resolve_bound(&source(), &bound, Some(&host_path)).unwrap_err();
-        check(e, tonic::Code::FailedPrecondition, "a hostPath volume");
-        let e = resolve_bound(&source(), &bound, Some(&csi("ebs.csi.aws.com", &[]))).unwrap_err();
-        check(e, tonic::Code::FailedPrecondition, "driver ebs.csi.aws.com");
+        let e = resolve_bound(&source(), &bound, Some(&host_path), false).unwrap_err();
+        check(e, tonic::Code::FailedPrecondition, "is a hostPath volume");
+        let e = resolve_bound(
+            &source(),
+            &bound,
+            Some(&csi("reservoir.csi.dev", &[])),
+            false,
+        )
+        .unwrap_err();
+        check(
+            e,
+            tonic::Code::FailedPrecondition,
+            "a cache in front of a cache",
+        );
+        let mut block = nfs("filer", "/x");
+        block.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        let e = resolve_bound(&source(), &bound, Some(&block), false).unwrap_err();
+        check(e, tonic::Code::FailedPrecondition, "volumeMode Block");
         let e = resolve_bound(
             &source(),
             &bound,
             Some(&csi(NFS_CSI_DRIVER, &[("server", "s")])),
+            false,
         )
         .unwrap_err();
         check(e, tonic::Code::FailedPrecondition, "\"share\"");
         for (server, path) in [("filer", "relative"), ("filer", "/a/../.."), ("a b", "/x")] {
-            let e = resolve_bound(&source(), &bound, Some(&nfs(server, path))).unwrap_err();
+            let e = resolve_bound(&source(), &bound, Some(&nfs(server, path)), false).unwrap_err();
             check(e, tonic::Code::FailedPrecondition, "names the NFS");
         }
+    }
+
+    fn share(resolved: &Resolved) -> String {
+        match &resolved.backing {
+            Backing::Nfs(share) => share.to_string(),
+            Backing::SourcePod => panic!("{resolved:?} is read through a source pod"),
+        }
+    }
+
+    #[test]
+    fn other_volumes_are_read_through_source_pods() {
+        let bound = claim("Bound", Some("pv-1"));
+        let mut local = volume(PersistentVolumeSpec {
+            local: Some(LocalVolumeSource {
+                path: "/mnt/disks/a".into(),
+                fs_type: None,
+            }),
+            node_affinity: Some(VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "kubernetes.io/hostname".into(),
+                            operator: "In".into(),
+                            values: Some(vec!["node-a".into()]),
+                        }]),
+                        match_fields: None,
+                    }],
+                }),
+            }),
+            ..Default::default()
+        });
+        let r = resolve_bound(&source(), &bound, Some(&local), false).unwrap();
+        assert_eq!(r.backing, Backing::SourcePod);
+        assert_eq!(r.kind, "a local volume");
+        assert!(r.node_affinity.is_some());
+        assert!(!r.single_node);
+        assert_eq!(
+            r.describe(&source()),
+            "pvc://ml/data -> PersistentVolume pv-1 (a local volume): mounted by kubelet"
+        );
+        local.spec.as_mut().unwrap().node_affinity = None;
+        let mut rwo = bound.clone();
+        rwo.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteOnce".into()]);
+        let r = resolve_bound(&source(), &rwo, Some(&local), false).unwrap();
+        assert!(r.single_node && r.node_affinity.is_none());
+
+        let r =
+            resolve_bound(&source(), &bound, Some(&csi("ebs.csi.aws.com", &[])), false).unwrap();
+        assert_eq!(r.backing, Backing::SourcePod);
+        assert!(r.kind.contains("ebs.csi.aws.com"), "{r:?}");
+
+        // Pending: bound by the source pod if its class waits for a first consumer, refused
+        // otherwise.
+        let mut pending = claim("Pending", None);
+        pending.spec.as_mut().unwrap().storage_class_name = Some("local-wffc".into());
+        let r = resolve_bound(&source(), &pending, None, true).unwrap();
+        assert_eq!(
+            (r.backing.clone(), r.volume.clone()),
+            (Backing::SourcePod, None)
+        );
+        assert!(
+            r.describe(&source()).contains("StorageClass local-wffc"),
+            "{r:?}"
+        );
+        let e = resolve_bound(&source(), &pending, None, false).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     }
 
     #[test]

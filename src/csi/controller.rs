@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Level;
 
 use super::capability;
-use super::claims::Claims;
+use super::claims::{Backing, Claims, nfs_v3_refusal};
 use super::params::{ParamError, VolumeParams, VolumeSource};
 use super::proto::controller_server::Controller;
 use super::proto::controller_service_capability::Rpc;
@@ -146,14 +146,17 @@ impl ControllerService {
 
     /// Opens an NFS source (the export and the path inside it, subPath included) within the
     /// check timeout. Directory sources live on the nodes and are checked there. A claim is
-    /// resolved first (it exists, is bound, its volume is one reservoir reads), and the NFS
-    /// share it resolves to is checked like any: before any pod starts.
+    /// resolved first (it exists, is bound or waits for its first consumer, its volume is one
+    /// reservoir reads), and the NFS share it resolves to is checked like any: before any pod
+    /// starts. A claim that source pods bring onto the nodes is checked there, as is one whose
+    /// share only NFSv4 serves (read through a source pod).
     async fn check_source(&self, params: &VolumeParams) -> Result<(), Status> {
+        let claim = matches!(params.source, VolumeSource::Claim(_));
         let root = match &params.source {
-            VolumeSource::Claim(claim) => {
-                let resolved = self.claims.resolve(claim).await?;
-                params.resolved(&resolved.source).root()
-            }
+            VolumeSource::Claim(claim) => match self.claims.resolve(claim).await?.backing {
+                Backing::Nfs(share) => params.resolved(&share).root(),
+                Backing::SourcePod => return Ok(()),
+            },
             VolumeSource::Direct(_) => params.root(),
         };
         let Some(root) = root else {
@@ -169,6 +172,8 @@ impl ControllerService {
         };
         match tokio::time::timeout(limit, source::open(&root, &options)).await {
             Ok(Ok(_source)) => Ok(()),
+            // A claim's share that only NFSv4 serves is read through a source pod.
+            Ok(Err(e)) if claim && nfs_v3_refusal(&e).is_some() => Ok(()),
             Ok(Err(e)) => Err(source_status(&root, e)),
             Err(_) => Err(Status::unavailable(format!(
                 "source {}: the NFS server {} did not answer within {limit:?}",

@@ -16,11 +16,13 @@ pub mod claims;
 pub mod controller;
 pub mod health;
 pub mod identity;
+pub mod locality;
 pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod registration;
 pub mod server;
+pub mod source_pods;
 pub mod state;
 
 #[cfg(test)]

@@ -23,17 +23,19 @@ use tonic::{Request, Response, Status};
 use tracing::Level;
 
 use super::capability;
-use super::claims::{ClaimError, Claims, inline_pod_namespace};
+use super::claims::{Backing, ClaimError, Claims, Resolved, inline_pod_namespace, nfs_v3_refusal};
+use super::locality::Locality;
 use super::mounts::{self, MountEntry};
 use super::params::{
-    CLAIM_SCHEME, EPHEMERAL, METADATA_TTL, POD_NAMESPACE, POD_UID, VolumeParams, VolumeSource,
-    render_source,
+    CLAIM_SCHEME, ClaimSource, EPHEMERAL, METADATA_TTL, POD_NAMESPACE, POD_UID, VolumeParams,
+    VolumeSource, render_source,
 };
 use super::proto::node_server::Node as NodeRpc;
 use super::proto::node_service_capability::Rpc;
 use super::proto::node_service_capability::rpc::Type as RpcType;
 use super::proto::volume_usage::Unit;
 use super::proto::*;
+use super::source_pods::{Hold, RECONCILE_EVERY, SourcePodError, SourcePodOptions, SourcePods};
 use super::traced;
 use crate::control::{DaemonStatus, DaemonVolume, MountRequest, RefusalKind};
 use crate::daemon::{Client, ClientError, SpawnOptions, ensure_running};
@@ -175,6 +177,12 @@ pub struct NodeOptions {
     /// daemon has its own container).
     pub spawn: Option<SpawnOptions>,
     pub allowed_sources: AllowedSources,
+    /// Source pods, for claims kubelet must mount.
+    pub source_pods: SourcePodOptions,
+    /// Label this node with what it has cached of each volume (`locality.rs`); needs the
+    /// Kubernetes API. `driver_name` finds the volumes' PersistentVolumes.
+    pub locality_labels: bool,
+    pub driver_name: String,
 }
 
 /// The node service's logic, callable without gRPC.
@@ -185,6 +193,8 @@ pub struct NodePlugin {
     busy: Arc<Mutex<HashSet<PathBuf>>>,
     /// `pvc://` sources: resolved through the Kubernetes API.
     claims: Arc<Claims>,
+    source_pods: Arc<SourcePods>,
+    locality: Option<Arc<Locality>>,
 }
 
 /// Marks a path as having a call in progress until dropped.
@@ -294,6 +304,73 @@ struct Direct {
     root: SourceSpec,
     /// The claim it was resolved from, and how it is read (for the status).
     origin: Option<String>,
+    /// Keeps the source pods' reconciler off the volume until it is mounted.
+    _hold: Option<Hold>,
+}
+
+fn source_pod_error(e: SourcePodError) -> NodeError {
+    let message = e.to_string();
+    match e.code() {
+        tonic::Code::NotFound => NodeError::NotFound(message),
+        tonic::Code::PermissionDenied => NodeError::PermissionDenied(message),
+        tonic::Code::Unavailable => NodeError::Unavailable(message),
+        tonic::Code::Internal => NodeError::Internal(message),
+        _ => NodeError::FailedPrecondition(message),
+    }
+}
+
+/// How long the node waits for a claim's NFS server while checking that NFSv3 reads it.
+const NFS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why reservoir's NFSv3 client cannot read these parameters' NFS share although kubelet could
+/// mount it (NFSv4 only), or `None`: it can, or fails otherwise (the daemon's mount reports
+/// that as before).
+async fn nfs_v3_refused(params: &VolumeParams) -> Option<String> {
+    let root = params.root()?;
+    let options = crate::source::SourceOptions {
+        timeout: NFS_PROBE_TIMEOUT,
+        connections: 1,
+    };
+    match tokio::time::timeout(NFS_PROBE_TIMEOUT * 2, crate::source::open(&root, &options)).await {
+        Ok(Err(e)) => nfs_v3_refusal(&e),
+        _ => None,
+    }
+}
+
+/// The volume's root inside a claim mounted at `mount`, its symbolic links resolved: whoever
+/// can write to the claim could otherwise plant a link (at the claim's PATH or `subPath`) that
+/// leads the daemon out of the claim, into the node's files.
+async fn inside_claim(
+    mut params: VolumeParams,
+    mount: &Path,
+    claim: &ClaimSource,
+) -> Result<VolumeParams, NodeError> {
+    let Some(SourceSpec::Local(root)) = params.root() else {
+        return Err(NodeError::Internal(
+            "a source pod's claim did not resolve to a directory".to_string(),
+        ));
+    };
+    let mount = mount.to_path_buf();
+    let claim = claim.to_string();
+    let resolved = blocking(move || {
+        let resolved = std::fs::canonicalize(&root).map_err(|e| {
+            NodeError::NotFound(format!(
+                "{claim}: {} in the claim's volume: {e}",
+                root.strip_prefix(&mount).unwrap_or(&root).display()
+            ))
+        })?;
+        if !resolved.starts_with(&mount) {
+            return Err(NodeError::PermissionDenied(format!(
+                "{claim}: {} leads out of the claim's volume (a symbolic link)",
+                root.strip_prefix(&mount).unwrap_or(&root).display()
+            )));
+        }
+        Ok(resolved)
+    })
+    .await?;
+    params.source = VolumeSource::Direct(SourceSpec::Local(resolved));
+    params.sub_path = None;
+    Ok(params)
 }
 
 fn claim_error(e: ClaimError) -> NodeError {
@@ -367,6 +444,7 @@ impl StagePlan {
             root: self.params.root()?,
             params: self.params.clone(),
             origin: None,
+            _hold: None,
         };
         Some(mount_request(
             &self.volume_id,
@@ -441,15 +519,46 @@ pub fn plan_publish(request: &NodePublishVolumeRequest) -> Result<PublishPlan, N
 
 impl NodePlugin {
     pub fn new(options: NodeOptions) -> NodePlugin {
+        let claims = Arc::new(Claims::default());
+        let locality = options.locality_labels.then(|| {
+            Arc::new(Locality::new(
+                options.node_id.clone(),
+                options.driver_name.clone(),
+                options.source_pods.dir.with_file_name("locality.json"),
+            ))
+        });
         NodePlugin {
+            locality,
+            source_pods: Arc::new(SourcePods::new(options.source_pods.clone(), claims.clone())),
             options: Arc::new(options),
             busy: Arc::new(Mutex::new(HashSet::new())),
-            claims: Arc::new(Claims::default()),
+            claims,
         }
     }
 
     pub fn options(&self) -> &NodeOptions {
         &self.options
+    }
+
+    /// Keeps the source pods in step with the volumes the daemon serves, and the node's
+    /// locality labels with its cache, every [`RECONCILE_EVERY`], until `stopping` says so. Does nothing while the daemon does not
+    /// answer (it cannot say which volumes it serves).
+    pub async fn reconcile_source_pods(&self, mut stopping: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if let Ok(status) = self.daemon_status().await {
+                let served = status.volumes.iter().map(|v| v.volume_id.clone()).collect();
+                self.source_pods.reconcile(&served).await;
+                if let Some(locality) = &self.locality
+                    && let Err(e) = locality.refresh(&self.claims, &status).await
+                {
+                    tracing::warn!(error = %e, "cannot update the node's locality labels");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
+        }
     }
 
     fn begin(&self, path: &Path) -> Result<Busy, NodeError> {
@@ -483,15 +592,52 @@ impl NodePlugin {
         }
     }
 
-    /// The parameters with a claim resolved to the source its volume is read from.
-    async fn direct(&self, params: VolumeParams) -> Result<Direct, NodeError> {
-        let (params, origin) = match &params.source {
+    /// The parameters with a claim resolved to the source its volume is read from: its NFS
+    /// share, or the mount of a source pod made for `volume_id` on this node.
+    async fn direct(
+        &self,
+        params: VolumeParams,
+        volume_id: &str,
+        read_write: bool,
+    ) -> Result<Direct, NodeError> {
+        let hold = matches!(params.source, VolumeSource::Claim(_))
+            .then(|| self.source_pods.hold(volume_id));
+        let (params, origin) = match params.source.clone() {
             VolumeSource::Direct(_) => (params, None),
             VolumeSource::Claim(claim) => {
+                let claim = &claim;
                 let resolved = self.claims.resolve(claim).await.map_err(claim_error)?;
-                let origin = resolved.describe(claim);
-                tracing::info!(%origin, "claim resolved");
-                (params.resolved(&resolved.source), Some(origin))
+                match &resolved.backing {
+                    Backing::Nfs(share) => {
+                        let through_nfs = params.resolved(share);
+                        match nfs_v3_refused(&through_nfs).await {
+                            None => {
+                                let origin = resolved.describe(claim);
+                                tracing::info!(%origin, "claim resolved");
+                                (through_nfs, Some(origin))
+                            }
+                            Some(why) => {
+                                tracing::info!(%why, claim = %claim, "NFSv3 cannot read the claim's share: through a source pod");
+                                let why = format!("reservoir's NFSv3 client cannot read it: {why}");
+                                self.through_source_pod(
+                                    params,
+                                    claim,
+                                    resolved,
+                                    volume_id,
+                                    read_write,
+                                    Some(why),
+                                )
+                                .await?
+                            }
+                        }
+                    }
+                    Backing::SourcePod => {
+                        self.through_source_pod(
+                            params, claim, resolved, volume_id, read_write, None,
+                        )
+                        .await?
+                    }
+                }
             }
         };
         let root = params
@@ -501,7 +647,38 @@ impl NodePlugin {
             params,
             root,
             origin,
+            _hold: hold,
         })
+    }
+
+    /// The parameters with the claim resolved to a source pod's mount on this node, and the
+    /// volume's origin (with `why` the claim's NFS share was not read directly).
+    async fn through_source_pod(
+        &self,
+        params: VolumeParams,
+        claim: &ClaimSource,
+        resolved: Resolved,
+        volume_id: &str,
+        read_write: bool,
+        why: Option<String>,
+    ) -> Result<(VolumeParams, Option<String>), NodeError> {
+        let (mount, pod) = self
+            .source_pods
+            .ensure(volume_id, claim, &resolved, read_write)
+            .await
+            .map_err(source_pod_error)?;
+        // A claim waiting for its first consumer is bound by now: name its volume.
+        let resolved = match resolved.volume {
+            Some(_) => resolved,
+            None => self.claims.resolve(claim).await.unwrap_or(resolved),
+        };
+        let mut origin = format!("{} for {pod}", resolved.describe(claim));
+        if let Some(why) = why {
+            origin = format!("{origin} ({why})");
+        }
+        tracing::info!(%origin, "claim resolved");
+        let params = params.resolved(&SourceSpec::Local(mount.clone()));
+        Ok((inside_claim(params, &mount, claim).await?, Some(origin)))
     }
 
     /// An inline volume's direct source, checked against the allowed prefixes. A directory is
@@ -538,6 +715,7 @@ impl NodePlugin {
             params,
             root,
             origin: None,
+            _hold: None,
         })
     }
 
@@ -554,7 +732,7 @@ impl NodePlugin {
             read_write,
         } = plan_stage(&request)?;
         let _busy = self.begin(&staging)?;
-        let direct = self.direct(params).await?;
+        let direct = self.direct(params, &volume_id, read_write).await?;
         let root = direct.root.clone();
         blocking(move || check_directory(&root)).await?;
         let client = self.daemon().await?;
@@ -637,6 +815,11 @@ impl NodePlugin {
             })
             .await?;
         }
+        // The daemon no longer reads the volume: its source pod, if it has one, can go.
+        self.source_pods
+            .release(&request.volume_id)
+            .await
+            .map_err(source_pod_error)?;
         Ok(())
     }
 
@@ -690,7 +873,7 @@ impl NodePlugin {
                 let status = client.status().await.map_err(daemon_error)?;
                 if served_at(&status, &staging).is_none() {
                     clear_dead_mount(&status, &staging).await?;
-                    let direct = self.direct(params).await?;
+                    let direct = self.direct(params, &volume_id, read_write).await?;
                     client
                         .mount(&mount_request(&volume_id, &staging, &direct, read_write))
                         .await
@@ -747,7 +930,7 @@ impl NodePlugin {
                         self.options.allowed_sources.describe()
                     )));
                 }
-                self.direct(params).await?
+                self.direct(params, &volume_id, !read_only).await?
             }
             VolumeSource::Direct(_) => self.direct_inline(params).await?,
         };
@@ -780,7 +963,8 @@ impl NodePlugin {
         required(&request.volume_id, "volume_id")?;
         let target = path_field(&request.target_path, "target_path")?;
         let _busy = self.begin(&target)?;
-        // An inline volume is the daemon's own mount: the daemon ends its session.
+        // An inline volume is the daemon's own mount: the daemon ends its session, then its
+        // source pod (if it has one) can go.
         if let Ok(status) = self.daemon_status().await
             && served_at(&status, &target).is_some()
         {
@@ -788,6 +972,10 @@ impl NodePlugin {
                 .unmount(&target)
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
+            self.source_pods
+                .release(&request.volume_id)
+                .await
+                .map_err(source_pod_error)?;
         }
         blocking(move || {
             // Mounts may be stacked: unmount until nothing is left (bounded).
@@ -1284,6 +1472,14 @@ mod tests {
             daemon_socket: "/nonexistent/daemon.sock".into(),
             spawn: None,
             allowed_sources: AllowedSources::default(),
+            source_pods: SourcePodOptions {
+                node: "n".into(),
+                image: "pause".into(),
+                dir: "/nonexistent/sources".into(),
+                kubelet_dir: "/nonexistent/kubelet".into(),
+            },
+            locality_labels: false,
+            driver_name: "reservoir.csi.dev".into(),
         });
         let err = node
             .stage(NodeStageVolumeRequest::default())

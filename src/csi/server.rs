@@ -336,7 +336,8 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
         let mut routes = RoutesBuilder::default();
         routes
             .add_service(IdentityServer::new(identity))
-            .add_service(NodeServer::new(NodeService::new(node)));
+            .add_service(NodeServer::new(NodeService::new(node.clone())));
+        let node_for_pods = node;
         if let (Some(store), Some((_, options))) = (store.clone(), &config.controller) {
             routes.add_service(ControllerServer::new(ControllerService::new(
                 store,
@@ -397,7 +398,8 @@ pub fn run_node(config: NodeConfig) -> anyhow::Result<()> {
                 crate::metrics::http::serve(listener, handler, stopped(stopping.clone())).await;
             }
         };
-        let (csi, registration, ()) = tokio::join!(csi, registration, health);
+        let source_pods = node_for_pods.reconcile_source_pods(stopping.clone());
+        let (csi, registration, (), ()) = tokio::join!(csi, registration, health, source_pods);
         drop(socket_file);
         info!("node stopped (the cache daemon and the mounts are left running)");
         csi.and(registration)

@@ -125,6 +125,13 @@ pub enum SourceError {
     /// The source is misconfigured: a bad URL, a missing export or path, a path that is not a
     /// directory. Only returned when a source is opened.
     Invalid(String),
+    /// The server answers, but not in the protocol reservoir speaks: NFSv3 and MOUNT v3 over
+    /// TCP are not registered, or only NFSv4 answers (no portmapper). Only returned when a
+    /// source is opened; a `pvc://` claim then falls back to a source pod (kubelet's mount).
+    NotOffered {
+        source_name: String,
+        message: String,
+    },
     /// The server broke the protocol while the source was opened (a reply that does not
     /// decode, a program it does not offer as it said).
     Protocol {
@@ -149,6 +156,10 @@ impl fmt::Display for SourceError {
                 ..
             } => write!(f, "cannot reach {source_name}: {message}"),
             SourceError::Invalid(message) => f.write_str(message),
+            SourceError::NotOffered {
+                source_name,
+                message,
+            } => write!(f, "{source_name}: {message}"),
             SourceError::Protocol {
                 source_name,
                 message,
@@ -167,7 +178,9 @@ impl std::error::Error for SourceError {
                 cause.as_ref()?
             }
             SourceError::Protocol { cause, .. } => cause,
-            SourceError::Timeout { .. } | SourceError::Invalid(_) => return None,
+            SourceError::Timeout { .. }
+            | SourceError::Invalid(_)
+            | SourceError::NotOffered { .. } => return None,
         };
         Some(&**cause)
     }
@@ -181,7 +194,7 @@ impl SourceError {
             SourceError::Timeout { .. }
             | SourceError::Unavailable { .. }
             | SourceError::Protocol { .. } => libc::EIO,
-            SourceError::Invalid(_) => libc::EINVAL,
+            SourceError::Invalid(_) | SourceError::NotOffered { .. } => libc::EINVAL,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Ganesha {
     paused: bool,
     /// Exports are `Access_Type = RO` (see [`Ganesha::start_read_only`]).
     read_only: bool,
+    /// NFSv4 only, without a portmapper (see [`Ganesha::start_v4_only`]).
+    v4_only: bool,
 }
 
 impl Ganesha {
@@ -75,7 +77,25 @@ impl Ganesha {
         Ganesha::start_with(export_dirs, false)
     }
 
+    /// Starts a server that speaks NFSv4 only (`Protocols = 4`), with no portmapper: what an
+    /// NFSv3 client finds on a v4-only filer.
+    pub fn start_v4_only(export_dir: &Path) -> Ganesha {
+        let mut server = Ganesha::prepare(&[export_dir], true);
+        server.v4_only = true;
+        server.write_config();
+        server.spawn();
+        server
+    }
+
     fn start_with(export_dirs: &[&Path], read_only: bool) -> Ganesha {
+        let mut server = Ganesha::prepare(export_dirs, read_only);
+        server.write_config();
+        server.spawn();
+        server
+    }
+
+    /// The server's network and state directory, not yet configured or started.
+    fn prepare(export_dirs: &[&Path], read_only: bool) -> Ganesha {
         preflight();
         SWEEP.call_once(sweep_leftovers);
         let exports: Vec<PathBuf> = export_dirs
@@ -105,10 +125,9 @@ impl Ganesha {
             child: None,
             paused: false,
             read_only,
+            v4_only: false,
         };
         server.create_network();
-        server.write_config();
-        server.spawn();
         server
     }
 
@@ -283,8 +302,9 @@ impl Ganesha {
 
     fn write_config(&self) {
         let state = self.state.path();
+        let protocols = if self.v4_only { "4" } else { "3, 4" };
         let mut config = format!(
-            "NFS_CORE_PARAM {{\n  Protocols = 3, 4;\n  Bind_addr = {server};\n  \
+            "NFS_CORE_PARAM {{\n  Protocols = {protocols};\n  Bind_addr = {server};\n  \
              NFS_Port = {NFS_PORT};\n  MNT_Port = {MOUNT_PORT};\n  Enable_NLM = false;\n  \
              Enable_RQUOTA = false;\n}}\n\
              NFSV4 {{\n  Graceless = true;\n  RecoveryBackend = fs;\n  RecoveryRoot = \"{recovery}\";\n}}\n\
@@ -298,7 +318,7 @@ impl Ganesha {
         for (n, export) in self.exports.iter().enumerate() {
             config.push_str(&format!(
                 "EXPORT {{\n  Export_Id = {id};\n  Path = \"{path}\";\n  Pseudo = \"/export{id}\";\n  \
-                 Protocols = 3, 4;\n  Transports = TCP;\n  Access_Type = {access};\n  \
+                 Protocols = {protocols};\n  Transports = TCP;\n  Access_Type = {access};\n  \
                  Squash = No_Root_Squash;\n  SecType = sys;\n  Attr_Expiration_Time = 0;\n  FSAL {{\n    Name = VFS;\n  }}\n}}\n",
                 id = n + 1,
                 path = export.display(),
@@ -318,9 +338,7 @@ impl Ganesha {
              mount -t tmpfs none /run\n\
              mkdir -p /run/rpcbind /var/lib/nfs/ganesha\n\
              mount -t tmpfs none /var/lib/nfs/ganesha\n\
-             rpcbind -f &\n\
-             rpcbind=$!\n\
-             i=0; while [ ! -S /run/rpcbind.sock ] && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done\n\
+             {rpcbind}\n\
              ganesha.nfsd -F -L '{log}' -f '{conf}' -p '{own_pid}' -N NIV_EVENT &\n\
              ganesha=$!\n\
              echo $ganesha > '{pid}'\n\
@@ -332,6 +350,13 @@ impl Ganesha {
             conf = state.join("ganesha.conf").display(),
             pid = state.join("ganesha.pid").display(),
             own_pid = state.join("ganesha.nfsd.pid").display(),
+            rpcbind = if self.v4_only {
+                "rpcbind="
+            } else {
+                "rpcbind -f &\n\
+                 rpcbind=$!\n\
+                 i=0; while [ ! -S /run/rpcbind.sock ] && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done"
+            },
         );
         let output = fs::File::create(state.join("output.log")).expect("output log");
         let child = Command::new("ip")
@@ -373,7 +398,16 @@ impl Ganesha {
                     self.log_tail()
                 );
             }
-            let failure = readiness(ip).err();
+            let failure = if self.v4_only {
+                std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(ip, NFS_PORT),
+                    Duration::from_millis(200),
+                )
+                .err()
+                .map(|e| e.to_string())
+            } else {
+                readiness(ip).err()
+            };
             match failure {
                 None => return,
                 Some(why) if Instant::now() >= deadline => panic!(

@@ -25,6 +25,8 @@ use crate::source::{Handle, Kind, NfsUrl, Result, SourceError, SourceOptions};
 
 /// The portmapper's well-known port.
 const PORTMAPPER_PORT: u16 = 111;
+/// NFS's well-known port (NFSv4 servers listen there without a portmapper).
+const NFS_PORT: u16 = 2049;
 
 pub(super) async fn connect(
     url: &NfsUrl,
@@ -252,7 +254,26 @@ impl Step<'_> {
         want_nfs: bool,
     ) -> Result<(Option<u16>, Option<u16>)> {
         let addr = SocketAddr::new(ip, PORTMAPPER_PORT);
-        let conn = self.open(addr, false, "portmapper").await?;
+        let conn = match self.open(addr, false, "portmapper").await {
+            Ok(conn) => conn,
+            Err(refused @ SourceError::Unavailable { .. }) => {
+                // No portmapper, yet the NFS port answers: a server that speaks NFSv4 only
+                // (which needs no portmapper).
+                let nfs = SocketAddr::new(ip, NFS_PORT);
+                let answers = self.bounded("connect", connect_tcp(nfs, false)).await;
+                return Err(match answers {
+                    Ok(Ok(_)) => SourceError::NotOffered {
+                        source_name: self.id.to_string(),
+                        message: format!(
+                            "no portmapper answers at {addr} ({refused}), but {nfs} does: the \
+                             server speaks NFSv4 only"
+                        ),
+                    },
+                    _ => refused,
+                });
+            }
+            Err(other) => return Err(other),
+        };
         let mut portmapper = PortmapperClient::new(conn);
         let mount = if want_mount {
             Some(
@@ -289,12 +310,12 @@ impl Step<'_> {
             .await?;
         match found {
             Ok(port) => Ok(port),
-            Err(PortmapError::ProgramUnavailable) => Err(SourceError::Unavailable {
+            Err(PortmapError::ProgramUnavailable) => Err(SourceError::NotOffered {
                 source_name: self.id.to_string(),
                 message: format!(
-                    "{name} v3 over TCP is not registered with the portmapper at {addr}"
+                    "{name} v3 over TCP is not registered with the portmapper at {addr} (an \
+                     NFSv4-only server?)"
                 ),
-                cause: None,
             }),
             Err(PortmapError::Rpc(e)) => Err(self.rpc_error("GETPORT", "portmapper", e)),
             Err(other) => Err(self.protocol(format!("portmapper at {addr}"), other)),
