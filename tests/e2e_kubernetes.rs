@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use common::data::{sha256_file, write_random_file, write_small_tree};
 use common::ganesha::Ganesha;
-use common::k8s::{API_SERVICE_IP, BUSYBOX_IMAGE, Cluster, NODE_IP, NODE_NAME, wait_for};
+use common::k8s::{
+    API_SERVICE_IP, BUSYBOX_IMAGE, Cluster, NODE_IP, NODE_NAME, PAUSE_IMAGE, wait_for,
+};
 use common::standin_provisioner::StandInProvisioner;
 
 const DRIVER: &str = "reservoir.csi.dev";
@@ -941,6 +943,8 @@ fn source_pods(e2e: &E2e) {
     write_random_file(&local.join("big.bin"), 3 << 20, 41);
     write_random_file(&local.join("nested/a.bin"), 200 << 10, 42);
     write_small_tree(&local.join("small"), 20, 1, 8192, 43);
+    // Planted by whoever writes to the claim: a way out of it, which the node must refuse.
+    std::os::unix::fs::symlink("/etc", local.join("escape")).unwrap();
     run_sh(&format!("chmod -R a+rX {}", local.display()));
     let local_pv = |name: &str, class: &str, node: &str| {
         format!(
@@ -1033,6 +1037,48 @@ spec:
     requests:
       storage: 1Gi
 ---
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: e2e-hostpath
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath:
+    path: "{path}"
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: host-path
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: e2e-hostpath
+  resources:
+    requests:
+      storage: 1Gi
+---
+# What a node plugin that crashed between making a source pod and using it leaves: a pod and
+# its record, for a volume the daemon does not serve.
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reservoir-source-leftover
+  namespace: {NS}
+  labels:
+    reservoir.csi.dev/role: source
+spec:
+  nodeName: {NODE_NAME}
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: source
+      image: {PAUSE_IMAGE}
+---
 # The node plugin may make source pods in this namespace (and no other).
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -1050,7 +1096,18 @@ roleRef:
 "#,
         here = local_pv("e2e-local", "e2e-local", NODE_NAME),
         there = local_pv("e2e-local-elsewhere", "", "e2e-no-such-node"),
+        path = local.display(),
     ));
+    let leftover_record = Path::new(SOURCE_PODS_DIR).join("reservoir-source-leftover.json");
+    fs::create_dir_all(SOURCE_PODS_DIR).unwrap();
+    fs::write(
+        &leftover_record,
+        format!(
+            r#"{{"volume_id": "e2e-crashed", "namespace": "{NS}", "claim": "local-data",
+                "pod": "reservoir-source-leftover", "read_only": true, "created": 0}}"#
+        ),
+    )
+    .unwrap();
     let phase = |claim: &str| {
         cluster
             .kubectl_json(&["-n", NS, "get", "pvc", claim])
@@ -1061,17 +1118,37 @@ roleRef:
         Some("Pending"),
         "waits for a first consumer"
     );
-    // Refused before any pod is made: the volume belongs to another node.
-    cluster.apply(&pod(
-        "local-elsewhere",
-        &format!(
+    let inline_claim = |claim: &str| {
+        format!(
             "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
-             volumeAttributes:\n          source: \"pvc://{NS}/elsewhere\""
+             volumeAttributes:\n          source: \"{claim}\""
+        )
+    };
+    // Refused: the volume belongs to another node (before any pod is made); a hostPath volume;
+    // a path that leads out of the claim.
+    let refused = [
+        (
+            "local-elsewhere",
+            format!("pvc://{NS}/elsewhere"),
+            "FailedPrecondition",
+            "kubernetes.io/hostname In [e2e-no-such-node]",
         ),
-        READ_ALL,
-        "{}",
-        false,
-    ));
+        (
+            "local-hostpath",
+            format!("pvc://{NS}/host-path"),
+            "FailedPrecondition",
+            "is a hostPath volume",
+        ),
+        (
+            "local-escape",
+            format!("pvc://{NS}/local-data/escape"),
+            "PermissionDenied",
+            "leads out of the claim's volume",
+        ),
+    ];
+    for (name, source, _, _) in &refused {
+        cluster.apply(&pod(name, &inline_claim(source), READ_ALL, "{}", false));
+    }
 
     let expected = {
         let mut out = BTreeMap::new();
@@ -1098,8 +1175,11 @@ roleRef:
         "the source pod bound the claim"
     );
     let pods = source_pod_list(cluster);
-    assert_eq!(pods.len(), 1, "{pods:?}");
-    let (source_pod, first_uid, pod_phase, node) = pods[0].clone();
+    let (source_pod, first_uid, pod_phase, node) = pods
+        .iter()
+        .find(|p| p.0 == reservoir::csi::source_pods::pod_name(NODE_NAME, "via-local"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no source pod for via-local: {pods:?}"));
     assert_eq!(
         (pod_phase.as_str(), node.as_str()),
         ("Running", NODE_NAME),
@@ -1157,22 +1237,62 @@ roleRef:
         "local-reader-2:\n{log}"
     );
 
-    let event = wait_event(
-        e2e,
-        NS,
-        "local-elsewhere",
-        &[
-            "FailedMount",
-            "FailedPrecondition",
-            &format!("claim {NS}/elsewhere"),
-            "kubernetes.io/hostname In [e2e-no-such-node]",
-        ],
+    for (name, source, code, text) in &refused {
+        let claim = source
+            .trim_start_matches("pvc://")
+            .trim_end_matches("/escape");
+        let event = wait_event(
+            e2e,
+            NS,
+            name,
+            &["FailedMount", code, &format!("claim {claim}"), text],
+        );
+        eprintln!("e2e:   {name}: {event}");
+    }
+
+    // Inline, with a path inside the claim: a source pod of its own.
+    let log = e2e.run_reader(
+        "local-inline",
+        &inline_claim(&format!("pvc://{NS}/local-data/nested")),
+        "{}",
     );
-    eprintln!("e2e:   local-elsewhere: {event}");
+    assert!(log.contains("./a.bin"), "{log}");
     assert_eq!(
-        source_pod_list(cluster).len(),
+        parse_checksums(&log).len(),
         1,
-        "no source pod for the refused claim"
+        "local-inline read the claim's nested/ only:\n{log}"
+    );
+
+    // The crash's leftovers are gone; the refused claims got no pod.
+    wait_for(
+        "the leftover source pod and its record are removed",
+        Duration::from_secs(30),
+        || {
+            let pods = source_pod_list(cluster);
+            (!leftover_record.exists()
+                && pods
+                    .iter()
+                    .all(|(name, ..)| name != "reservoir-source-leftover"))
+            .then_some(())
+        },
+    );
+    let claims: Vec<String> = cluster
+        .kubectl_json(&[
+            "-n",
+            NS,
+            "get",
+            "pods",
+            "-l",
+            "reservoir.csi.dev/role=source",
+        ])
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p["metadata"]["annotations"]["reservoir.csi.dev/claim"].to_string())
+        .collect();
+    assert!(
+        claims.iter().all(|c| c == &format!("\"{NS}/local-data\"")),
+        "source pods only for local-data (the refused claims got none): {claims:?}"
     );
 
     // Unstaged: no source pod, bind or record is left.
@@ -1183,7 +1303,10 @@ roleRef:
         "pod",
         "local-reader",
         "local-reader-2",
+        "local-inline",
         "local-elsewhere",
+        "local-hostpath",
+        "local-escape",
         "--wait=true",
     ]);
     wait_for("the source pod is deleted", Duration::from_secs(60), || {

@@ -351,7 +351,7 @@ async fn inside_claim(
         ));
     };
     let mount = mount.to_path_buf();
-    let claim = claim.to_string();
+    let claim = format!("claim {}/{}", claim.namespace, claim.name);
     let resolved = blocking(move || {
         let resolved = std::fs::canonicalize(&root).map_err(|e| {
             NodeError::NotFound(format!(
@@ -678,7 +678,21 @@ impl NodePlugin {
         }
         tracing::info!(%origin, "claim resolved");
         let params = params.resolved(&SourceSpec::Local(mount.clone()));
-        Ok((inside_claim(params, &mount, claim).await?, Some(origin)))
+        match inside_claim(params, &mount, claim).await {
+            Ok(params) => Ok((params, Some(origin))),
+            Err(e) => {
+                // A path that is not in the claim stays so: the pod goes until the next try,
+                // unless the daemon serves the volume already (a stage again).
+                let served = self
+                    .daemon_status()
+                    .await
+                    .is_ok_and(|s| s.volumes.iter().any(|v| v.volume_id == volume_id));
+                if !served && let Err(release) = self.source_pods.release(volume_id).await {
+                    tracing::warn!(error = %release, "cannot release a source pod");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// An inline volume's direct source, checked against the allowed prefixes. A directory is

@@ -47,7 +47,7 @@ const ETCD_PEER: &str = "http://127.0.0.1:23800";
 const KUBELET_DIR: &str = "/var/lib/kubelet";
 const LOCK_FILE: &str = "/run/lock/reservoir-e2e.lock";
 pub const BUSYBOX_IMAGE: &str = "reservoir-e2e.local/busybox:1";
-const PAUSE_IMAGE: &str = "reservoir-e2e.local/pause:1";
+pub const PAUSE_IMAGE: &str = "reservoir-e2e.local/pause:1";
 
 /// Paths that components create on first use outside the run's directory (kubelet's, the CNI
 /// plugins' cache, containerd shims' sockets, the controller-manager's flex-volume probe):
