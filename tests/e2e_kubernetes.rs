@@ -128,6 +128,45 @@ spec:
     )
 }
 
+/// A static, read-only reservoir PersistentVolume `volume` (its handle the same) reading
+/// `source`, with `extra` attribute lines (`key: value`, each on its own line), and the claim
+/// `claim` of the test's namespace bound to it.
+fn static_reservoir_volume(volume: &str, claim: &str, source: &str, extra: &[&str]) -> String {
+    let extra: String = extra.iter().map(|line| format!("      {line}\n")).collect();
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {volume}
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  csi:
+    driver: {DRIVER}
+    volumeHandle: {volume}
+    volumeAttributes:
+      source: "{source}"
+      readOnly: "true"
+{extra}---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {claim}
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: {volume}
+  resources:
+    requests:
+      storage: 1Gi
+"#
+    )
+}
+
 fn claim_volume(claim: &str) -> String {
     format!("      persistentVolumeClaim:\n        claimName: {claim}\n        readOnly: true")
 }
@@ -135,6 +174,14 @@ fn claim_volume(claim: &str) -> String {
 /// A claim the pod asks to write to (the volume itself must refuse).
 fn writable_claim_volume(claim: &str) -> String {
     format!("      persistentVolumeClaim:\n        claimName: {claim}\n        readOnly: false")
+}
+
+/// An inline volume naming `claim` (a `pvc://` source), read-only.
+fn inline_claim(claim: &str) -> String {
+    format!(
+        "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
+         volumeAttributes:\n          source: \"{claim}\""
+    )
 }
 
 fn inline_volume(source: &str) -> String {
@@ -167,6 +214,22 @@ impl E2e {
         let log = self.cluster.container_log(NS, name, "main");
         assert_eq!(phase, "Succeeded", "pod {name}:\n{log}");
         log
+    }
+
+    /// Starts a pod that reads everything in `volume` and stays (so that the volume stays
+    /// staged), and returns its log once it has read.
+    fn read_and_stay(&self, name: &str, volume: &str) -> String {
+        self.cluster.apply(&pod(
+            name,
+            volume,
+            &format!("{READ_ALL}; sleep 3600"),
+            "{}",
+            false,
+        ));
+        wait_for(&format!("{name} has read its volume"), POD_WAIT, || {
+            let log = self.cluster.container_log(NS, name, "main");
+            log.contains("READ-DONE").then_some(log)
+        })
     }
 
     fn assert_reads(&self, pod_name: &str, volume: &str, dataset: &str, security: &str) {
@@ -523,18 +586,7 @@ spec:
     // The controller's canonical volume context: the sub-path joined, defaults written out.
     assert_eq!(volume["spec"]["csi"]["volumeAttributes"]["subPath"], "data");
     // The reader stays, so that the volume stays staged for the preload's check below.
-    let read_and_stay = format!("{READ_ALL}; sleep 3600");
-    cluster.apply(&pod(
-        "dynamic-reader",
-        &claim_volume("dynamic"),
-        &read_and_stay,
-        "{}",
-        false,
-    ));
-    let log = wait_for("dynamic-reader has read the dataset", POD_WAIT, || {
-        let log = cluster.container_log(NS, "dynamic-reader", "main");
-        log.contains("READ-DONE").then_some(log)
-    });
+    let log = e2e.read_and_stay("dynamic-reader", &claim_volume("dynamic"));
     assert_eq!(
         parse_checksums(&log),
         e2e.datasets.checksums("data"),
@@ -572,38 +624,11 @@ spec:
 }
 
 fn static_volume(e2e: &E2e) {
-    e2e.cluster.apply(&format!(
-        r#"apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: static-data
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: {DRIVER}
-    volumeHandle: static-data
-    volumeAttributes:
-      source: "{}"
-      readOnly: "true"
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: static
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: static-data
-  resources:
-    requests:
-      storage: 1Gi
-"#,
-        e2e.nfs("data")
+    e2e.cluster.apply(&static_reservoir_volume(
+        "static-data",
+        "static",
+        &e2e.nfs("data"),
+        &[],
     ));
     e2e.assert_reads("static-reader", &claim_volume("static"), "data", "{}");
 }
@@ -673,36 +698,7 @@ spec:
     requests:
       storage: 1Gi
 ---
-apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: via-claim
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: {DRIVER}
-    volumeHandle: via-claim
-    volumeAttributes:
-      source: "pvc://{NS}/claimed"
-      readOnly: "true"
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: via-claim
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: via-claim
-  resources:
-    requests:
-      storage: 1Gi
----
+{via_claim}---
 # Never bound: no such class, no provisioner.
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -752,14 +748,14 @@ spec:
 "#,
         server = e2e.ganesha.host(),
         path = export.display(),
+        via_claim = static_reservoir_volume(
+            "via-claim",
+            "via-claim",
+            &format!("pvc://{NS}/claimed"),
+            &[]
+        ),
     ));
     // The refused pods first: kubelet's retries run while the good ones read.
-    let inline_claim = |claim: &str| {
-        format!(
-            "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
-             volumeAttributes:\n          source: \"{claim}\""
-        )
-    };
     let refused = [
         (
             "claim-missing",
@@ -803,17 +799,7 @@ spec:
         .sum();
     let served_before = server_read_bytes(e2e);
     // The reader stays, so that the volume stays staged for the status below.
-    cluster.apply(&pod(
-        "claim-reader",
-        &claim_volume("via-claim"),
-        &format!("{READ_ALL}; sleep 3600"),
-        "{}",
-        false,
-    ));
-    let log = wait_for("claim-reader has read the dataset", POD_WAIT, || {
-        let log = cluster.container_log(NS, "claim-reader", "main");
-        log.contains("READ-DONE").then_some(log)
-    });
+    let log = e2e.read_and_stay("claim-reader", &claim_volume("via-claim"));
     assert_eq!(
         parse_checksums(&log),
         expected,
@@ -898,8 +884,8 @@ spec:
 /// directory).
 const SOURCE_PODS_DIR: &str = "/var/lib/kubelet/plugins/reservoir.csi.dev/sources";
 
-/// The source pods in the test's namespace: `(name, uid, phase, node)`.
-fn source_pod_list(cluster: &Cluster) -> Vec<(String, String, String, String)> {
+/// The source pods in the test's namespace, as the API lists them.
+fn source_pods_listed(cluster: &Cluster) -> Vec<serde_json::Value> {
     cluster
         .kubectl_json(&[
             "-n",
@@ -911,6 +897,11 @@ fn source_pod_list(cluster: &Cluster) -> Vec<(String, String, String, String)> {
         ])
         .and_then(|l| l["items"].as_array().cloned())
         .unwrap_or_default()
+}
+
+/// The source pods in the test's namespace: `(name, uid, phase, node)`.
+fn source_pod_list(cluster: &Cluster) -> Vec<(String, String, String, String)> {
+    source_pods_listed(cluster)
         .iter()
         .map(|p| {
             let text = |pointer: &str| {
@@ -1006,37 +997,7 @@ spec:
     requests:
       storage: 1Gi
 ---
-apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: via-local
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: {DRIVER}
-    volumeHandle: via-local
-    volumeAttributes:
-      source: "pvc://{NS}/local-data"
-      readOnly: "true"
-      metadataTTL: 1s
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: via-local
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: via-local
-  resources:
-    requests:
-      storage: 1Gi
----
+{via_local}---
 apiVersion: v1
 kind: PersistentVolume
 metadata:
@@ -1097,6 +1058,12 @@ roleRef:
         here = local_pv("e2e-local", "e2e-local", NODE_NAME),
         there = local_pv("e2e-local-elsewhere", "", "e2e-no-such-node"),
         path = local.display(),
+        via_local = static_reservoir_volume(
+            "via-local",
+            "via-local",
+            &format!("pvc://{NS}/local-data"),
+            &["metadataTTL: 1s"]
+        ),
     ));
     let leftover_record = Path::new(SOURCE_PODS_DIR).join("reservoir-source-leftover.json");
     fs::create_dir_all(SOURCE_PODS_DIR).unwrap();
@@ -1118,12 +1085,6 @@ roleRef:
         Some("Pending"),
         "waits for a first consumer"
     );
-    let inline_claim = |claim: &str| {
-        format!(
-            "      csi:\n        driver: {DRIVER}\n        readOnly: true\n        \
-             volumeAttributes:\n          source: \"{claim}\""
-        )
-    };
     // Refused: the volume belongs to another node (before any pod is made); a hostPath volume;
     // a path that leads out of the claim.
     let refused = [
@@ -1157,17 +1118,7 @@ roleRef:
         }
         out
     };
-    cluster.apply(&pod(
-        "local-reader",
-        &claim_volume("via-local"),
-        &format!("{READ_ALL}; sleep 3600"),
-        "{}",
-        false,
-    ));
-    let log = wait_for("local-reader has read the claim", POD_WAIT, || {
-        let log = cluster.container_log(NS, "local-reader", "main");
-        log.contains("READ-DONE").then_some(log)
-    });
+    let log = e2e.read_and_stay("local-reader", &claim_volume("via-local"));
     assert_eq!(parse_checksums(&log), expected, "local-reader:\n{log}");
     assert_eq!(
         phase("local-data").as_deref(),
@@ -1276,17 +1227,7 @@ roleRef:
             .then_some(())
         },
     );
-    let claims: Vec<String> = cluster
-        .kubectl_json(&[
-            "-n",
-            NS,
-            "get",
-            "pods",
-            "-l",
-            "reservoir.csi.dev/role=source",
-        ])
-        .and_then(|l| l["items"].as_array().cloned())
-        .unwrap_or_default()
+    let claims: Vec<String> = source_pods_listed(cluster)
         .iter()
         .map(|p| p["metadata"]["annotations"]["reservoir.csi.dev/claim"].to_string())
         .collect();
@@ -1342,42 +1283,9 @@ fn locality(e2e: &E2e) {
     }
     run_sh(&format!("chmod -R a+rX {}", dir.display()));
     let volume = |extra: &str| {
-        format!(
-            r#"apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: e2e-locality
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: {DRIVER}
-    volumeHandle: e2e-locality
-    volumeAttributes:
-      source: "{source}"
-      readOnly: "true"
-{extra}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: locality
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: e2e-locality
-  resources:
-    requests:
-      storage: 1Gi
-"#,
-            source = e2e.nfs("locality")
-        )
+        static_reservoir_volume("e2e-locality", "locality", &e2e.nfs("locality"), &[extra])
     };
-    cluster.apply(&volume("      preload: /"));
+    cluster.apply(&volume("preload: /"));
     cluster.apply(&pod(
         "locality-preload",
         &claim_volume("locality"),
@@ -1416,7 +1324,7 @@ spec:
     cluster.kubectl_ok(&["delete", "pv", "e2e-locality", "--wait=true"]);
     write_random_file(&dir.join("e.bin"), 16 << 20, 60);
     run_sh(&format!("chmod a+r {}", dir.join("e.bin").display()));
-    cluster.apply(&volume("      cacheSize: 64Mi"));
+    cluster.apply(&volume("cacheSize: 64Mi"));
     cluster.apply(&pod(
         "locality-evict",
         &claim_volume("locality"),
@@ -1527,54 +1435,15 @@ fn inline(e2e: &E2e) {
 
 fn shared(e2e: &E2e) {
     let cluster = &e2e.cluster;
-    cluster.apply(&format!(
-        r#"apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: shared-data
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  csi:
-    driver: {DRIVER}
-    volumeHandle: shared-data
-    volumeAttributes:
-      source: "{}"
-      readOnly: "true"
-      metadataTTL: forever
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: shared
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: shared-data
-  resources:
-    requests:
-      storage: 1Gi
-"#,
-        e2e.nfs("shared")
+    cluster.apply(&static_reservoir_volume(
+        "shared-data",
+        "shared",
+        &e2e.nfs("shared"),
+        &["metadataTTL: forever"],
     ));
     let expected = e2e.datasets.checksums("shared");
     // The first pod reads everything (from the source) and stays.
-    let first = format!("{READ_ALL}; sleep 3600");
-    cluster.apply(&pod(
-        "shared-a",
-        &claim_volume("shared"),
-        &first,
-        "{}",
-        false,
-    ));
-    wait_for("shared-a has read the dataset", POD_WAIT, || {
-        let log = cluster.container_log(NS, "shared-a", "main");
-        log.contains("READ-DONE").then_some(log)
-    });
+    e2e.read_and_stay("shared-a", &claim_volume("shared"));
     assert_eq!(
         parse_checksums(&cluster.container_log(NS, "shared-a", "main")),
         expected

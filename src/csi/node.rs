@@ -309,14 +309,7 @@ struct Direct {
 }
 
 fn source_pod_error(e: SourcePodError) -> NodeError {
-    let message = e.to_string();
-    match e.code() {
-        tonic::Code::NotFound => NodeError::NotFound(message),
-        tonic::Code::PermissionDenied => NodeError::PermissionDenied(message),
-        tonic::Code::Unavailable => NodeError::Unavailable(message),
-        tonic::Code::Internal => NodeError::Internal(message),
-        _ => NodeError::FailedPrecondition(message),
-    }
+    coded(e.code(), e.to_string())
 }
 
 /// How long the node waits for a claim's NFS server while checking that NFSv3 reads it.
@@ -374,11 +367,16 @@ async fn inside_claim(
 }
 
 fn claim_error(e: ClaimError) -> NodeError {
-    let message = e.to_string();
-    match e.code() {
+    coded(e.code(), e.to_string())
+}
+
+/// A refusal with the code a claim's or source pod's error chose.
+fn coded(code: tonic::Code, message: String) -> NodeError {
+    match code {
         tonic::Code::NotFound => NodeError::NotFound(message),
         tonic::Code::PermissionDenied => NodeError::PermissionDenied(message),
         tonic::Code::Unavailable => NodeError::Unavailable(message),
+        tonic::Code::Internal => NodeError::Internal(message),
         _ => NodeError::FailedPrecondition(message),
     }
 }
