@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::blocks::BlockMap;
 use super::owners::{OwnerState, OwnerTag};
 use super::policy::{Rank, Sketch};
-use super::{ContentKey, Damage, FS_BLOCK, PER_FILE_OVERHEAD, Result, layout};
+use super::{ContentKey, Damage, FS_BLOCK, PER_FILE_OVERHEAD, Result, is_valid_block_size, layout};
 
 /// Persistent index records.
 #[derive(Serialize, Deserialize)]
@@ -247,19 +247,13 @@ impl Replayed {
     }
 }
 
-/// The block sizes a cache accepts (`CacheConfig::validate`), powers of two.
-const MIN_BLOCK_SIZE: u32 = 4096;
-const MAX_BLOCK_SIZE: u32 = 64 << 20;
-
 /// Whether a file the journal describes is one the cache could have admitted: a block size it
 /// accepts, and a size within `capacity` (a file bigger than the cache is never admitted). A
 /// record that is not (damage that kept its checksum, or another version's bug) is skipped:
 /// replaying it would divide by a zero block size or allocate a checksum slot per block of
 /// an impossible file.
 fn admissible(size: u64, block_size: u32, capacity: u64) -> bool {
-    let ok = block_size.is_power_of_two()
-        && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-        && size <= capacity;
+    let ok = is_valid_block_size(block_size) && size <= capacity;
     if !ok {
         tracing::warn!(
             size,

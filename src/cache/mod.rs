@@ -133,6 +133,11 @@ pub struct CacheConfig {
     pub block_size: u32,
 }
 
+/// Whether a cache may use blocks of `size` bytes: a power of two from 4 KiB to 64 MiB.
+pub(super) fn is_valid_block_size(size: u32) -> bool {
+    size.is_power_of_two() && (4096..=64 << 20).contains(&size)
+}
+
 impl CacheConfig {
     pub fn validate(&self) -> Result<()> {
         let fail = |why: String| Err(CacheError::Config(why));
@@ -145,7 +150,7 @@ impl CacheConfig {
                 self.low_watermark, self.high_watermark
             ));
         }
-        if !(4096..=64 << 20).contains(&self.block_size) || !self.block_size.is_power_of_two() {
+        if !is_valid_block_size(self.block_size) {
             return fail(format!(
                 "block size {} must be a power of two between 4Ki and 64Mi",
                 self.block_size

@@ -49,9 +49,6 @@ impl Volume {
     }
 
     pub async fn open_file(self: &Arc<Self>, ino: Ino, writable: bool) -> Result<Arc<OpenFile>> {
-        if let Some(answer) = self.try_open_file(ino, writable) {
-            return answer;
-        }
         let checked = self.meta.with(ino, |n| n.checked_ms);
         if !checked.is_some_and(|checked| self.fresh(checked)) {
             self.revalidate(ino).await?;

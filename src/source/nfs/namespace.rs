@@ -17,7 +17,7 @@ use tracing::debug;
 use super::Server;
 use super::convert::{Fh, attr_from_fattr, post_op, sattr_of};
 use super::pool::Reply;
-use super::replies::{EmptyPage, Listed, ListingProgress, Stalled, listing_page};
+use super::replies::{EmptyPage, Listed, ListingProgress, listing_page};
 use crate::source::{Attr, DirEntry, Handle, Kind, Owner, Result, SetAttr, SourceError};
 
 /// How often a non-exclusive CREATE goes round when the name it found is removed before it could
@@ -198,28 +198,17 @@ impl Server {
                 (cookie, verifier) = (page.cookie, page.verifier);
                 let eof = page.eof;
                 if !eof {
-                    progress
-                        .next_page(cookie, page.received)
-                        .map_err(|stalled| {
-                            let why = match stalled {
-                                Stalled::RepeatedCookie(c) => {
-                                    format!("a page ended at cookie {c} again")
-                                }
-                                Stalled::TooManyEntries => format!(
-                                    "more than {} names and no end",
-                                    super::replies::MAX_LISTING_ENTRIES
-                                ),
-                            };
-                            SourceError::status(
-                                "readdir",
-                                libc::EIO,
-                                format!(
-                                    "{}: directory {}: the server does not end its listing ({why})",
-                                    self.id,
-                                    Fh(&dir.data)
-                                ),
-                            )
-                        })?;
+                    progress.next_page(cookie, page.received).map_err(|why| {
+                        SourceError::status(
+                            "readdir",
+                            libc::EIO,
+                            format!(
+                                "{}: directory {}: the server does not end its listing ({why})",
+                                self.id,
+                                Fh(&dir.data)
+                            ),
+                        )
+                    })?;
                 }
                 for listed in page.entries {
                     match listed {

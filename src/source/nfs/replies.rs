@@ -80,10 +80,12 @@ pub fn listing_page(ok: READDIRPLUS3resok<'_>, cookie: u64) -> Result<ListingPag
 pub const MAX_LISTING_ENTRIES: usize = 10_000_000;
 
 /// Why a listing is given up: the server does not lead it to an end.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Stalled {
     /// A page ended at a cookie an earlier page of this listing ended at: asking on would loop.
+    #[error("a page ended at cookie {0} again")]
     RepeatedCookie(u64),
+    #[error("more than {MAX_LISTING_ENTRIES} names and no end")]
     TooManyEntries,
 }
 
@@ -161,6 +163,11 @@ pub fn join_pieces(pieces: Vec<Vec<u8>>, piece: u32, len: u32) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use nfs3_client::nfs3_types::nfs3::{
+        dirlistplus3, entryplus3, fattr3, filename3, ftype3, nfs_fh3, nfstime3, specdata3,
+    };
+    use nfs3_client::nfs3_types::xdr_codec::{List, Opaque};
+
     #[test]
     fn a_listing_that_leads_nowhere_is_given_up() {
         let mut progress = ListingProgress::default();
@@ -182,11 +189,6 @@ mod tests {
             Err(Stalled::TooManyEntries)
         );
     }
-
-    use nfs3_client::nfs3_types::nfs3::{
-        dirlistplus3, entryplus3, fattr3, filename3, ftype3, nfs_fh3, nfstime3, specdata3,
-    };
-    use nfs3_client::nfs3_types::xdr_codec::{List, Opaque};
 
     use super::*;
 
