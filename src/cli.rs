@@ -97,11 +97,7 @@ fn render_daemon_status(s: &DaemonStatus) -> String {
         human_bytes(c.evicted_bytes),
         c.verify_failures
     ));
-    out.push_str(&format!(
-        "cache damage   {}
-",
-        describe_damage(&c.damage)
-    ));
+    out.push_str(&format!("cache damage   {}\n", describe_damage(&c.damage)));
     if s.volumes.is_empty() {
         out.push_str("volumes        none\n");
     } else {

@@ -226,12 +226,12 @@ impl<R> Journal<R> {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// A shared counter of [`Journal::bytes`], for disk accounting elsewhere.
     /// Bytes of the log that were cut off at open: a torn tail after a crash, or damage.
     pub fn dropped_at_open(&self) -> u64 {
         self.dropped_at_open
     }
 
+    /// A shared counter of [`Journal::bytes`], for disk accounting elsewhere.
     pub fn bytes_counter(&self) -> Arc<AtomicU64> {
         self.bytes.clone()
     }

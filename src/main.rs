@@ -331,7 +331,7 @@ fn main() -> ExitCode {
             reservoir::csi::server::run_controller(reservoir::csi::server::ControllerConfig {
                 endpoint: args.endpoint,
                 state_dir: args.state_dir,
-                driver_name: args.driver_name.clone(),
+                driver_name: args.driver_name,
                 options: reservoir::csi::controller::ControllerOptions {
                     source_check_timeout: args.source_check_timeout,
                 },
@@ -535,7 +535,7 @@ fn node_command(
             spawn,
             allowed_sources,
             locality_labels: args.locality_labels,
-            driver_name: args.driver_name.clone(),
+            driver_name: args.driver_name,
         },
         controller,
         registration: args.kubelet_registration_dir.map(|dir| {

@@ -1110,6 +1110,49 @@ roleRef:
     for (name, source, _, _) in &refused {
         cluster.apply(&pod(name, &inline_claim(source), READ_ALL, "{}", false));
     }
+    // An NFS claim that only NFSv4 serves: the node falls back to a source pod, whose NFS
+    // mount kubelet cannot make on these machines (their kernels have no NFS client), so the
+    // pod stays ContainerCreating and the stage answers UNAVAILABLE naming it.
+    let v4_only = Ganesha::start_v4_only(&local);
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: e2e-v4-only
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  nfs:
+    server: "{server}"
+    path: "{path}"
+    readOnly: true
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: v4-only
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: e2e-v4-only
+  resources:
+    requests:
+      storage: 1Gi
+"#,
+        server = v4_only.host(),
+        path = local.display(),
+    ));
+    cluster.apply(&pod(
+        "v4-only",
+        &inline_claim(&format!("pvc://{NS}/v4-only")),
+        READ_ALL,
+        "{}",
+        false,
+    ));
 
     let expected = {
         let mut out = BTreeMap::new();
@@ -1232,9 +1275,23 @@ roleRef:
         .map(|p| p["metadata"]["annotations"]["reservoir.csi.dev/claim"].to_string())
         .collect();
     assert!(
-        claims.iter().all(|c| c == &format!("\"{NS}/local-data\"")),
-        "source pods only for local-data (the refused claims got none): {claims:?}"
+        claims
+            .iter()
+            .all(|c| c == &format!("\"{NS}/local-data\"") || c == &format!("\"{NS}/v4-only\"")),
+        "source pods only for local-data and v4-only (the refused claims got none): {claims:?}"
     );
+    let event = wait_event(
+        e2e,
+        NS,
+        "v4-only",
+        &[
+            "FailedMount",
+            "Unavailable",
+            &format!("claim {NS}/v4-only: source pod {NS}/reservoir-source-"),
+            "is not running yet",
+        ],
+    );
+    eprintln!("e2e:   v4-only: {event}");
 
     // Unstaged: no source pod, bind or record is left.
     cluster.kubectl_ok(&[
@@ -1248,11 +1305,17 @@ roleRef:
         "local-elsewhere",
         "local-hostpath",
         "local-escape",
+        "v4-only",
         "--wait=true",
     ]);
-    wait_for("the source pod is deleted", Duration::from_secs(60), || {
-        source_pod_list(cluster).is_empty().then_some(())
-    });
+    // The v4-only claim's pod never ran, so no stage completed and no unstage comes: the
+    // reconciler removes it once its record is 2 minutes old.
+    wait_for(
+        "the source pods are deleted",
+        Duration::from_secs(150),
+        || source_pod_list(cluster).is_empty().then_some(()),
+    );
+    drop(v4_only);
     assert_eq!(binds(), 0, "{:?}", mounts());
     let records: Vec<_> = fs::read_dir(SOURCE_PODS_DIR)
         .map(|d| d.flatten().map(|e| e.path()).collect())

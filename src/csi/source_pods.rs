@@ -771,23 +771,26 @@ impl SourcePods {
                 continue;
             };
             let pods: Api<Pod> = Api::namespaced(client, &record.namespace);
-            let replace = match api_call(&claim, pods.get_opt(&record.pod)).await {
-                Ok(None) => true,
-                Ok(Some(pod)) => {
-                    is_ours(&pod)
+            match api_call(&claim, pods.get_opt(&record.pod)).await {
+                Ok(None) => {}
+                // An ended pod of ours goes, and is made again below.
+                Ok(Some(pod))
+                    if is_ours(&pod)
                         && pod.metadata.deletion_timestamp.is_none()
-                        && matches!(pod_state(&pod), PodState::Failed(_))
+                        && matches!(pod_state(&pod), PodState::Failed(_)) =>
+                {
+                    if let Err(e) = self.delete_pod(&pods, &record.pod, &claim).await {
+                        tracing::warn!(pod = %record.pod, error = %e, "cannot delete an ended source pod");
+                        continue;
+                    }
                 }
+                Ok(Some(_)) => continue,
                 Err(e) => {
                     tracing::warn!(pod = %record.pod, error = %e, "cannot check a source pod");
-                    false
+                    continue;
                 }
-            };
-            if !replace {
-                continue;
             }
             tracing::warn!(pod = %record.pod, namespace = %record.namespace, "a source pod in use went away: creating it again");
-            let _ = self.delete_pod(&pods, &record.pod, &claim).await;
             let pod = manifest(&self.options, &record);
             if let Err(e) = api_call(&claim, pods.create(&PostParams::default(), &pod)).await {
                 tracing::warn!(pod = %record.pod, error = %e, "cannot create a source pod again");
