@@ -603,39 +603,10 @@ impl NodePlugin {
         let (params, origin) = match params.source.clone() {
             VolumeSource::Direct(_) => (params, None),
             VolumeSource::Claim(claim) => {
-                let claim = &claim;
-                let resolved = self.claims.resolve(claim).await.map_err(claim_error)?;
-                match &resolved.backing {
-                    Backing::Nfs(share) => {
-                        let through_nfs = params.resolved(share);
-                        match nfs_v3_refused(&through_nfs).await {
-                            None => {
-                                let origin = resolved.describe(claim);
-                                tracing::info!(%origin, "claim resolved");
-                                (through_nfs, Some(origin))
-                            }
-                            Some(why) => {
-                                tracing::info!(%why, claim = %claim, "NFSv3 cannot read the claim's share: through a source pod");
-                                let why = format!("reservoir's NFSv3 client cannot read it: {why}");
-                                self.through_source_pod(
-                                    params,
-                                    claim,
-                                    resolved,
-                                    volume_id,
-                                    read_write,
-                                    Some(why),
-                                )
-                                .await?
-                            }
-                        }
-                    }
-                    Backing::SourcePod => {
-                        self.through_source_pod(
-                            params, claim, resolved, volume_id, read_write, None,
-                        )
-                        .await?
-                    }
-                }
+                let (params, origin) = self
+                    .through_claim(params, &claim, volume_id, read_write)
+                    .await?;
+                (params, Some(origin))
             }
         };
         let root = params
@@ -649,6 +620,33 @@ impl NodePlugin {
         })
     }
 
+    /// The parameters with the claim resolved to its NFS share, or to a source pod's mount
+    /// when it is no NFS share or one NFSv3 cannot read; and the volume's origin.
+    async fn through_claim(
+        &self,
+        params: VolumeParams,
+        claim: &ClaimSource,
+        volume_id: &str,
+        read_write: bool,
+    ) -> Result<(VolumeParams, String), NodeError> {
+        let resolved = self.claims.resolve(claim).await.map_err(claim_error)?;
+        let why = match &resolved.backing {
+            Backing::SourcePod => None,
+            Backing::Nfs(share) => {
+                let through_nfs = params.resolved(share);
+                let Some(why) = nfs_v3_refused(&through_nfs).await else {
+                    let origin = resolved.describe(claim);
+                    tracing::info!(%origin, "claim resolved");
+                    return Ok((through_nfs, origin));
+                };
+                tracing::info!(%why, claim = %claim, "NFSv3 cannot read the claim's share: through a source pod");
+                Some(format!("reservoir's NFSv3 client cannot read it: {why}"))
+            }
+        };
+        self.through_source_pod(params, claim, resolved, volume_id, read_write, why)
+            .await
+    }
+
     /// The parameters with the claim resolved to a source pod's mount on this node, and the
     /// volume's origin (with `why` the claim's NFS share was not read directly).
     async fn through_source_pod(
@@ -659,7 +657,7 @@ impl NodePlugin {
         volume_id: &str,
         read_write: bool,
         why: Option<String>,
-    ) -> Result<(VolumeParams, Option<String>), NodeError> {
+    ) -> Result<(VolumeParams, String), NodeError> {
         let (mount, pod) = self
             .source_pods
             .ensure(volume_id, claim, &resolved, read_write)
@@ -677,7 +675,7 @@ impl NodePlugin {
         tracing::info!(%origin, "claim resolved");
         let params = params.resolved(&SourceSpec::Local(mount.clone()));
         match inside_claim(params, &mount, claim).await {
-            Ok(params) => Ok((params, Some(origin))),
+            Ok(params) => Ok((params, origin)),
             Err(e) => {
                 // A path that is not in the claim stays so: the pod goes until the next try,
                 // unless the daemon serves the volume already (a stage again).
