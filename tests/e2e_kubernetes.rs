@@ -167,6 +167,42 @@ spec:
     )
 }
 
+/// An in-tree `nfs` PersistentVolume `volume` of `server:path` (which kubelet mounts only for
+/// a pod that uses it), and the claim `claim` of the test's namespace bound to it.
+fn nfs_volume(volume: &str, claim: &str, server: &str, path: &Path) -> String {
+    let path = path.display();
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {volume}
+spec:
+  capacity:
+    storage: 1Gi
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  nfs:
+    server: "{server}"
+    path: "{path}"
+    readOnly: true
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {claim}
+  namespace: {NS}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: {volume}
+  resources:
+    requests:
+      storage: 1Gi
+"#
+    )
+}
+
 fn claim_volume(claim: &str) -> String {
     format!("      persistentVolumeClaim:\n        claimName: {claim}\n        readOnly: true")
 }
@@ -670,34 +706,7 @@ fn claims(e2e: &E2e) {
     let export = e2e.ganesha.exports()[0].join("claimed");
     cluster.kubectl_ok(&["create", "namespace", "e2e-other"]);
     cluster.apply(&format!(
-        r#"apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: e2e-claimed-nfs
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  nfs:
-    server: "{server}"
-    path: "{path}"
-    readOnly: true
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: claimed
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: e2e-claimed-nfs
-  resources:
-    requests:
-      storage: 1Gi
----
+        r#"{claimed}---
 {via_claim}---
 # Never bound: no such class, no provisioner.
 apiVersion: v1
@@ -746,8 +755,12 @@ spec:
     requests:
       storage: 1Gi
 "#,
-        server = e2e.ganesha.host(),
-        path = export.display(),
+        claimed = nfs_volume(
+            "e2e-claimed-nfs",
+            "claimed",
+            &e2e.ganesha.host().to_string(),
+            &export
+        ),
         via_claim = static_reservoir_volume(
             "via-claim",
             "via-claim",
@@ -1114,37 +1127,11 @@ roleRef:
     // mount kubelet cannot make on these machines (their kernels have no NFS client), so the
     // pod stays ContainerCreating and the stage answers UNAVAILABLE naming it.
     let v4_only = Ganesha::start_v4_only(&local);
-    cluster.apply(&format!(
-        r#"apiVersion: v1
-kind: PersistentVolume
-metadata:
-  name: e2e-v4-only
-spec:
-  capacity:
-    storage: 1Gi
-  accessModes: [ReadOnlyMany]
-  persistentVolumeReclaimPolicy: Retain
-  storageClassName: ""
-  nfs:
-    server: "{server}"
-    path: "{path}"
-    readOnly: true
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata:
-  name: v4-only
-  namespace: {NS}
-spec:
-  accessModes: [ReadOnlyMany]
-  storageClassName: ""
-  volumeName: e2e-v4-only
-  resources:
-    requests:
-      storage: 1Gi
-"#,
-        server = v4_only.host(),
-        path = local.display(),
+    cluster.apply(&nfs_volume(
+        "e2e-v4-only",
+        "v4-only",
+        &v4_only.host().to_string(),
+        &local,
     ));
     cluster.apply(&pod(
         "v4-only",
